@@ -1,0 +1,72 @@
+"""The `skilltune` command: one sub-command group per workflow stage.
+
+Library code raises :class:`SkilltuneError`; here it becomes a short message and an
+exit code, with no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from skilltune import __version__
+from skilltune.cli import config_cmd, data_cmd, demo_cmd, generate_cmd, models_cmd, train_cmd
+from skilltune.cli.common import err_console
+from skilltune.errors import SkilltuneError
+
+app = typer.Typer(
+    help="skilltune — teach an open LLM a new skill: audit data, finetune, evaluate, ship with rollback.\n\n"
+    "Start with: skilltune demo   (the whole workflow on the embedded SmolLM2 model)",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(models_cmd.app, name="models")
+app.add_typer(data_cmd.app, name="data")
+app.command("train")(train_cmd.train)
+app.command("generate")(generate_cmd.generate)
+app.command("demo")(demo_cmd.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"skilltune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """skilltune: data -> train -> evaluate -> register -> serve -> readiness."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except SkilltuneError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        if exc.hint:
+            err_console.print(f"[yellow]what to do:[/yellow] {exc.hint}", highlight=False)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`skilltune models list|info`: what models are available here, and facts about one."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from skilltune.cli.common import console, human_bytes, quiet_libraries
+
+app = typer.Typer(help="List and inspect models.\n\nExample: skilltune models info embedded:smollm2-135m-instruct",
+                  no_args_is_help=True)
+
+
+@app.command("list")
+def list_() -> None:
+    """Embedded models, converted models in the skilltune cache, and models in the HF cache.
+
+    Example: skilltune models list
+    """
+    from skilltune.model.info import list_models
+
+    table = Table("model", "status", "path", "description")
+    for row in list_models():
+        table.add_row(row["model"], row["status"], row["path"], row["description"])
+    console.print(table)
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory, a .gguf file or a cached hub id."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Architecture, parameter count, context length, chat template, dtype and disk size of MODEL.
+
+    Example: skilltune models info embedded:smollm2-135m-instruct
+    """
+    quiet_libraries()
+    from skilltune.model.info import model_info
+
+    facts = model_info(model)
+    if as_json:
+        console.print_json(json.dumps(facts))
+        return
+    table = Table("field", "value", show_header=False)
+    for key in ("model", "source", "path", "architecture", "layers", "hidden_size", "context_length",
+                "vocab_size", "dtype_on_disk", "eos_token", "pad_token", "chat_template_source"):
+        table.add_row(key, str(facts[key]))
+    table.add_row("parameters", f"{facts['parameters']:,} ({facts['parameters'] / 1e6:.1f} M)")
+    table.add_row("disk size", human_bytes(facts["disk_size_bytes"]))
+    console.print(table)
+    console.print("[bold]chat template in use[/bold]:")
+    console.print(facts["chat_template"], markup=False, highlight=False)

@@ -1,0 +1,153 @@
+"""The typed configuration schema: one section per concern of the workflow.
+
+Every field is documented where it is declared; this is the YAML file, the
+``--set section.field=value`` overrides and the text of ``skilltune config show``.
+Validation happens here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors (a typo must never be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        EMBEDDED_DEFAULT,
+        description="Base model: 'embedded:smollm2-135m-instruct', a local HF model directory, "
+        "a .gguf file, or a hub id that is already in the local Hugging Face cache.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code shipped with the model. Off unless you trust its author."
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (.bin) weights. Off: safetensors only, pickle can run code."
+    )
+    chat_template: str | None = Field(
+        None, description="Override the chat template (a Jinja string). Default: the model's own, else ChatML."
+    )
+
+
+class ColumnMap(Section):
+    prompt: str | None = Field(None, description="Column holding the prompt (CSV/Parquet/JSON).")
+    completion: str | None = Field(None, description="Column holding the completion.")
+    system: str | None = Field(None, description="Optional column holding a system prompt.")
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training data file (JSONL, JSON array, CSV or Parquet).")
+    val: str | None = Field(None, description="Validation file. If absent, `val_split` of train is held out.")
+    test: str | None = Field(None, description="Held-out test file for `skilltune eval`.")
+    format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt"] = Field(
+        "auto", description="Row format; 'auto' detects it per file."
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping for tabular files.")
+    val_split: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Fraction of train held out for validation when `val` is not set."
+    )
+    system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
+    near_dup_threshold: float = Field(
+        0.85, gt=0.0, le=1.0, description="Jaccard similarity (MinHash) above which two rows are near-duplicates."
+    )
+
+
+class AdapterConfig(Section):
+    method: Literal["lora", "qlora", "dora", "full"] = Field(
+        "lora", description="Finetuning method: lora (default), qlora (4-bit base, needs CUDA), dora, full."
+    )
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (q_proj, v_proj...)."
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_len: int = Field(1024, ge=16, description="Longest example in tokens; longer ones are refused, not cut.")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto': bf16 where the CPU (AMX/avx512_bf16) or GPU supports it, else fp32."
+    )
+    packing: bool = Field(
+        True, description="Pack examples into rows without padding; attention stays within each example."
+    )
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: completion-only loss).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (default: once per epoch).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement of val loss."
+    )
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep the last K checkpoints.")
+    logging_steps: int = Field(5, ge=1, description="Log metrics every N steps.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
+    )
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+
+
+class EvalConfig(Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="Metric names from the registry, or 'module:function' for your own.",
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per example.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+    db: str | None = Field(None, description="SQLite database for the sql_exec metric.")
+    price_per_hour: float = Field(1.0, ge=0, description="Cost of the serving machine per hour, for cost estimates.")
+    overfit_gap: float = Field(0.1, ge=0, description="Val-vs-test metric gap above which overfitting is flagged.")
+    forgetting_threshold: float = Field(
+        0.1, ge=0, description="Drop on the general-skills suite above which forgetting is flagged."
+    )
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (auth on if set).")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    queue_size: int = Field(64, ge=1, description="Pending requests before 429.")
+    request_timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
+    log_requests: bool = Field(True, description="Record every request in the request log.")
+    redact_pii: bool = Field(True, description="Redact PII in the request log.")
+
+
+class SkilltuneConfig(Section):
+    """The whole configuration of a skilltune project."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "SkilltuneConfig":
+        if self.adapter.method == "full" and self.adapter.r != 16:
+            # r is ignored by full finetuning; a changed value hints at a mix-up.
+            raise ValueError("adapter.r is set but adapter.method is 'full', which trains all weights (no rank)")
+        return self

@@ -1,0 +1,51 @@
+"""Typed exceptions for every user-facing failure.
+
+Library code raises these; only the CLI turns them into messages and exit codes.
+Each carries what went wrong and, where we know it, what to do next (``hint``).
+A bare Python exception that reaches the CLI is our bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SkilltuneError(Exception):
+    """Base of all errors a user can act on."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  -> {self.hint}"
+
+
+class ConfigError(SkilltuneError):
+    """The configuration is invalid; ``problems`` lists every error found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} configuration error{'s' if len(problems) != 1 else ''}{where}:\n{lines}",
+            hint="fix the fields above (see `skilltune config show` for defaults)",
+        )
+
+
+class ModelLoadError(SkilltuneError):
+    """A model could not be found or loaded."""
+
+
+class DataError(SkilltuneError):
+    """Input data cannot be read or is malformed."""
+
+    exit_code = 2
+
+
+class TrainingError(SkilltuneError):
+    """Training cannot start or continue."""

@@ -1,0 +1,1 @@
+"""Evaluation stage: batched generation, metrics, base-vs-tuned reports."""

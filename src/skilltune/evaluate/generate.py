@@ -1,0 +1,62 @@
+"""Batched generation: left padding, KV cache, greedy by default, stop at the turn end.
+
+Prompts are sorted by length before batching so each batch pads little, and the
+outputs are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    latency_s: float  # wall time of the batch this prompt was in, shared by its members
+    stopped: bool  # ended on the end token (not on max_new_tokens)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
+             temperature: float = 0.0, eos_token_id: int | None = None, progress=None) -> list[Generation]:
+    """Generate a completion for each rendered prompt (already chat-templated)."""
+    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            t0 = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+            elapsed = time.perf_counter() - t0
+            new = out[:, batch["input_ids"].shape[1]:]  # (batch, new_tokens)
+            for row, i in enumerate(idx):
+                tokens = new[row].tolist()
+                stopped = eos in tokens
+                if stopped:
+                    tokens = tokens[: tokens.index(eos)]
+                tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+                results[i] = Generation(
+                    text=tokenizer.decode(tokens, skip_special_tokens=True),
+                    prompt_tokens=int(batch["attention_mask"][row].sum()),
+                    new_tokens=len(tokens) + (1 if stopped else 0),
+                    latency_s=elapsed,
+                    stopped=stopped,
+                )
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        tokenizer.padding_side = old_side
+    return results  # type: ignore[return-value]

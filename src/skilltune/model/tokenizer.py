@@ -1,0 +1,94 @@
+"""Tokenizer preparation, done once for training, evaluation and serving alike.
+
+- a pad token that is *not* the EOS token (a pad==eos collator masks the EOS out of
+  the labels and the model never learns to stop);
+- a chat template: the model's own, else ChatML, recorded so the same one is used
+  at inference;
+- the template's turn-end token, which every trained assistant turn must end with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Tokens commonly present in vocabularies that are safe to pad with.
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+@dataclass
+class TokenizerInfo:
+    """What was decided about the tokenizer; saved with every run and adapter."""
+
+    chat_template_source: str  # model | chatml | config
+    pad_token: str
+    pad_token_id: int
+    eos_token: str
+    eos_token_id: int
+    added_tokens: list[str]
+
+
+def _turn_end_token(tokenizer) -> str:
+    """The token that closes an assistant turn in the template (e.g. ``<|im_end|>``)."""
+    probe = "\x00probe\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+    )
+    tail = text.split(probe, 1)[1]
+    for token in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
+        if tail.lstrip(" ").startswith(token):
+            return token
+    return tokenizer.eos_token
+
+
+def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> TokenizerInfo:
+    """Make ``tokenizer`` ready for finetuning, in place, and describe what was done.
+
+    Returns a :class:`TokenizerInfo`; if ``added_tokens`` is not empty the model's
+    embeddings must be resized (:func:`skilltune.model.loading.load_model` does it).
+    """
+    added: list[str] = []
+    if chat_template:
+        tokenizer.chat_template, source = chat_template, "config"
+    elif getattr(tokenizer, "chat_template", None):
+        source = "model"
+    else:
+        tokenizer.chat_template, source = CHATML_TEMPLATE, "chatml"
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            added += missing
+
+    end = _turn_end_token(tokenizer)
+    if tokenizer.eos_token is None or (source == "chatml" and tokenizer.eos_token != end):
+        # Generation must stop where the template closes a turn.
+        tokenizer.eos_token = end
+
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        choice = next((t for t in _PAD_CANDIDATES if t in vocab and t not in (tokenizer.eos_token, end)), None)
+        if choice is None:
+            choice = "<|pad|>"
+            tokenizer.add_special_tokens({"pad_token": choice})
+            added.append(choice)
+        else:
+            tokenizer.pad_token = choice
+    tokenizer.padding_side = "right"  # training; generation switches to left (see padding_for_generation)
+    return TokenizerInfo(
+        chat_template_source=source,
+        pad_token=tokenizer.pad_token,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token=tokenizer.eos_token,
+        eos_token_id=tokenizer.eos_token_id,
+        added_tokens=added,
+    )
+
+
+def turn_end_token(tokenizer) -> str:
+    return _turn_end_token(tokenizer)

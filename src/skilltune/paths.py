@@ -1,0 +1,65 @@
+"""Where skilltune keeps its state (model cache, registry, studies) and atomic file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def home() -> Path:
+    """The skilltune home: ``$SKILLTUNE_HOME`` or ``~/.cache/skilltune``."""
+    root = Path(os.environ.get("SKILLTUNE_HOME") or Path.home() / ".cache" / "skilltune")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def models_cache() -> Path:
+    path = home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temp directory beside ``final``; on success it is renamed to ``final``.
+
+    On any failure (or a kill) only a ``.tmp-*`` directory is left, never a half ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale_temp_dirs(parent: Path, name: str) -> None:
+    """Remove leftovers of an interrupted :func:`atomic_dir` for ``name``."""
+    for stale in Path(parent).glob(f".tmp-{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Training stage: `skilltune train` — LoRA, QLoRA, DoRA, full finetuning with exact resume."""

@@ -1,0 +1,106 @@
+"""Deterministic batching: which examples form each micro-batch of each optimizer step.
+
+The order of an epoch is a permutation seeded by ``(seed, epoch)``; a micro-batch is
+``batch_size`` consecutive examples of it, and an optimizer step takes
+``grad_accum * world_size`` micro-batches. Because the plan is a pure function of
+the step number, resuming at step N reads exactly the data an uninterrupted run
+would, on every process, with no sampler state to save.
+
+Packing changes only the layout of a micro-batch, never its content: its examples
+are packed into as few rows of at most ``max_seq_len`` tokens as fit (first fit,
+decreasing), with position ids restarting at 0 for each example so attention
+stays within an example. Packed and padded micro-batches give the same loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from skilltune.data.tokenize import IGNORE, Encoded
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return math.ceil(self.n_examples / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        per_step = self.grad_accum * self.world_size
+        if self.world_size > 1:  # every process must get a micro-batch in every step
+            return max(1, self.micro_per_epoch // per_step)
+        return math.ceil(self.micro_per_epoch / per_step)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+
+    def micro_batches(self, step: int, rank: int | None = None) -> list[list[int]]:
+        """Example indices of each micro-batch of global ``step`` (all ranks, or one rank's)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        per_step = self.grad_accum * self.world_size
+        first = k * per_step
+        ids = range(first, min(first + per_step, self.micro_per_epoch))
+        if rank is not None:
+            ids = [i for i in ids if (i - first) // self.grad_accum == rank]
+        return [order[i * self.batch_size:(i + 1) * self.batch_size].tolist() for i in ids]
+
+
+def _pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of item lengths into rows of at most ``max_len``."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return rows
+
+
+def collate(items: list[Encoded], pad_id: int, packing: bool, max_len: int) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch: input_ids, labels, position_ids and, unpacked, attention_mask."""
+    if packing:
+        rows = [[items[i] for i in row] for row in _pack_rows([len(e.input_ids) for e in items], max_len)]
+    else:
+        rows = [[e] for e in items]
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (rows, width)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at:at + n] = torch.tensor(e.labels)
+            pos[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = 1
+            at += n
+        # Packed: the padded tail is its own 'example' (positions restart) and attends to nothing real.
+        pos[r, at:] = torch.arange(width - at) if packing else torch.arange(at, width)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if not packing:
+        batch["attention_mask"] = mask
+    return batch
+
+
+def count_label_tokens(items: list[Encoded]) -> int:
+    """Tokens that carry a loss (each label predicts the next token, so the first never counts)."""
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in items)

@@ -1,0 +1,92 @@
+"""Atomic checkpoints with everything exact resume needs.
+
+A checkpoint is written into a temp folder, finished with a ``COMPLETE`` marker and
+renamed into ``checkpoints/step-NNNNNN``; one without the marker (a kill during the
+write) is never resumed from. It holds the trainable weights, optimizer and
+scheduler state, the RNG states, the loop state, and the config and data
+fingerprint that resuming compares against.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from skilltune.paths import atomic_dir, clean_stale_temp_dirs
+
+MARKER = "COMPLETE"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loop_state: dict,
+                    identity: dict, keep: int) -> Path:
+    final = ckpt_root / f"step-{step:06d}"
+    clean_stale_temp_dirs(ckpt_root, final.name)
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "state.pt")
+        (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))
+        (tmp / "identity.json").write_text(json.dumps(identity, indent=2, sort_keys=True))
+        (tmp / MARKER).write_text("ok\n")
+    for old in complete_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if (p / MARKER).is_file())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    state = torch.load(path / "state.pt", weights_only=False)  # our own file, written above
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return json.loads((path / "loop.json").read_text())
+
+
+def identity_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts (config + data fingerprints)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, where + ".")
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,28 @@
+"""Choose the compute precision: bf16 where the hardware does it fast, else fp32."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AMX-bf16 or AVX512-bf16 (Sapphire Rapids and newer, Zen 4+)."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def choose_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """Return (name, autocast dtype or None for fp32) for ``requested`` on ``device``."""
+    if requested == "auto":
+        if device.type == "cuda":
+            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            requested = "bf16" if cpu_has_fast_bf16() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
+    return requested, dtype

@@ -1,0 +1,91 @@
+"""Everything training needs before the model loads: examples, tokens, checks.
+
+All of it is cheap and can fail on user input, so it runs first: a missing file, an
+example that would be truncated, a validation set that overlaps training — each is
+reported before minutes are spent loading and wrapping a model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from skilltune.config.schema import SkilltuneConfig
+from skilltune.data.reader import load_examples
+from skilltune.data.tokenize import Encoded, encode_example
+from skilltune.data.types import Example
+from skilltune.errors import DataError, TrainingError
+from skilltune.model.tokenizer import turn_end_token
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    val: list[Encoded]
+    train_examples: list[Example]
+    val_examples: list[Example]
+
+
+def _key(ex: Example) -> str:
+    return re.sub(r"\s+", " ", "\x1f".join(t.content for t in ex.turns)).strip().lower()
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of ``examples`` (deterministic in ``seed``)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = np.random.default_rng([seed, 7]).permutation(len(examples))
+    n_val = max(1, int(round(len(examples) * fraction)))
+    val_idx = set(order[:n_val].tolist())
+    return ([e for i, e in enumerate(examples) if i not in val_idx],
+            [e for i, e in enumerate(examples) if i in val_idx])
+
+
+def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: str) -> list[Encoded]:
+    end = turn_end_token(tokenizer)
+    out, too_long, empty = [], [], []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, end, cfg.train.train_on_inputs)
+        if len(enc.input_ids) > cfg.train.max_seq_len:
+            too_long.append(f"{ex.where} ({len(enc.input_ids)} tokens)")
+        if enc.n_trained == 0:
+            empty.append(ex.where)
+        out.append(enc)
+    if too_long:
+        longest = max(int(s.rsplit("(", 1)[1].split()[0]) for s in too_long)
+        raise TrainingError(
+            f"{len(too_long)} {what} example(s) are longer than train.max_seq_len={cfg.train.max_seq_len}; "
+            f"truncating would cut the completion and teach the model to stop mid-answer: "
+            + ", ".join(too_long[:5]) + (" ..." if len(too_long) > 5 else ""),
+            hint=f"raise train.max_seq_len to at least {longest} (--set train.max_seq_len={longest}) "
+            "or drop those rows (`skilltune data audit` lists them)",
+        )
+    if empty:
+        raise TrainingError(f"{len(empty)} {what} example(s) have no trained tokens: {', '.join(empty[:5])}",
+                            hint="every example needs an assistant turn with weight 1")
+    return out
+
+
+def prepare_data(cfg: SkilltuneConfig, tokenizer) -> PreparedData:
+    if not cfg.data.train:
+        raise TrainingError("no training data: data.train is not set",
+                            hint="set data.train in the config or pass --set data.train=FILE")
+    train = load_examples(cfg.data.train, cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
+    if cfg.data.val:
+        val = load_examples(cfg.data.val, cfg.data.format, cfg.data.columns, cfg.data.system_prompt)
+    else:
+        train, val = split_validation(train, cfg.data.val_split, cfg.train.seed)
+    if not train:
+        raise DataError(f"{cfg.data.train}: no training examples")
+    train_keys = {_key(e) for e in train}
+    overlap = [e for e in val if _key(e) in train_keys]
+    if overlap:
+        raise TrainingError(
+            f"{len(overlap)} validation example(s) also appear in the training data "
+            f"(first: {overlap[0].where}); validation loss would measure memory, not the skill",
+            hint="split with `skilltune data split`, which keeps duplicates in one split",
+        )
+    return PreparedData(_encode_all(tokenizer, train, cfg, "training"), _encode_all(tokenizer, val, cfg, "validation"),
+                        train, val)
