@@ -1,8 +1,172 @@
-"""`skilltune data ...`: audit, clean, split, mix and replay training data."""
+"""`skilltune data audit|clean|split|mix|replay`: look at training data before training on it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.table import Table
+
+from skilltune.cli.common import console, quiet_libraries
+from skilltune.errors import DataError
 
 app = typer.Typer(help="Audit, clean, split and mix training data.\n\nExample: skilltune data audit train.jsonl",
                   no_args_is_help=True)
+
+_STATUS = {"PASS": "[green]PASS[/green]", "WARN": "[yellow]WARN[/yellow]", "FAIL": "[red]FAIL[/red]"}
+
+
+@app.command()
+def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Parquet)."),
+          test: Optional[Path] = typer.Option(None, "--test", help="Test file to check for train/test leakage."),
+          model: str = typer.Option("embedded:smollm2-135m-instruct", "--model", help="Tokenizer for token counts."),
+          max_seq_len: int = typer.Option(1024, "--max-seq-len", help="Examples longer than this are errors."),
+          near_dup: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold."),
+          fmt: str = typer.Option("table", "--format", help="table | json | md | html"),
+          out: Optional[Path] = typer.Option(None, "--out", help="Write the json/md/html report here."),
+          strict: bool = typer.Option(False, "--strict", help="Warnings fail too (exit 1)."),
+          no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Skip token counts (no model needed).")) -> int:
+    """Check FILE for what ruins finetunes; exit 0 clean, 1 errors (or warnings with --strict), 2 unreadable.
+
+    Example: skilltune data audit examples/sql/data/train.jsonl --test examples/sql/data/test.jsonl
+    """
+    quiet_libraries()
+    from skilltune.data.audit import audit_file
+    from skilltune.data.audit.checks import token_counts
+    from skilltune.data.audit.run import render_html, render_json, render_markdown
+    from skilltune.data.records import record_audit
+
+    if fmt not in ("table", "json", "md", "html"):
+        raise DataError(f"--format {fmt!r}: use table, json, md or html")
+    if not file.is_file():
+        raise DataError(f"data file not found: {file}")
+    tokenizer = None
+    if not no_tokenizer:
+        from skilltune.config.schema import ModelConfig
+        from skilltune.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(ModelConfig(base=model))[0]
+    rep = audit_file(str(file), str(test) if test else None, tokenizer, max_seq_len, near_dup)
+    record_audit(rep)
+    if fmt == "table":
+        table = Table("check", "status", "count", "summary", "first examples", title=f"data audit: {file}")
+        for r in rep.results:
+            first = "\n".join(f"{f.where}: {f.message}"[:110] for f in r.findings[:3])
+            table.add_row(r.name, _STATUS[r.status], str(r.count), r.summary, first)
+        console.print(table)
+        for r in rep.results:
+            if r.status != "PASS" and r.fix:
+                console.print(f"[bold]{r.name}[/bold]: {r.fix}", highlight=False)
+        console.print(f"{rep.errors} error(s), {rep.warnings} warning(s) in {rep.seconds:.1f} s")
+    else:
+        ctx_counts = None
+        if fmt == "html" and tokenizer is not None:
+            from skilltune.data.audit.base import AuditContext
+            from skilltune.data.reader import read_file
+            from skilltune.model.tokenizer import turn_end_token
+
+            ctx = AuditContext(str(file), read_file(file), tokenizer=tokenizer, end_token=turn_end_token(tokenizer))
+            ctx_counts = token_counts(ctx)
+        text = {"json": render_json, "md": render_markdown}.get(fmt, lambda r: render_html(r, ctx_counts))(rep)
+        if out:
+            from skilltune.paths import atomic_write_text
+
+            atomic_write_text(out, text)
+            console.print(f"report written to {out}")
+        else:
+            print(text)
+    return rep.exit_code(strict)
+
+
+@app.command("clean")
+def clean_(src: Path = typer.Argument(..., help="Input file (never modified)."),
+           dst: Path = typer.Argument(..., help="Output JSONL."),
+           near_dups: bool = typer.Option(False, "--near-dups", help="Also drop near-duplicates."),
+           redact_pii: bool = typer.Option(False, "--redact", help="Replace PII/secrets with [EMAIL]-style tags."),
+           threshold: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold.")) -> None:
+    """Drop malformed rows and duplicates (optionally redact PII) into DST, with a sidecar of what was dropped.
+
+    Example: skilltune data clean raw.jsonl clean.jsonl --near-dups --redact
+    """
+    from skilltune.data.ops import clean
+
+    res = clean(src, dst, near_dups, redact_pii, threshold)
+    console.print(f"kept {res.kept}, dropped {res.dropped} {res.reasons or ''} -> {res.out}; "
+                  f"dropped rows listed in {res.sidecar}", highlight=False)
+
+
+@app.command("split")
+def split_(src: Path = typer.Argument(..., help="Input file (never modified)."),
+           val: float = typer.Option(0.1, "--val", help="Validation fraction."),
+           test: float = typer.Option(0.1, "--test", help="Test fraction."),
+           seed: int = typer.Option(42, "--seed", help="Seed (same seed, same split)."),
+           out_dir: Path = typer.Option(Path("."), "--out-dir", help="Where train/val/test.jsonl go.")) -> None:
+    """Split SRC into train/val/test; near-duplicate clusters stay in one split (no leakage).
+
+    Example: skilltune data split all.jsonl --val 0.1 --test 0.1 --seed 7 --out-dir data/
+    """
+    from skilltune.data.ops import split
+
+    counts = split(src, out_dir, val, test, seed)
+    console.print(f"train {counts['train']}, val {counts['val']}, test {counts['test']} -> {out_dir}")
+
+
+@app.command("mix")
+def mix_(skill: Path = typer.Argument(..., help="Skill data."),
+         general: Path = typer.Argument(..., help="General-purpose instruction data."),
+         dst: Path = typer.Argument(..., help="Output JSONL."),
+         ratio: float = typer.Option(0.08, "--ratio", help="Share of general data in the output (0.05-0.10)."),
+         seed: int = typer.Option(42, "--seed")) -> None:
+    """Mix general data into the skill set against catastrophic forgetting.
+
+    Example: skilltune data mix train.jsonl general.jsonl mixed.jsonl --ratio 0.08
+    """
+    from skilltune.data.ops import mix
+
+    counts = mix(skill, general, ratio, dst, seed)
+    console.print(f"{counts['skill']} skill + {counts['general']} general = {counts['total']} rows -> {dst}")
+
+
+@app.command("replay")
+def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
+            model: str = typer.Option("embedded:smollm2-135m-instruct", "--model", help="The base model."),
+            n: int = typer.Option(200, "--n", help="How many general examples."),
+            max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
+            seed: int = typer.Option(42, "--seed")) -> None:
+    """Build general data with no download: the base model answers bundled general prompts (self-distillation).
+
+    Example: skilltune data replay general.jsonl --n 200 && skilltune data mix train.jsonl general.jsonl mixed.jsonl
+    """
+    quiet_libraries()
+    from skilltune.data.replay import replay
+
+    count = replay(model, dst, n, max_new_tokens, seed)
+    console.print(f"wrote {count} general examples answered by {model} -> {dst}")
+
+
+@app.command()
+def spotcheck(file: Path = typer.Argument(..., help="Data file."),
+              n: int = typer.Option(20, "--n", help="Examples to show."),
+              reviewer: str = typer.Option(..., "--reviewer", prompt=True, help="Who looked."),
+              flagged: Optional[str] = typer.Option("", "--flagged", help="What you found wrong (empty: nothing)."),
+              seed: int = typer.Option(0, "--seed")) -> None:
+    """Show N random examples and record who looked and what they flagged (evidence for the checklist).
+
+    Example: skilltune data spotcheck train.jsonl --n 20 --reviewer alice --flagged "2 rows use old table names"
+    """
+    import random
+
+    from skilltune.data.reader import read_file
+    from skilltune.data.records import record_spotcheck
+
+    rep = read_file(file)
+    picks = random.Random(seed).sample(rep.examples, min(n, len(rep.examples)))
+    for ex in picks:
+        console.rule(ex.where)
+        for t in ex.turns:
+            console.print(f"[bold]{t.role}[/bold]: {t.content}", highlight=False)
+    path = record_spotcheck(str(file), reviewer, flagged or "", [ex.line for ex in picks])
+    console.print(f"spot-check recorded: {path}")
+

@@ -45,6 +45,10 @@ def load_target(spec: str, dtype: torch.dtype = torch.float32) -> Target:
     path = Path(spec)
     artifact = find_artifact(path) if path.is_dir() else None
     if artifact is None:
+        if path.is_dir() and (path / "run.json").is_file():
+            raise ModelLoadError(f"run {path} has no finished adapter or model yet (still training, or interrupted)",
+                                 hint=f"wait for it to finish, or continue it: skilltune train CONFIG --resume "
+                                      f"--run-dir {path}")
         if path.is_dir() and (path / "adapter_config.json").is_file():
             raise ModelLoadError(f"{path} is a peft adapter without {ADAPTER_META}",
                                  hint="use an adapter written by `skilltune train`, or load it with peft directly")

@@ -7,9 +7,9 @@ the step number, resuming at step N reads exactly the data an uninterrupted run
 would, on every process, with no sampler state to save.
 
 Packing changes only the layout of a micro-batch, never its content: its examples
-are packed into as few rows of at most ``max_seq_len`` tokens as fit (first fit,
-decreasing), with position ids restarting at 0 for each example so attention
-stays within an example. Packed and padded micro-batches give the same loss.
+are packed into as few rows as fit, each no longer than the micro-batch's longest
+example (first fit, decreasing), with position ids restarting at 0 for each example
+so attention stays within an example. Packed and padded micro-batches give the same loss.
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def _pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
 def collate(items: list[Encoded], pad_id: int, packing: bool, max_len: int) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch: input_ids, labels, position_ids and, unpacked, attention_mask."""
     if packing:
-        rows = [[items[i] for i in row] for row in _pack_rows([len(e.input_ids) for e in items], max_len)]
+        # Rows no longer than the longest example: attention cost stays that of the unpacked batch
+        # (it grows with the square of the row length) while the padding goes away.
+        lengths = [len(e.input_ids) for e in items]
+        rows = [[items[i] for i in row] for row in _pack_rows(lengths, min(max_len, max(lengths)))]
     else:
         rows = [[e] for e in items]
     width = max(sum(len(e.input_ids) for e in row) for row in rows)

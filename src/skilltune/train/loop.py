@@ -160,9 +160,15 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                                 + "\n  ".join(changed[:20]),
                                 hint="restore them, pass --force to resume anyway, or start a new run")
 
-    loaded = load_model(cfg.model, dtype=torch.float32, **method.load_kwargs(cfg.adapter))
+    # Adapter methods keep the frozen base in the compute dtype (no per-step weight casts) and
+    # the trainable weights in fp32; full finetuning keeps fp32 master weights under autocast.
+    base_dtype = autocast_dtype if (method.is_adapter and autocast_dtype is not None) else torch.float32
+    loaded = load_model(cfg.model, dtype=base_dtype, **method.load_kwargs(cfg.adapter))
     torch.manual_seed(cfg.train.seed)  # LoRA init is seeded: same config, same adapter
     model = method.wrap(loaded.model, cfg.adapter)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -1,0 +1,43 @@
+"""`skilltune eval TARGET`: base vs finetuned on held-out data, one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from skilltune.cli.common import SET_HELP, console, quiet_libraries
+
+
+def eval_(target: str = typer.Argument(..., help="A run directory, an adapter directory or a model spec."),
+          test: Optional[str] = typer.Option(None, "--test", help="Held-out JSONL (default: the run's data.test)."),
+          baseline: Optional[str] = typer.Option(None, "--baseline", help="Model to compare with (default: the base)."),
+          metrics: Optional[list[str]] = typer.Option(None, "--metrics", help="Metric names (repeatable)."),
+          db: Optional[str] = typer.Option(None, "--db", help="SQLite database for sql_exec."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
+          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Compare the finetuned model with its base on the same prompts and write report.html/.md/results.json.
+
+    Example: skilltune eval runs/sql-20261128-120000 --test examples/sql/data/test.jsonl --metrics sql_exec
+    """
+    quiet_libraries()
+    from skilltune.evaluate.runner import evaluate, plan_eval
+
+    plan = plan_eval(target, test, baseline, metrics, db, set_)
+    out_dir = out or ((plan.run_dir / "eval") if plan.run_dir else Path("eval-report"))
+    results = evaluate(plan, out_dir, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
+    for name, m in results["metrics"].items():
+        lo, hi = m["delta_ci95"]
+        table.add_row(name, f"{m['base']:.3f}", f"{m['tuned']:.3f}", f"{m['delta']:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]")
+    console.print(table)
+    o = results.get("overfitting")
+    if o:
+        console.print(f"overfitting: val {o['val']:.3f} vs test {o['test']:.3f} -> "
+                      + ("[red]FLAGGED[/red]" if o["flagged"] else "[green]OK[/green]"))
+    lc = results["latency_cost"]
+    console.print(f"latency: single p50 {lc['single_latency_p50_s']:.2f} s; "
+                  f"cost per 1,000 requests ${lc['cost_per_1000_requests']:.4f} at ${lc['price_per_hour']}/h")
+    console.print(f"report: {out_dir / 'report.html'}")

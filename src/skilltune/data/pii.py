@@ -1,0 +1,98 @@
+"""Detectors for PII and secrets, shared by the audit, `data clean --redact` and the request log.
+
+Each detector is a regex plus an optional validator (Luhn for card numbers, mod-97 for
+IBANs, octet ranges for IPs) so ordinary numbers and dates are not flagged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+
+def _luhn(s: str) -> bool:
+    digits = [int(c) for c in re.sub(r"\D", "", s)]
+    if not 13 <= len(digits) <= 19 or len(set(digits)) == 1:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _iban(s: str) -> bool:
+    s = re.sub(r"\s", "", s).upper()
+    if not 15 <= len(s) <= 34:
+        return False
+    moved = s[4:] + s[:4]
+    number = "".join(str(int(c, 36)) for c in moved)
+    return int(number) % 97 == 1
+
+
+def _ip(s: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return not (ip.is_unspecified or str(ip).startswith("0."))
+
+
+@dataclass(frozen=True)
+class Detector:
+    kind: str  # placeholder name, e.g. EMAIL
+    secret: bool  # secrets are errors in training data; PII is a warning
+    pattern: re.Pattern
+    valid: Callable[[str], bool] = lambda s: True
+
+
+DETECTORS: list[Detector] = [
+    Detector("PRIVATE_KEY", True, re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?(?:-----END (?:[A-Z]+ )?PRIVATE KEY-----|$)")),
+    Detector("AWS_KEY", True, re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
+    Detector("GITHUB_TOKEN", True, re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b")),
+    Detector("API_KEY", True, re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}\b")),
+    Detector("SLACK_TOKEN", True, re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b")),
+    Detector("EMAIL", False, re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
+    Detector("IBAN", False, re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban),
+    Detector("CREDIT_CARD", False, re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _luhn),
+    Detector("PHONE", False, re.compile(r"(?<![\w/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])")),
+    Detector("IP_ADDRESS", False, re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), _ip),
+]
+
+
+@dataclass
+class Hit:
+    kind: str
+    secret: bool
+    start: int
+    end: int
+    text: str
+
+
+def find_pii(text: str) -> list[Hit]:
+    """Non-overlapping hits, earlier detectors (secrets first) winning overlaps."""
+    hits: list[Hit] = []
+    taken: list[tuple[int, int]] = []
+    for det in DETECTORS:
+        for m in det.pattern.finditer(text):
+            s, e = m.span()
+            if any(s < te and ts < e for ts, te in taken) or not det.valid(m.group()):
+                continue
+            if det.kind == "PHONE" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", m.group().strip()):
+                continue  # an ISO date, not a phone number
+            hits.append(Hit(det.kind, det.secret, s, e, m.group()))
+            taken.append((s, e))
+    return sorted(hits, key=lambda h: h.start)
+
+
+def redact(text: str) -> tuple[str, list[Hit]]:
+    """``text`` with every hit replaced by a typed placeholder like ``[EMAIL]``."""
+    hits = find_pii(text)
+    for h in reversed(hits):
+        text = text[:h.start] + f"[{h.kind}]" + text[h.end:]
+    return text, hits

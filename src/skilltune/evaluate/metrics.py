@@ -1,0 +1,171 @@
+"""Metrics as registered plug-ins: name, direction, a per-example score, an aggregate.
+
+Built-ins register through :func:`register_metric`, the same call a third party
+uses; ``module:function`` in ``eval.metrics`` loads a user's own (a function
+``(prediction, reference, context) -> float``, averaged).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from skilltune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    score: Callable[[str, str, dict], float]  # (prediction, reference, context) -> per-example score
+    higher_is_better: bool = True
+    description: str = ""
+    aggregate: Callable[[list[float]], float] = field(default=lambda xs: statistics.fmean(xs) if xs else 0.0)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> None:
+    METRICS[metric.name] = metric
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .;")
+
+
+def _exact(pred: str, ref: str, ctx: dict) -> float:
+    return float(normalize(pred) == normalize(ref))
+
+
+def _rouge(kind: str):
+    def score(pred: str, ref: str, ctx: dict) -> float:
+        from rouge_score import rouge_scorer
+
+        scorer = ctx.setdefault("_rouge", rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True))
+        return scorer.score(ref, pred)[kind].fmeasure
+    return score
+
+
+def _bleu(pred: str, ref: str, ctx: dict) -> float:
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(pred, [ref]).score / 100
+
+
+def _chrf(pred: str, ref: str, ctx: dict) -> float:
+    import sacrebleu
+
+    return sacrebleu.sentence_chrf(pred, [ref]).score / 100
+
+
+def _parse_json(text: str):
+    text = text.strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    if fence:
+        text = fence.group(1).strip()
+    return json.loads(text)
+
+
+def _json_valid(pred: str, ref: str, ctx: dict) -> float:
+    try:
+        _parse_json(pred)
+        return 1.0
+    except (json.JSONDecodeError, ValueError):
+        return 0.0
+
+
+def _json_schema(pred: str, ref: str, ctx: dict) -> float:
+    import jsonschema
+
+    schema_path = ctx.get("json_schema")
+    if not schema_path:
+        raise ConfigError(["eval.json_schema: the json_schema metric needs a JSON Schema file"])
+    schema = ctx.setdefault("_schema", json.loads(open(schema_path, encoding="utf-8").read()))
+    try:
+        jsonschema.validate(_parse_json(pred), schema)
+        return 1.0
+    except (json.JSONDecodeError, ValueError, jsonschema.ValidationError):
+        return 0.0
+
+
+def json_field_scores(pred: str, ref: str) -> tuple[float, float]:
+    """(share of reference keys whose value is right, 1 if the key set is exactly right)."""
+    try:
+        ref_obj = _parse_json(ref)
+    except (json.JSONDecodeError, ValueError):
+        raise ValueError(f"the reference is not JSON: {ref[:80]!r}") from None
+    try:
+        pred_obj = _parse_json(pred)
+    except (json.JSONDecodeError, ValueError):
+        return 0.0, 0.0
+    if not isinstance(ref_obj, dict) or not isinstance(pred_obj, dict):
+        return float(pred_obj == ref_obj), float(pred_obj == ref_obj)
+    right = sum(1 for k, v in ref_obj.items() if k in pred_obj and pred_obj[k] == v)
+    return (right / len(ref_obj) if ref_obj else 1.0), float(set(pred_obj) == set(ref_obj))
+
+
+def _sql_exec(pred: str, ref: str, ctx: dict) -> float:
+    from skilltune.evaluate.sql import sql_exec_score
+
+    db = ctx.get("db")
+    if not db:
+        raise ConfigError(["eval.db: the sql_exec metric needs a SQLite database (set eval.db or pass --db)"])
+    return sql_exec_score(pred, ref, db, ctx.get("sql_timeout_s", 2.0))
+
+
+def _sql_valid(pred: str, ref: str, ctx: dict) -> float:
+    from skilltune.evaluate.sql import sql_valid_score
+
+    return sql_valid_score(pred)
+
+
+for _m in [
+    Metric("exact_match", _exact, description="normalised exact match (case, whitespace, trailing . or ;)"),
+    Metric("rouge1", _rouge("rouge1"), description="ROUGE-1 F1 (rouge-score)"),
+    Metric("rouge2", _rouge("rouge2"), description="ROUGE-2 F1 (rouge-score)"),
+    Metric("rougeL", _rouge("rougeL"), description="ROUGE-L F1 (rouge-score)"),
+    Metric("bleu", _bleu, description="sentence BLEU / 100 (sacrebleu)"),
+    Metric("chrf", _chrf, description="sentence chrF / 100 (sacrebleu)"),
+    Metric("json_valid", _json_valid, description="output parses as JSON"),
+    Metric("json_schema", _json_schema, description="output validates against eval.json_schema"),
+    Metric("json_fields", lambda p, r, c: json_field_scores(p, r)[0], description="share of reference keys right"),
+    Metric("json_keys_exact", lambda p, r, c: json_field_scores(p, r)[1], description="key set exactly right"),
+    Metric("sql_exec", _sql_exec, description="same result set as the reference on eval.db (Spider rules)"),
+    Metric("sql_valid", _sql_valid, description="parses as SQLite (sqlglot)"),
+]:
+    register_metric(_m)
+
+# Metrics that bring companions along (json_fields reports the exact-key share too; sql_exec the validity).
+COMPANIONS = {"json_fields": ["json_keys_exact", "json_valid"], "sql_exec": ["sql_valid"]}
+
+
+def resolve_metrics(names: list[str]) -> list[Metric]:
+    """Metric objects for ``names`` (built-in names or ``module:function``), companions included."""
+    out: list[Metric] = []
+    problems = []
+    for name in names:
+        if ":" in name:
+            mod, _, fn = name.partition(":")
+            try:
+                func = getattr(importlib.import_module(mod), fn)
+            except (ImportError, AttributeError) as exc:
+                problems.append(f"eval.metrics: cannot load '{name}' ({exc})")
+                continue
+            out.append(Metric(name, func, description=f"user metric {name}"))
+        elif name in METRICS:
+            out.append(METRICS[name])
+            out += [METRICS[c] for c in COMPANIONS.get(name, []) if c not in names]
+        else:
+            problems.append(f"eval.metrics: unknown metric '{name}' (built-in: {', '.join(METRICS)})")
+    if problems:
+        raise ConfigError(problems)
+    seen, unique = set(), []
+    for m in out:
+        if m.name not in seen:
+            seen.add(m.name)
+            unique.append(m)
+    return unique

@@ -1,0 +1,210 @@
+"""`skilltune eval`: base vs finetuned on the same held-out prompts, in one report.
+
+:func:`evaluate` is the whole workflow: resolve what to compare -> generate (batched)
+-> score with the metric registry -> overfitting (val vs test) and latency/cost ->
+write per-example JSONL, ``results.json``, ``report.md`` and ``report.html``.
+For a LoRA/DoRA target the baseline is the same weights with the adapter switched
+off, so no second copy of the base model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skilltune.config.load import load_config
+from skilltune.config.schema import EvalConfig, SkilltuneConfig
+from skilltune.data.reader import load_examples
+from skilltune.data.tokenize import encode_example, prompt_text
+from skilltune.errors import SkilltuneError
+from skilltune.evaluate.generate import generate
+from skilltune.evaluate.metrics import Metric, resolve_metrics
+from skilltune.evaluate.stats import bootstrap_delta, percentile
+from skilltune.model.target import Target, find_artifact, load_target
+from skilltune.model.tokenizer import turn_end_token
+from skilltune.paths import atomic_write_text
+
+
+class EvalError(SkilltuneError):
+    pass
+
+
+@dataclass
+class EvalPlan:
+    target: str
+    run_dir: Path | None
+    cfg: SkilltuneConfig
+    test_file: str
+    val_file: str | None
+    baseline: str | None  # None: the adapter switched off
+
+
+def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list[str] | None,
+              db: str | None, overrides: list[str] | None = None) -> EvalPlan:
+    """Work out what to evaluate from a run directory, an adapter directory or a model spec."""
+    path = Path(target)
+    run_dir = None
+    if path.is_dir() and (path / "run.json").is_file():
+        run_dir = path
+        cfg = load_config(path / "config.yaml", overrides)
+    else:
+        artifact = find_artifact(path) if path.is_dir() else None
+        if artifact is not None:
+            meta = json.loads((artifact / "skilltune_adapter.json").read_text())
+            run = Path(meta.get("run", ""))
+            cfg = load_config(run / "config.yaml", overrides) if (run / "config.yaml").is_file() else load_config(
+                None, overrides)
+        else:
+            cfg = load_config(None, overrides)
+    if metrics:
+        cfg.eval.metrics = metrics
+    if db:
+        cfg.eval.db = str(Path(db).resolve())
+    test_file = test or cfg.data.test
+    if not test_file:
+        raise EvalError("no test set: pass --test FILE (or set data.test in the run's config)")
+    return EvalPlan(target, run_dir, cfg, test_file, cfg.data.val if run_dir else None, baseline)
+
+
+def _prompts(tokenizer, examples) -> list[str]:
+    return [prompt_text(tokenizer, ex) for ex in examples]
+
+
+def _loss(model, tokenizer, examples, batch_size: int = 8) -> float:
+    """Mean completion-token loss of ``examples`` (teacher forced)."""
+    from skilltune.train.batches import collate, count_label_tokens
+    from skilltune.train.loss import CompletionLoss
+
+    end = turn_end_token(tokenizer)
+    enc = [encode_example(tokenizer, ex, end) for ex in examples]
+    loss_fn = CompletionLoss(model, None)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(enc), batch_size):
+            items = enc[i:i + batch_size]
+            batch = collate(items, tokenizer.pad_token_id, True, 1 << 30)
+            total += float(loss_fn(**{k: v.to(model.device) for k, v in batch.items()}))
+            n += count_label_tokens(items)
+    return total / max(n, 1)
+
+
+def _score(metrics: list[Metric], outputs: list[str], refs: list[str], ctx: dict) -> dict[str, list[float]]:
+    return {m.name: [m.score(o, r, ctx) for o, r in zip(outputs, refs)] for m in metrics}
+
+
+def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int = 5) -> list[float]:
+    """Latency of requests served one at a time (what a user of an unbatched server sees)."""
+    out = []
+    for p in prompts[:n]:
+        t0 = time.perf_counter()
+        generate(target.model, target.tokenizer, [p], max_new_tokens=ecfg.max_new_tokens, batch_size=1)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
+    """Run the evaluation in ``plan`` and write the report files into ``out_dir``."""
+    ecfg = plan.cfg.eval
+    metrics = resolve_metrics(ecfg.metrics)
+    ctx = {"db": ecfg.db}
+    if any(m.name == "sql_exec" for m in metrics) and not (ecfg.db and Path(ecfg.db).is_file()):
+        raise EvalError(f"sql_exec needs the SQLite database; eval.db = {ecfg.db!r} does not exist",
+                        hint="pass --db FILE")
+    examples = load_examples(plan.test_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
+    refs = [ex.completion for ex in examples]
+    target = load_target(plan.target)
+    prompts = _prompts(target.tokenizer, examples)
+    say = progress or (lambda msg: None)
+
+    def run(label: str, model_target: Target):
+        say(f"generating {len(prompts)} answers with the {label} model")
+        t0 = time.perf_counter()
+        gens = generate(model_target.model, model_target.tokenizer, prompts, ecfg.max_new_tokens,
+                        ecfg.batch_size, ecfg.temperature)
+        wall = time.perf_counter() - t0
+        return gens, wall
+
+    tuned_gens, tuned_wall = run("finetuned", target)
+    if plan.baseline is None and target.adapter_dir is not None and hasattr(target.model, "disable_adapter"):
+        with target.model.disable_adapter():
+            base_gens, base_wall = run("base", target)
+            base_label = f"{target.base_spec} (adapter off)"
+    else:
+        base_spec = plan.baseline or target.base_spec
+        base_target = load_target(base_spec) if base_spec != plan.target else target
+        base_gens, base_wall = run("base", base_target)
+        base_label = base_spec
+    say("scoring")
+    tuned_scores = _score(metrics, [g.text for g in tuned_gens], refs, ctx)
+    base_scores = _score(metrics, [g.text for g in base_gens], refs, ctx)
+
+    headline = {}
+    for m in metrics:
+        delta, lo, hi = bootstrap_delta(base_scores[m.name], tuned_scores[m.name])
+        headline[m.name] = {"base": m.aggregate(base_scores[m.name]), "tuned": m.aggregate(tuned_scores[m.name]),
+                            "delta": delta, "delta_ci95": [lo, hi], "higher_is_better": m.higher_is_better,
+                            "description": m.description}
+
+    # Overfitting: the same metrics and the loss on validation and test.
+    overfit = None
+    if plan.val_file and Path(plan.val_file).is_file():
+        say("overfitting check: validation vs test")
+        val_ex = load_examples(plan.val_file, plan.cfg.data.format, plan.cfg.data.columns,
+                               plan.cfg.data.system_prompt)
+        val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex), ecfg.max_new_tokens,
+                            ecfg.batch_size, ecfg.temperature)
+        val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
+        primary = metrics[0]
+        val_metric, test_metric = primary.aggregate(val_scores[primary.name]), headline[primary.name]["tuned"]
+        gap = val_metric - test_metric
+        overfit = {"metric": primary.name, "val": val_metric, "test": test_metric, "gap": gap,
+                   "val_loss": _loss(target.model, target.tokenizer, val_ex),
+                   "test_loss": _loss(target.model, target.tokenizer, examples),
+                   "threshold": ecfg.overfit_gap, "flagged": gap > ecfg.overfit_gap}
+
+    new_tokens = sum(g.new_tokens for g in tuned_gens)
+    per_request = [g.latency_s for g in tuned_gens]
+    single = _single_latency(target, prompts, ecfg)
+    seconds_per_request = tuned_wall / max(len(prompts), 1)
+    latency = {
+        "batched_wall_s": tuned_wall, "batch_size": ecfg.batch_size, "requests": len(prompts),
+        "batch_latency_p50_s": percentile(per_request, 50), "batch_latency_p95_s": percentile(per_request, 95),
+        "single_latency_p50_s": percentile(single, 50), "single_latency_p95_s": percentile(single, 95),
+        "generated_tokens_per_s": new_tokens / max(tuned_wall, 1e-9),
+        "price_per_hour": ecfg.price_per_hour,
+        "cost_per_1000_requests": ecfg.price_per_hour * seconds_per_request * 1000 / 3600,
+        "base_batched_wall_s": base_wall,
+        "device": str(target.model.device), "threads": torch.get_num_threads(),
+    }
+
+    rows = []
+    for i, ex in enumerate(examples):
+        rows.append({"line": ex.line, "prompt": ex.turns[-2].content if len(ex.turns) > 1 else "",
+                     "reference": refs[i], "base_output": base_gens[i].text, "tuned_output": tuned_gens[i].text,
+                     "base": {m.name: base_scores[m.name][i] for m in metrics},
+                     "tuned": {m.name: tuned_scores[m.name][i] for m in metrics},
+                     "tuned_stopped": tuned_gens[i].stopped})
+    primary = metrics[0].name
+    regressions = [r for r in rows if r["base"][primary] > r["tuned"][primary]]
+    worst = sorted(rows, key=lambda r: r["tuned"][primary])[:10]
+
+    results = {
+        "target": plan.target, "run_dir": str(plan.run_dir) if plan.run_dir else None, "baseline": base_label,
+        "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
+        "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
+        "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "per_example.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    from skilltune.evaluate.report import render_html, render_markdown
+
+    loss_png = plan.run_dir / "loss.png" if plan.run_dir and (plan.run_dir / "loss.png").is_file() else None
+    atomic_write_text(out_dir / "report.md", render_markdown(results, rows, regressions, worst))
+    atomic_write_text(out_dir / "report.html", render_html(results, rows, regressions, worst, loss_png))
+    return results
+

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+from helpers import cli, write_yaml
+
+from skilltune.config import load_config, parse_overrides
+from skilltune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_need_only_the_data_file(tmp_path):
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"data": {"train": "train.jsonl"}}))
+    assert cfg.model.base == "embedded:smollm2-135m-instruct"
+    assert cfg.adapter.method == "lora" and cfg.adapter.r == 16 and cfg.adapter.alpha == 32
+    assert cfg.data.train == str(tmp_path / "train.jsonl")  # relative to the config file
+
+
+def test_all_errors_reported_together(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {
+        "adapter": {"method": "lorax"},
+        "train": {"lr": -1, "batch_size": 0},
+        "data": {"trian": "x.jsonl"},
+    })
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    problems = err.value.problems
+    assert len(problems) == 4
+    text = str(err.value)
+    for needle in ("adapter.method", "'lorax'", "train.lr", "-1", "train.batch_size", "data.trian", "unknown field"):
+        assert needle in text
+    assert "'lora'" in text  # what is allowed
+
+
+def test_cli_validate_lists_every_error_without_traceback(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"train": {"lr": "fast", "epochs": 0, "precision": "fp8"}})
+    code, out = cli("config", "validate", str(path))
+    assert code == 2
+    assert "3 configuration errors" in out
+    assert "train.lr" in out and "train.epochs" in out and "train.precision" in out
+    assert "Traceback" not in out
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"lr": 1e-3}})
+    cfg = load_config(path, ["train.lr=1e-4", "adapter.method=dora", "adapter.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.adapter.method == "dora"
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(path, ["train.epochs=-2"])
+    with pytest.raises(ConfigError, match="SECTION.FIELD=VALUE"):
+        parse_overrides(["nonsense"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  epochs: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+"):
+        load_config(path)
+
+
+def test_config_show_prints_resolved_values(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 7}})
+    code, out = cli("config", "show", str(path), "--set", "adapter.r=8")
+    assert code == 0
+    assert "epochs: 7" in out and "r: 8" in out and "base: embedded:smollm2-135m-instruct" in out
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("examples/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_config_validates(path):
+    if "accelerate" in path.parts:
+        pytest.skip("accelerate launcher config, not a skilltune config")
+    cfg = load_config(path)
+    for f in (cfg.data.train, cfg.data.val, cfg.data.test):
+        assert f is None or Path(f).is_file(), f"{path}: data file {f} is missing"
+
+
+def test_example_configs_exist():
+    assert list(ROOT.glob("examples/*/config.yaml")), "ship at least one example config"
