@@ -60,7 +60,7 @@ DETECTORS: list[Detector] = [
     Detector("EMAIL", False, re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
     Detector("IBAN", False, re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban),
     Detector("CREDIT_CARD", False, re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _luhn),
-    Detector("PHONE", False, re.compile(r"(?<![\w/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])")),
+    Detector("PHONE", False, re.compile(r"(?<![\w/-])(?<!\d[ .])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])(?![ .]\d)")),
     Detector("IP_ADDRESS", False, re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), _ip),
 ]
 
@@ -85,6 +85,8 @@ def find_pii(text: str) -> list[Hit]:
                 continue
             if det.kind == "PHONE" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", m.group().strip()):
                 continue  # an ISO date, not a phone number
+            if det.kind == "IP_ADDRESS" and re.search(r"(?:version|release|\bv)\s*$", text[max(0, s - 9):s], re.I):
+                continue  # a version number such as "version 1.2.3.4"
             hits.append(Hit(det.kind, det.secret, s, e, m.group()))
             taken.append((s, e))
     return sorted(hits, key=lambda h: h.start)

@@ -33,14 +33,24 @@ def _key(ex: Example) -> str:
 
 
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out ``fraction`` of ``examples`` (deterministic in ``seed``)."""
+    """Hold out about ``fraction`` of ``examples`` (deterministic in ``seed``); duplicates stay together."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
-    order = np.random.default_rng([seed, 7]).permutation(len(examples))
-    n_val = max(1, int(round(len(examples) * fraction)))
-    val_idx = set(order[:n_val].tolist())
-    return ([e for i, e in enumerate(examples) if i not in val_idx],
-            [e for i, e in enumerate(examples) if i in val_idx])
+    keys = sorted({_key(e) for e in examples})
+    order = np.random.default_rng([seed, 7]).permutation(len(keys))
+    target = max(1, int(round(len(examples) * fraction)))
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[_key(e)] = counts.get(_key(e), 0) + 1
+    val_keys, n = set(), 0
+    for i in order:
+        if n >= target:
+            break
+        val_keys.add(keys[i])
+        n += counts[keys[i]]
+    if len(val_keys) == len(keys):  # never hold out everything
+        return examples, []
+    return [e for e in examples if _key(e) not in val_keys], [e for e in examples if _key(e) in val_keys]
 
 
 def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: str) -> list[Encoded]:

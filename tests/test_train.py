@@ -1,0 +1,219 @@
+"""Training on the tiny model: run directory, correctness (packing, EOS, determinism), resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+from safetensors.torch import load_file
+
+from skilltune.config import load_config
+from skilltune.errors import TrainingError
+from skilltune.train.loop import TrainingInterrupted, train
+
+
+def _config(tmp_path, model_dir, rows=SQL_ROWS, **train_over):
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    train_cfg = {"epochs": 3, "batch_size": 2, "lr": 5e-3, "save_steps": 4, "output_dir": str(tmp_path / "runs"),
+                 "max_seq_len": 128, "logging_steps": 1, "precision": "fp32", **train_over}
+    return write_yaml(tmp_path / "cfg.yaml", {"model": {"base": str(model_dir)}, "data": {"train": str(data)},
+                                              "train": train_cfg})
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_lora_run_directory_and_loss_goes_down(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "fox", "dog")] * 2
+    cfg = load_config(_config(tmp_path, tiny_model_dir, rows=rows, epochs=10, lr=3e-2))
+    res = train(cfg, run_name="t")
+    run = res.run_dir
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "loss.png", "tensorboard",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "adapter/skilltune_adapter.json"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    tok_cfg = json.loads((run / "adapter" / "tokenizer_config.json").read_text())
+    assert "chat_template" in tok_cfg or (run / "adapter" / "chat_template.jinja").is_file()
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["identity"]["data"]["train"]["sha256"] and meta["base_model"]["hash"]
+    assert meta["environment"]["packages"]["torch"]
+    losses = [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.95  # a random 2-layer model learns slowly with LoRA
+    # Plain peft loads the adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == res.summary["trainable_params"]
+
+
+def test_packed_and_padded_losses_agree(tiny_model_dir):
+    from skilltune.config.schema import AdapterConfig, ModelConfig
+    from skilltune.data.tokenize import encode_example
+    from skilltune.data.types import Example, Turn
+    from skilltune.model.loading import load_model
+    from skilltune.model.tokenizer import turn_end_token
+    from skilltune.train.batches import collate
+    from skilltune.train.loss import CompletionLoss
+    from skilltune.train.methods import METHODS
+
+    lm = load_model(ModelConfig(base=str(tiny_model_dir)))
+    model = METHODS["lora"].wrap(lm.model, AdapterConfig())
+    tok = lm.tokenizer
+    items = [encode_example(tok, Example([Turn("user", r["prompt"]), Turn("assistant", r["completion"], True)]),
+                            turn_end_token(tok)) for r in SQL_ROWS[:6] + [{"prompt": "x", "completion": "y " * 40}]]
+    loss_fn = CompletionLoss(model, None).eval()
+    with torch.no_grad():
+        packed = collate(items, tok.pad_token_id, True, 512)
+        padded = collate(items, tok.pad_token_id, False, 512)
+        assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # it really packed
+        lp, lu = float(loss_fn(**packed)), float(loss_fn(**padded))
+        # and the same as the model's own loss, one example at a time
+        ref = 0.0
+        for e in items:
+            out = lm.model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
+            ref += float(out.loss) * sum(1 for x in e.labels[1:] if x != -100)
+    assert lp == pytest.approx(lu, rel=1e-5)
+    assert lp == pytest.approx(ref, rel=1e-4)
+
+
+def test_same_config_same_adapter(tmp_path, tiny_model_dir):
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=2))
+    a = _adapter(train(cfg, run_name="a").run_dir)
+    b = _adapter(train(cfg, run_name="b").run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_learns_to_stop(tmp_path, tiny_model_dir):
+    """After training, generation ends with the EOS token instead of running to max_new_tokens."""
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "fox", "dog")] * 4
+    cfg = load_config(_config(tmp_path, tiny_model_dir, rows=rows, epochs=15, lr=1e-2, batch_size=4),
+                      ["adapter.method=full", "data.val_split=0"])
+    res = train(cfg, run_name="stop")
+    from skilltune.evaluate.generate import generate
+    from skilltune.model.target import load_target
+
+    target = load_target(str(res.run_dir))
+    prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": f"Say {w}."}], tokenize=False,
+                                                    add_generation_prompt=True) for w in ("hi", "fox")]
+    outs = generate(target.model, target.tokenizer, prompts, max_new_tokens=30)
+    assert all(o.stopped for o in outs), [o.text for o in outs]
+    assert [o.text for o in outs] == ["hi", "fox"]
+
+
+def test_interrupt_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=4))
+    full = train(cfg, run_name="full")
+    with pytest.raises(TrainingInterrupted) as err:
+        train(cfg, run_name="cut", stop_after=5)
+    assert "--resume" in str(err.value)
+    run = sorted((tmp_path / "runs").glob("cut-*"))[0]
+    assert (run / "checkpoints" / "step-000005" / "COMPLETE").is_file()
+    resumed = train(cfg, run_name="cut", resume=True)
+    assert resumed.run_dir == run
+    a, b = _adapter(full.run_dir), _adapter(run)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    lrs_full = [json.loads(x)["lr"] for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs_cut = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs_cut == pytest.approx(lrs_full)  # the schedule did not restart
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
+    cfg_path = _config(tmp_path, tiny_model_dir, epochs=60, save_steps=10, logging_steps=50)
+    cfg = load_config(cfg_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "skilltune.cli.main", "train", str(cfg_path),
+                             "--run-dir", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step-*/COMPLETE")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    assert done, "no checkpoint was written before the kill"
+    assert not (run_dir / "adapter").exists(), "the run finished before it could be killed; make it longer"
+    resumed = train(cfg, resume=True, run_dir=run_dir)
+    full = train(cfg, run_name="ref")
+    a, b = _adapter(full.run_dir), _adapter(resumed.run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_resume_refuses_changed_config_unless_forced(tmp_path, tiny_model_dir):
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=4))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, run_name="r", stop_after=3)
+    changed = load_config(_config(tmp_path, tiny_model_dir, epochs=4, lr=1e-3))
+    with pytest.raises(TrainingError, match=r"train.lr: 0.005 -> 0.001"):
+        train(changed, run_name="r", resume=True)
+    res = train(changed, run_name="r", resume=True, force=True)
+    assert res.summary["steps"] == res.summary["total_steps"]
+
+
+def test_early_stopping_and_validation(tmp_path, tiny_model_dir):
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=40, lr=5e-2, eval_steps=1,
+                              early_stopping_patience=2), ["data.val_split=0.25"])
+    res = train(cfg, run_name="es")
+    s = res.summary
+    assert s["stopped_early"] and s["steps"] < s["total_steps"]
+    vals = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_loss" in v for v in vals)
+    assert s["best_val_loss"] == min(v["val_loss"] for v in vals)
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_other_methods_train(tmp_path, tiny_model_dir, method):
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=1), [f"adapter.method={method}"])
+    res = train(cfg, run_name=method)
+    assert res.artifact_dir.name == ("model" if method == "full" else "adapter")
+    if method == "dora":
+        assert json.loads((res.artifact_dir / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    cfg = load_config(_config(tmp_path, tiny_model_dir), ["adapter.method=qlora"])
+    with pytest.raises(TrainingError, match="QLoRA needs a CUDA GPU") as err:
+        train(cfg)
+    assert "adapter.method: lora" in err.value.hint
+
+
+def test_bad_inputs_fail_clearly_before_loading(tmp_path, tiny_model_dir):
+    long_rows = SQL_ROWS + [{"prompt": "long", "completion": "word " * 300}]
+    code, out = cli("train", str(_config(tmp_path, tiny_model_dir, rows=long_rows)))
+    assert code == 1 and "longer than train.max_seq_len=128" in out and "train.jsonl:13" in out
+    assert "Traceback" not in out
+    path = _config(tmp_path, tiny_model_dir)
+    code, out = cli("train", str(path), "--set", f"data.train={tmp_path}/nope.jsonl")
+    assert code == 2 and "data file not found" in out
+    val = write_jsonl(tmp_path / "val.jsonl", SQL_ROWS[:2])
+    code, out = cli("train", str(path), "--set", f"data.val={val}")
+    assert code == 1 and "also appear in the training data" in out
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir):
+    """Data-parallel (2 CPU processes, gloo) equals 1 process with the same global batch."""
+    rows = SQL_ROWS[:8]
+    one = _config(tmp_path / "one", tiny_model_dir, rows=rows, epochs=2, batch_size=2, grad_accum=2)
+    two = _config(tmp_path / "two", tiny_model_dir, rows=rows, epochs=2, batch_size=2, grad_accum=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for cfg, extra, rd in ((one, [], tmp_path / "r1"), (two, ["--nproc", "2"], tmp_path / "r2")):
+        r = subprocess.run([sys.executable, "-m", "skilltune.cli.main", "train", str(cfg), "--run-dir", str(rd),
+                            "--set", "data.val_split=0", *extra], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads((tmp_path / "r2" / "run.json").read_text())["world_size"] == 2
+    a, b = _adapter(tmp_path / "r1"), _adapter(tmp_path / "r2")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
