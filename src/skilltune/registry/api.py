@@ -1,0 +1,225 @@
+"""The registry's operations: add, list, show, diff, promote, rollback, history, delete, load.
+
+Each write is one transaction (``BEGIN IMMEDIATE`` on SQLite), so two processes
+promoting at once serialise and an alias never points at nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import select
+
+from skilltune import __version__
+from skilltune.errors import SkilltuneError
+from skilltune.model.target import ADAPTER_META, find_artifact
+from skilltune.paths import home
+from skilltune.registry.db import Alias, AliasEvent, Version, make_session_factory
+from skilltune.registry.store import ArtifactStore
+
+
+class RegistryError(SkilltuneError):
+    pass
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``name@v3`` -> (name, "v3"); ``name@production`` -> (name, "production"); ``name`` -> (name, None)."""
+    name, _, tag = ref.partition("@")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise RegistryError(f"invalid model name {name!r}", hint="use letters, digits, '.', '_' and '-'")
+    return name, (tag or None)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Registry:
+    def __init__(self, url: str | None = None, store: Path | None = None):
+        root = home() / "registry"
+        root.mkdir(parents=True, exist_ok=True)
+        self.url = url or os.environ.get("SKILLTUNE_REGISTRY_URL") or f"sqlite:///{root / 'registry.db'}"
+        self.Session = make_session_factory(self.url)
+        self.store = ArtifactStore(store or root / "store")
+
+    @contextmanager
+    def tx(self):
+        with self.Session() as s, s.begin():
+            yield s
+
+    # ------------------------------------------------------------------ reads
+    def _version(self, s, name: str, tag: str | None) -> Version:
+        if tag is None or tag == "latest":
+            v = s.scalars(select(Version).where(Version.name == name).order_by(Version.number.desc())).first()
+        elif re.fullmatch(r"v\d+", tag):
+            v = s.scalars(select(Version).where(Version.name == name, Version.number == int(tag[1:]))).first()
+        else:
+            a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == tag)).first()
+            v = s.get(Version, a.version_id) if a else None
+        if v is None:
+            known = s.scalars(select(Version.number).where(Version.name == name)).all()
+            raise RegistryError(f"{name}@{tag or 'latest'} not found"
+                                + (f"; versions: {', '.join(f'v{n}' for n in known)}" if known else
+                                   f"; no model named {name!r} is registered"),
+                                hint="see `skilltune registry list`")
+        return v
+
+    def get(self, ref: str) -> Version:
+        with self.Session() as s:
+            return self._version(s, *parse_ref(ref))
+
+    def aliases(self, name: str) -> dict[str, int]:
+        with self.Session() as s:
+            rows = s.execute(select(Alias.alias, Version.number).join(Version, Alias.version_id == Version.id)
+                             .where(Alias.name == name)).all()
+            return {a: n for a, n in rows}
+
+    def list(self, name: str | None = None) -> list[Version]:
+        with self.Session() as s:
+            q = select(Version).order_by(Version.name, Version.number)
+            if name:
+                q = q.where(Version.name == name)
+            return list(s.scalars(q).all())
+
+    def history(self, name: str, alias: str | None = None) -> list[AliasEvent]:
+        with self.Session() as s:
+            q = select(AliasEvent).where(AliasEvent.name == name).order_by(AliasEvent.id)
+            if alias:
+                q = q.where(AliasEvent.alias == alias)
+            return list(s.scalars(q).all())
+
+    # ------------------------------------------------------------------ writes
+    def add(self, run_dir: str | Path, name: str, note: str = "") -> Version:
+        """Register the artifact of ``run_dir`` as the next version of ``name``."""
+        parse_ref(name)
+        run_dir = Path(run_dir)
+        artifact = find_artifact(run_dir)
+        if artifact is None or not (run_dir / "run.json").is_file():
+            raise RegistryError(f"{run_dir} is not a finished skilltune run (no run.json or no adapter/model)",
+                                hint="pass the run directory printed at the end of `skilltune train`")
+        run = json.loads((run_dir / "run.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        meta = json.loads((artifact / ADAPTER_META).read_text())
+        metrics = {}
+        if (run_dir / "eval" / "results.json").is_file():
+            metrics["eval"] = json.loads((run_dir / "eval" / "results.json").read_text())
+        manifest = self.store.put_dir(artifact)
+        lineage = {
+            "run_dir": str(run_dir.resolve()), "base_model": run["base_model"], "method": meta["method"],
+            "adapter_config": json.loads((artifact / "adapter_config.json").read_text())
+            if (artifact / "adapter_config.json").is_file() else None,
+            "data": run["identity"]["data"], "config": run["identity"]["config"], "tokenizer": run["tokenizer"],
+            "final_train_loss": summary.get("final_train_loss"), "final_val_loss": summary.get("final_val_loss"),
+            "best_val_loss": summary.get("best_val_loss"), "environment": run["environment"],
+            "skilltune_version": __version__, "git_commit": _git_commit(), "artifact_kind": artifact.name,
+        }
+        with self.tx() as s:
+            last = s.scalars(select(Version.number).where(Version.name == name)
+                             .order_by(Version.number.desc())).first() or 0
+            v = Version(name=name, number=last + 1, note=note, method=meta["method"], manifest=manifest,
+                        lineage=lineage, metrics=metrics)
+            s.add(v)
+        return v
+
+    def attach_metrics(self, ref: str, key: str, value: dict) -> None:
+        with self.tx() as s:
+            v = self._version(s, *parse_ref(ref))
+            v.metrics = {**(v.metrics or {}), key: value}
+
+    def promote(self, ref: str, alias: str = "production", reason: str = "", who: str | None = None) -> Version:
+        name, tag = parse_ref(ref)
+        with self.tx() as s:
+            v = self._version(s, name, tag)
+            a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
+            prev = s.get(Version, a.version_id).number if a else None
+            if a:
+                a.version_id = v.id
+            else:
+                s.add(Alias(name=name, alias=alias, version_id=v.id))
+            s.add(AliasEvent(name=name, alias=alias, action="promote", from_number=prev, to_number=v.number,
+                             who=who or getpass.getuser(), reason=reason))
+        return v
+
+    def _stack(self, s, name: str, alias: str) -> list[int]:
+        """The versions the alias was promoted to, with rolled-back ones popped: the last is current."""
+        stack: list[int] = []
+        for e in s.scalars(select(AliasEvent).where(AliasEvent.name == name, AliasEvent.alias == alias)
+                           .order_by(AliasEvent.id)).all():
+            if e.action == "promote":
+                stack.append(e.to_number)
+            elif e.action == "rollback" and stack:
+                stack.pop()
+        return stack
+
+    def rollback(self, name: str, alias: str = "production", reason: str = "", who: str | None = None,
+                 dry_run: bool = False) -> tuple[int, int]:
+        """Move ``alias`` back to the version it pointed at before; returns (from, to)."""
+        parse_ref(name)
+        with self.tx() as s:
+            stack = self._stack(s, name, alias)
+            a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
+            if a is None:
+                raise RegistryError(f"{name}@{alias} is not set, so there is nothing to roll back",
+                                    hint=f"promote a version first: skilltune registry promote {name}@vN")
+            current = s.get(Version, a.version_id).number
+            if len(stack) < 2:
+                raise RegistryError(f"{name}@{alias} has no earlier version to roll back to (it is v{current})",
+                                    hint="promote a new version; rollback needs a previous one")
+            target = stack[-2]
+            v = self._version(s, name, f"v{target}")
+            if not dry_run:
+                a.version_id = v.id
+            s.add(AliasEvent(name=name, alias=alias, action="rollback-dry-run" if dry_run else "rollback",
+                             from_number=current, to_number=target, who=who or getpass.getuser(), reason=reason))
+        return current, target
+
+    def delete(self, ref: str) -> None:
+        name, tag = parse_ref(ref)
+        with self.tx() as s:
+            v = self._version(s, name, tag)
+            pinned = s.scalars(select(Alias.alias).where(Alias.version_id == v.id)).all()
+            if pinned:
+                raise RegistryError(f"{name}@v{v.number} is the target of alias(es) {', '.join(pinned)}; "
+                                    "deleting it would leave them pointing at nothing",
+                                    hint=f"promote another version to {pinned[0]} first")
+            s.delete(v)
+
+    # ------------------------------------------------------------------ artifacts
+    def materialize(self, ref: str) -> Path:
+        """A verified local copy of the version's artifact (refuses a tampered store)."""
+        v = self.get(ref)
+        dest = home() / "registry" / "checkout" / v.name / f"v{v.number}"
+        return self.store.materialize(v.manifest, dest)
+
+
+def diff_versions(a: Version, b: Version) -> dict[str, list[str]]:
+    from skilltune.train.checkpoint import identity_diff
+
+    def metric_lines():
+        out = []
+        ma = (a.metrics or {}).get("eval", {}).get("metrics", {})
+        mb = (b.metrics or {}).get("eval", {}).get("metrics", {})
+        for k in sorted(set(ma) | set(mb)):
+            va, vb = ma.get(k, {}).get("tuned"), mb.get(k, {}).get("tuned")
+            if va != vb:
+                out.append(f"{k}: {va} -> {vb}")
+        for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
+            if a.lineage.get(key) != b.lineage.get(key):
+                out.append(f"{key}: {a.lineage.get(key)} -> {b.lineage.get(key)}")
+        return out
+
+    return {"config": identity_diff(a.lineage["config"], b.lineage["config"]),
+            "data": identity_diff(a.lineage["data"], b.lineage["data"]),
+            "base_model": identity_diff(a.lineage["base_model"], b.lineage["base_model"]),
+            "metrics": metric_lines()}
