@@ -1,25 +1,49 @@
-"""`skilltune demo`: the whole workflow on the embedded SmolLM2 model."""
+"""`skilltune demo`: the whole workflow on the embedded SmolLM2 model (text-to-SQL)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.table import Table
 
-from skilltune.cli.common import console, quiet_libraries
+from skilltune.cli.common import SET_HELP, console, quiet_libraries
 
 
-def demo() -> None:
-    """Run the main job on embedded defaults.
+def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small subsets (a first look, tests)."),
+         workdir: Path = typer.Option(Path("demo-work"), "--workdir", help="Where runs and reports go."),
+         name: str = typer.Option("sql-demo", "--name", help="Registry name."),
+         set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Teach the embedded SmolLM2 text-to-SQL: advise, audit, train, eval, register, checklist.
 
-    Example: skilltune demo
+    Example: skilltune demo            (about 10 minutes on a 2-core CPU)
     """
     quiet_libraries()
-    from skilltune.evaluate.generate import generate
-    from skilltune.model.target import load_target
+    from skilltune.cli.train_cmd import RichReporter
+    from skilltune.demo import run_demo
 
-    target = load_target("embedded:smollm2-135m-instruct")
-    prompt = "In one sentence, what does finetuning a language model do?"
-    text = target.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-    out = generate(target.model, target.tokenizer, [text], max_new_tokens=64)[0]
-    console.print(f"[bold]prompt[/bold]: {prompt}")
-    console.print(f"[bold]embedded SmolLM2-135M-Instruct[/bold]: {out.text}", markup=False)
+    t0 = __import__("time").perf_counter()
+    res = run_demo(workdir, quick, set_, name,
+                   stage=lambda s: console.rule(f"[bold]{s}"),
+                   say=lambda m: console.print(m, highlight=False, markup=False),
+                   reporter=RichReporter())
+    total = __import__("time").perf_counter() - t0
+    ev = res.eval_results
+    table = Table("metric", "base", "finetuned", "delta", title=f"held-out test ({ev['n_examples']} questions)")
+    for k, m in ev["metrics"].items():
+        table.add_row(k, f"{m['base']:.1%}", f"{m['tuned']:.1%}", f"{m['delta']:+.1%}")
+    console.print(table)
+    ck = Table("item", "status", "evidence", title=f"production readiness: {res.version}")
+    for r in res.checklist:
+        color = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}[r.status]
+        ck.add_row(r.item, f"[{color}]{r.status}[/]", r.evidence)
+    console.print(ck)
+    console.print("stage times (s): " + ", ".join(f"{k} {v}" for k, v in res.stage_seconds.items())
+                  + f"; total {total:.0f} s", highlight=False)
+    console.print(f"report: {res.report}\nrun:    {res.run_dir}\n\nnext:\n"
+                  f"  skilltune registry show {res.version}\n"
+                  f"  skilltune checklist {res.version}\n"
+                  f"  skilltune registry rollback {res.version.split('@')[0]} --dry-run\n"
+                  f"  skilltune export {res.version} --merged sql-merged\n"
+                  f"  skilltune generate {res.run_dir} \"How many users are in Europe?\"", highlight=False)

@@ -17,7 +17,9 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
           metrics: Optional[list[str]] = typer.Option(None, "--metrics", help="Metric names (repeatable)."),
           db: Optional[str] = typer.Option(None, "--db", help="SQLite database for sql_exec."),
           out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
-          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+          forgetting: bool = typer.Option(True, "--forgetting/--no-forgetting",
+                                          help="Run the general-skills suite on base and tuned.")) -> None:
     """Compare the finetuned model with its base on the same prompts and write report.html/.md/results.json.
 
     Example: skilltune eval runs/sql-20261128-120000 --test examples/sql/data/test.jsonl --metrics sql_exec
@@ -25,7 +27,7 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     quiet_libraries()
     from skilltune.evaluate.runner import evaluate, plan_eval
 
-    plan = plan_eval(target, test, baseline, metrics, db, set_)
+    plan = plan_eval(target, test, baseline, metrics, db, set_, forgetting)
     out_dir = out or ((plan.run_dir / "eval") if plan.run_dir else Path("eval-report"))
     results = evaluate(plan, out_dir, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
     table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
@@ -37,6 +39,10 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     if o:
         console.print(f"overfitting: val {o['val']:.3f} vs test {o['test']:.3f} -> "
                       + ("[red]FLAGGED[/red]" if o["flagged"] else "[green]OK[/green]"))
+    f = results.get("forgetting")
+    if f:
+        console.print(f"forgetting: general suite {f['base_accuracy']:.2f} -> {f['tuned_accuracy']:.2f}, perplexity "
+                      f"x{f['perplexity_ratio']:.2f} -> " + ("[red]FLAGGED[/red]" if f["flagged"] else "[green]OK[/green]"))
     lc = results["latency_cost"]
     console.print(f"latency: single p50 {lc['single_latency_p50_s']:.2f} s; "
                   f"cost per 1,000 requests ${lc['cost_per_1000_requests']:.4f} at ${lc['price_per_hour']}/h")

@@ -23,6 +23,15 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run dir
     from skilltune.model.target import load_target
 
     target = load_target(model)
+    if system is None and target.adapter_dir is not None:  # answer the way the model was trained to be asked
+        import json
+        from pathlib import Path
+
+        run = Path(json.loads((target.adapter_dir / "skilltune_adapter.json").read_text()).get("run", ""))
+        if (run / "config.yaml").is_file():
+            from skilltune.config.load import load_config
+
+            system = load_config(run / "config.yaml").data.system_prompt
     rendered = []
     for p in prompts:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]

@@ -11,8 +11,8 @@ import sys
 import typer
 
 from skilltune import __version__
-from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, registry_cmd,
-                           train_cmd)
+from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, readiness_cmd,
+                           registry_cmd, train_cmd)
 from skilltune.cli.common import err_console
 from skilltune.errors import SkilltuneError
 
@@ -32,6 +32,8 @@ app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
+app.command("checklist")(readiness_cmd.checklist)
+app.command("advise")(readiness_cmd.advise)
 
 
 def _version(value: bool) -> None:

@@ -41,10 +41,11 @@ class EvalPlan:
     test_file: str
     val_file: str | None
     baseline: str | None  # None: the adapter switched off
+    forgetting: bool = True
 
 
 def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list[str] | None,
-              db: str | None, overrides: list[str] | None = None) -> EvalPlan:
+              db: str | None, overrides: list[str] | None = None, forgetting: bool = True) -> EvalPlan:
     """Work out what to evaluate from a run directory, an adapter directory or a model spec."""
     path = Path(target)
     run_dir = None
@@ -67,7 +68,19 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
     test_file = test or cfg.data.test
     if not test_file:
         raise EvalError("no test set: pass --test FILE (or set data.test in the run's config)")
-    return EvalPlan(target, run_dir, cfg, test_file, cfg.data.val if run_dir else None, baseline)
+    return EvalPlan(target, run_dir, cfg, test_file, cfg.data.val if run_dir else None, baseline, forgetting)
+
+
+def overfitting_check(metric: str, val: float, test: float, val_loss: float, test_loss: float,
+                      threshold: float) -> dict:
+    """Flag a validation score that beats the test score by more than ``threshold``.
+
+    Validation steered training (early stopping, best checkpoint), so a much better
+    validation than test score means the run fitted the validation data, not the skill.
+    """
+    gap = val - test
+    return {"metric": metric, "val": val, "test": test, "gap": gap, "val_loss": val_loss, "test_loss": test_loss,
+            "threshold": threshold, "flagged": gap > threshold}
 
 
 def _prompts(tokenizer, examples) -> list[str]:
@@ -128,16 +141,24 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
         wall = time.perf_counter() - t0
         return gens, wall
 
+    from skilltune.evaluate import forgetting
+
     tuned_gens, tuned_wall = run("finetuned", target)
+    tuned_general = forgetting.run_suite(target) if plan.forgetting else None
     if plan.baseline is None and target.adapter_dir is not None and hasattr(target.model, "disable_adapter"):
         with target.model.disable_adapter():
             base_gens, base_wall = run("base", target)
+            if plan.forgetting:
+                say("forgetting check: general suite on the base")
+                base_general = forgetting.run_suite(target)
             base_label = f"{target.base_spec} (adapter off)"
     else:
         base_spec = plan.baseline or target.base_spec
         base_target = load_target(base_spec) if base_spec != plan.target else target
         base_gens, base_wall = run("base", base_target)
+        base_general = forgetting.run_suite(base_target) if plan.forgetting else None
         base_label = base_spec
+    forgot = forgetting.compare(base_general, tuned_general, ecfg.forgetting_threshold) if plan.forgetting else None
     say("scoring")
     tuned_scores = _score(metrics, [g.text for g in tuned_gens], refs, ctx)
     base_scores = _score(metrics, [g.text for g in base_gens], refs, ctx)
@@ -159,12 +180,9 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
                             ecfg.batch_size, ecfg.temperature)
         val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
         primary = metrics[0]
-        val_metric, test_metric = primary.aggregate(val_scores[primary.name]), headline[primary.name]["tuned"]
-        gap = val_metric - test_metric
-        overfit = {"metric": primary.name, "val": val_metric, "test": test_metric, "gap": gap,
-                   "val_loss": _loss(target.model, target.tokenizer, val_ex),
-                   "test_loss": _loss(target.model, target.tokenizer, examples),
-                   "threshold": ecfg.overfit_gap, "flagged": gap > ecfg.overfit_gap}
+        overfit = overfitting_check(primary.name, primary.aggregate(val_scores[primary.name]),
+                                    headline[primary.name]["tuned"], _loss(target.model, target.tokenizer, val_ex),
+                                    _loss(target.model, target.tokenizer, examples), ecfg.overfit_gap)
 
     new_tokens = sum(g.new_tokens for g in tuned_gens)
     per_request = [g.latency_s for g in tuned_gens]
@@ -196,7 +214,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
         "target": plan.target, "run_dir": str(plan.run_dir) if plan.run_dir else None, "baseline": base_label,
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
-        "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_example.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

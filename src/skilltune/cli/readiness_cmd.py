@@ -1,0 +1,81 @@
+"""`skilltune checklist` and `skilltune advise`: is it ready for production; finetune or RAG?"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from skilltune.cli.common import console
+
+_COLOR = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}
+
+
+def checklist(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
+              fmt: str = typer.Option("table", "--format", help="table | md | html | json"),
+              out: Optional[Path] = typer.Option(None, "--out", help="Write the report here."),
+              strict: bool = typer.Option(False, "--strict", help="Also fail on warnings recorded with the evidence."),
+              url: Optional[str] = typer.Option(None, "--registry-url")) -> int:
+    """The production-readiness checklist computed from recorded evidence; exit 0 only if all items pass.
+
+    Example: skilltune checklist sql-demo@production --format md
+    """
+    from skilltune.readiness.checklist import PASS, checklist as compute, render_markdown
+    from skilltune.registry.api import Registry
+
+    v, rows = compute(ref, Registry(url))
+    ok = all(r.status == PASS for r in rows)
+    if strict:
+        audit_warn = [r for r in rows if r.item == "Data quality verified" and "warning(s)" in r.evidence
+                      and "0 warning(s)" not in r.evidence]
+        ok = ok and not audit_warn
+    if fmt == "table":
+        table = Table("#", "item", "status", "evidence", "fix", title=f"production readiness: {v.name}@v{v.number}")
+        for i, r in enumerate(rows, 1):
+            table.add_row(str(i), r.item, f"[{_COLOR[r.status]}]{r.status}[/]", r.evidence, r.fix)
+        console.print(table)
+        console.print(f"{sum(r.status == PASS for r in rows)}/{len(rows)} items pass")
+    else:
+        if fmt == "json":
+            text = json.dumps({"version": f"{v.name}@v{v.number}", "ready": ok,
+                               "items": [r.__dict__ for r in rows]}, indent=2)
+        elif fmt == "md":
+            text = render_markdown(v, rows)
+        else:
+            body = "".join(f"<tr><td>{html.escape(r.item)}</td><td style='color:{_COLOR[r.status]}'><b>{r.status}"
+                           f"</b></td><td>{html.escape(r.evidence)}</td><td><code>{html.escape(r.fix)}</code></td></tr>"
+                           for r in rows)
+            text = (f"<!doctype html><meta charset='utf-8'><title>readiness</title><h1>Production readiness: "
+                    f"{html.escape(v.name)}@v{v.number}</h1><table border=1 cellpadding=4><tr><th>item</th>"
+                    f"<th>status</th><th>evidence</th><th>fix</th></tr>{body}</table>")
+        if out:
+            from skilltune.paths import atomic_write_text
+
+            atomic_write_text(out, text)
+            console.print(f"written to {out}")
+        else:
+            print(text)
+    return 0 if ok else 1
+
+
+def advise(data: Path = typer.Argument(..., help="Training data."),
+           test: Optional[Path] = typer.Option(None, "--test"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Finetune (a skill) or RAG (knowledge)? A verdict with the numbers behind it.
+
+    Example: skilltune advise examples/sql/data/train.jsonl
+    """
+    from skilltune.readiness.advise import advise as run
+
+    a = run(str(data), str(test) if test else None)
+    if as_json:
+        print(json.dumps(a.__dict__, indent=2))
+        return
+    console.print(f"[bold]verdict: {a.verdict.upper()}[/bold]")
+    for r in a.reasons:
+        console.print(f"  - {r}", highlight=False)
+    console.print(f"next: {a.next_command}", highlight=False)

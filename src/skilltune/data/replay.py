@@ -1,0 +1,34 @@
+"""`data replay`: general data with no download, by letting the base model answer bundled prompts.
+
+Training on the base model's own answers to general prompts (self-distillation)
+keeps its general behaviour while it learns the skill; mix 5-10% of it into the
+skill data with `skilltune data mix`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from skilltune.data.reader import write_jsonl
+from skilltune.data.replay_prompts import general_prompts
+from skilltune.errors import DataError
+
+
+def replay(model: str, dst: str | Path, n: int = 200, max_new_tokens: int = 192, seed: int = 42,
+           batch_size: int = 16) -> int:
+    from skilltune.evaluate.generate import generate
+    from skilltune.model.target import load_target
+
+    prompts = general_prompts()
+    if n > len(prompts):
+        raise DataError(f"--n {n}: only {len(prompts)} bundled general prompts", hint=f"use --n {len(prompts)} or less")
+    picked = random.Random(seed).sample(prompts, n)
+    target = load_target(model)
+    rendered = [target.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in picked]
+    outs = generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows = [{"prompt": p, "completion": o.text.strip()} for p, o in zip(picked, outs)
+            if o.stopped and o.text.strip()]  # keep only finished answers: cut-off ones teach rambling
+    write_jsonl(dst, rows)
+    return len(rows)

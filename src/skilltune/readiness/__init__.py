@@ -1,0 +1,1 @@
+"""Readiness stage: the production checklist computed from recorded evidence, and the skill-vs-knowledge advisor."""

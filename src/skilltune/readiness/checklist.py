@@ -1,0 +1,177 @@
+"""`skilltune checklist NAME@vN`: the production-readiness checklist, filled in from evidence.
+
+Each item is a small registered function that looks for what was actually recorded
+(audits and spot-checks keyed by the training data's sha256, eval results, the
+registry's alias history) and returns PASS, FAIL or MISSING with the evidence and
+the command that would fix it. Exit code 0 only when every item passes, so the
+command can gate a deployment in CI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from skilltune.data.records import find_audit, find_spotcheck
+from skilltune.registry.api import Registry
+from skilltune.registry.db import Version
+
+PASS, FAIL, MISSING = "PASS", "FAIL", "MISSING"
+
+
+@dataclass
+class Row:
+    item: str
+    status: str
+    evidence: str
+    fix: str = ""
+
+
+@dataclass
+class Evidence:
+    version: Version
+    registry: Registry
+    eval: dict | None
+
+
+ITEMS: list[tuple[str, Callable[[Evidence], Row]]] = []
+
+
+def item(name: str):
+    def deco(fn):
+        ITEMS.append((name, fn))
+        return fn
+    return deco
+
+
+def _eval_results(v: Version) -> dict | None:
+    """Eval results attached at registration, else the run's eval folder (evaluated after registering)."""
+    if (v.metrics or {}).get("eval"):
+        return v.metrics["eval"]
+    path = Path(v.lineage.get("run_dir", "")) / "eval" / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@item("Data quality verified")
+def _data(ev: Evidence) -> Row:
+    train = ev.version.lineage["data"]["train"]
+    audit, spot = find_audit(train["sha256"]), find_spotcheck(train["sha256"])
+    name = "Data quality verified"
+    if audit is None:
+        return Row(name, MISSING, f"no audit of the exact training data (sha256 {train['sha256'][:12]})",
+                   f"skilltune data audit {train['path']}")
+    if audit["errors"]:
+        return Row(name, FAIL, f"audit of {train['path']} ({audit['created']}) found {audit['errors']} error(s)",
+                   f"skilltune data audit {train['path']}  (then clean and retrain)")
+    if spot is None:
+        return Row(name, MISSING, f"audit clean ({audit['created']}, {audit['warnings']} warning(s)); no spot-check "
+                   "recorded", f"skilltune data spotcheck {train['path']} --n 20 --reviewer YOU")
+    return Row(name, PASS, f"audit clean ({audit['created']}); spot-check by {spot['reviewer']} on {spot['when']}"
+               + (f", flagged: {spot['flagged']}" if spot["flagged"] else ""))
+
+
+@item("Robust evaluation in place")
+def _evaluation(ev: Evidence) -> Row:
+    name = "Robust evaluation in place"
+    if ev.eval is None:
+        return Row(name, MISSING, "no automated evaluation on a held-out test set",
+                   f"skilltune eval {ev.version.lineage.get('run_dir')} --test TEST.jsonl")
+    prim = ev.eval["primary_metric"]
+    m = ev.eval["metrics"][prim]
+    auto = (f"{prim} {m['base']:.3f} -> {m['tuned']:.3f} on {ev.eval['n_examples']} held-out examples "
+            f"({ev.eval['created']})")
+    card = (ev.version.metrics or {}).get("scorecard")
+    if card is None:
+        return Row(name, MISSING, auto + "; no human scorecard study recorded",
+                   "have people rate base vs tuned outputs (blind A/B, 1-5 per criterion) and record the verdict")
+    if not card.get("passed"):
+        return Row(name, FAIL, auto + f"; human scorecard verdict: {card.get('verdict')}", "fix the failures found")
+    return Row(name, PASS, auto + f"; human scorecard passed ({card.get('verdict')})")
+
+
+@item("Catastrophic forgetting mitigated")
+def _forgetting(ev: Evidence) -> Row:
+    name = "Catastrophic forgetting mitigated"
+    f = (ev.eval or {}).get("forgetting")
+    if not f:
+        return Row(name, MISSING, "the forgetting check has not run",
+                   f"skilltune eval {ev.version.lineage.get('run_dir')} --forgetting")
+    text = (f"general suite {f['base_accuracy']:.2f} -> {f['tuned_accuracy']:.2f} (drop {f['drop']:+.2f}, "
+            f"threshold {f['threshold']}); perplexity x{f['perplexity_ratio']:.2f}")
+    return Row(name, FAIL if f["flagged"] else PASS, text, f["fix"] if f["flagged"] else "")
+
+
+@item("Overfitting checked")
+def _overfit(ev: Evidence) -> Row:
+    name = "Overfitting checked"
+    o = (ev.eval or {}).get("overfitting")
+    if not o:
+        return Row(name, MISSING, "no validation-vs-test comparison recorded",
+                   "train with a validation set (data.val) and run skilltune eval on the run directory")
+    text = f"{o['metric']} val {o['val']:.3f} vs test {o['test']:.3f} (gap {o['gap']:+.3f}, threshold {o['threshold']})"
+    return Row(name, FAIL if o["flagged"] else PASS, text,
+               "more data, fewer epochs or early stopping (train.early_stopping_patience)" if o["flagged"] else "")
+
+
+@item("Cost and latency measured")
+def _cost(ev: Evidence) -> Row:
+    name = "Cost and latency measured"
+    lc = (ev.eval or {}).get("latency_cost")
+    if not lc:
+        return Row(name, MISSING, "no latency/cost measurement", "skilltune eval ... (records latency and cost)")
+    return Row(name, PASS, f"single request p50 {lc['single_latency_p50_s']:.2f} s / p95 "
+               f"{lc['single_latency_p95_s']:.2f} s; ${lc['cost_per_1000_requests']:.4f} per 1,000 requests at "
+               f"${lc['price_per_hour']}/h ({lc['device']}, {lc['threads']} threads)")
+
+
+@item("Monitoring and logging configured")
+def _monitoring(ev: Evidence) -> Row:
+    name = "Monitoring and logging configured"
+    mon = (ev.version.metrics or {}).get("monitoring")
+    if not mon:
+        return Row(name, MISSING, "no serving deployment with request logging and a drift threshold is recorded",
+                   "serve the version with request logging on and set a monitor threshold")
+    return Row(name, PASS, json.dumps(mon))
+
+
+@item("Rollback plan ready")
+def _rollback(ev: Evidence) -> Row:
+    name = "Rollback plan ready"
+    v = ev.version
+    aliases = [a for a, n in ev.registry.aliases(v.name).items() if n == v.number]
+    if not aliases:
+        return Row(name, MISSING, f"{v.name}@v{v.number} is not behind any alias",
+                   f"skilltune registry promote {v.name}@v{v.number} --alias production")
+    alias = "production" if "production" in aliases else aliases[0]
+    events = ev.registry.history(v.name, alias)
+    promotes = [e for e in events if e.action == "promote"]
+    last_promote = max((e.id for e in promotes if e.to_number == v.number), default=None)
+    dry = [e for e in events if e.action == "rollback-dry-run" and last_promote is not None and e.id > last_promote
+           and e.from_number == v.number]
+    earlier = [e for e in promotes if e.to_number != v.number]
+    if not earlier:
+        return Row(name, MISSING, f"{v.name}@{alias} has no previous version to roll back to",
+                   "keep the previous production version registered; promote this one over it")
+    if not dry:
+        return Row(name, MISSING, f"previous version v{earlier[-1].to_number} exists; no rollback dry-run recorded "
+                   "since this version was promoted", f"skilltune registry rollback {v.name} --alias {alias} --dry-run")
+    return Row(name, PASS, f"rollback dry-run {dry[-1].when:%Y-%m-%d %H:%M}: v{dry[-1].from_number} -> "
+               f"v{dry[-1].to_number} ({alias})")
+
+
+def checklist(ref: str, registry: Registry | None = None) -> tuple[Version, list[Row]]:
+    reg = registry or Registry()
+    v = reg.get(ref)
+    ev = Evidence(v, reg, _eval_results(v))
+    return v, [fn(ev) for _, fn in ITEMS]
+
+
+def render_markdown(v: Version, rows: list[Row]) -> str:
+    lines = [f"# Production readiness: {v.name}@v{v.number}", "", "| # | item | status | evidence | fix |",
+             "|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {r.item} | {r.status} | {r.evidence.replace('|', '/')} | {r.fix.replace('|', '/')} |")
+    passed = sum(r.status == PASS for r in rows)
+    return "\n".join(lines) + f"\n\n{passed}/{len(rows)} items pass.\n"

@@ -1,0 +1,115 @@
+"""Checklist rows from evidence (with and without each piece) and exit codes; the advisor."""
+
+import json
+
+import pytest
+from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+
+from skilltune.readiness.advise import advise
+from skilltune.readiness.checklist import checklist
+from skilltune.registry.api import Registry
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_model_dir):
+    from skilltune.config import load_config
+    from skilltune.train.loop import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"base": str(tiny_model_dir)}, "data": {"train": str(data)},
+                                          "train": {"epochs": 1, "batch_size": 4, "output_dir": str(tmp_path / "runs"),
+                                                    "precision": "fp32"}})
+    return train(load_config(cfg), run_name="r").run_dir
+
+
+def _status(rows):
+    return {r.item: r.status for r in rows}
+
+
+def _fake_eval(run_dir, forgetting_flag=False, overfit_flag=False):
+    results = {"primary_metric": "exact_match", "n_examples": 10, "created": "2026-11-28T12:00:00",
+               "metrics": {"exact_match": {"base": 0.1, "tuned": 0.9}},
+               "overfitting": {"metric": "exact_match", "val": 0.9, "test": 0.9, "gap": 0.0, "threshold": 0.1,
+                               "flagged": overfit_flag, "val_loss": 0.1, "test_loss": 0.1},
+               "forgetting": {"base_accuracy": 0.8, "tuned_accuracy": 0.5 if forgetting_flag else 0.8,
+                              "drop": 0.3 if forgetting_flag else 0.0, "threshold": 0.1, "perplexity_ratio": 1.0,
+                              "flagged": forgetting_flag, "fix": "mix general data"},
+               "latency_cost": {"single_latency_p50_s": 0.1, "single_latency_p95_s": 0.2,
+                                "cost_per_1000_requests": 0.01, "price_per_hour": 1.0, "device": "cpu", "threads": 2}}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+
+
+def test_nothing_recorded_is_missing_and_exit_1(run_dir):
+    reg = Registry()
+    reg.add(run_dir, "x")
+    _, rows = checklist("x@v1", reg)
+    assert set(_status(rows).values()) == {"MISSING"}
+    code, out = cli("checklist", "x@v1")
+    assert code == 1 and "0/7 items pass" in out
+
+
+def test_evidence_turns_rows_to_pass_and_fail(run_dir):
+    from skilltune.data.audit import audit_file
+    from skilltune.data.records import record_audit, record_spotcheck
+
+    reg = Registry()
+    train_file = json.loads((run_dir / "run.json").read_text())["identity"]["data"]["train"]["path"]
+    rep = audit_file(train_file)
+    record_audit(rep)  # 12 rows: the volume check fails
+    _fake_eval(run_dir, forgetting_flag=True)
+    reg.add(run_dir, "y")
+    reg.add(run_dir, "y")
+    reg.promote("y@v1")
+    reg.promote("y@v2")
+    st = _status(checklist("y@v2", reg)[1])
+    assert st["Data quality verified"] == "FAIL"
+    assert st["Catastrophic forgetting mitigated"] == "FAIL"
+    assert st["Overfitting checked"] == "PASS" and st["Cost and latency measured"] == "PASS"
+    assert st["Robust evaluation in place"] == "MISSING"  # no human scorecard
+    assert st["Rollback plan ready"] == "MISSING"  # no dry run yet
+    reg.rollback("y", dry_run=True)
+    assert _status(checklist("y@v2", reg)[1])["Rollback plan ready"] == "PASS"
+    record_spotcheck(train_file, "alice", "", [1, 2])
+    code, out = cli("checklist", "y@v2", "--format", "json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["ready"] is False and len(doc["items"]) == 7
+
+
+def test_all_pass_exits_zero(run_dir, tmp_path):
+    from skilltune.data.audit.run import AuditReport
+    from skilltune.data.records import record_audit, record_spotcheck
+    from skilltune.train.rundir import file_fingerprint
+
+    reg = Registry()
+    train_file = json.loads((run_dir / "run.json").read_text())["identity"]["data"]["train"]["path"]
+    record_audit(AuditReport(train_file, [], file_fingerprint(train_file, 12)))  # a clean audit of that exact file
+    record_spotcheck(train_file, "bob", "", [1])
+    _fake_eval(run_dir)
+    reg.add(run_dir, "z")
+    v2 = reg.add(run_dir, "z")
+    reg.attach_metrics("z@v2", "scorecard", {"passed": True, "verdict": "all criteria >= 4"})
+    reg.attach_metrics("z@v2", "monitoring", {"request_log": True, "drift_threshold": 0.2})
+    reg.promote("z@v1")
+    reg.promote(f"z@v{v2.number}")
+    reg.rollback("z", dry_run=True)
+    code, out = cli("checklist", "z@production")
+    assert code == 0, out
+    assert "7/7 items pass" in out
+
+
+def test_advisor_skill_vs_knowledge(tmp_path):
+    skill = [{"prompt": f"Convert to JSON: name Ann{i}, age {20 + i % 50}",
+              "completion": json.dumps({"name": f"Ann{i}", "age": 20 + i % 50})} for i in range(150)]
+    a = advise(str(write_jsonl(tmp_path / "skill.jsonl", skill)))
+    assert a.verdict == "finetune" and a.numbers["format_uniformity"] > 0.9
+
+    cities = ["Lisbon", "Oslo", "Quito", "Hanoi", "Nairobi", "Lima", "Perth", "Turin", "Porto", "Bern"]
+    know = [{"prompt": f"Who founded company number {i}?",
+             "completion": f"It was founded in {1900 + i} by {cities[i % 10]} Merchant{i} Holdings, see "
+                           f"https://example.com/c/{i}."} for i in range(150)]
+    b = advise(str(write_jsonl(tmp_path / "know.jsonl", know)))
+    assert b.verdict in ("rag", "both") and b.numbers["knowledge_share"] > 0.5
+    code, out = cli("advise", str(tmp_path / "skill.jsonl"))
+    assert code == 0 and "FINETUNE" in out
