@@ -54,3 +54,22 @@ def embedded_model():
     finally:
         if old is not None:
             os.environ["SKILLTUNE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def stopping_run_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny model fully finetuned to give one-word answers and stop (a run directory)."""
+    from helpers import write_jsonl, write_yaml
+
+    from skilltune.config import load_config
+    from skilltune.train.loop import train
+
+    base = tmp_path_factory.mktemp("stopper")
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "fox", "dog")] * 4
+    data = write_jsonl(base / "train.jsonl", rows)
+    cfg = write_yaml(base / "c.yaml", {"model": {"base": str(tiny_model_dir)},
+                                       "data": {"train": str(data), "val_split": 0},
+                                       "adapter": {"method": "full"},
+                                       "train": {"epochs": 15, "lr": 1e-2, "batch_size": 4, "precision": "fp32",
+                                                 "output_dir": str(base / "runs")}})
+    return train(load_config(cfg), run_name="stopper").run_dir

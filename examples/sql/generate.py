@@ -27,7 +27,7 @@ REGIONS = {"EU": "Europe", "NA": "North America", "APAC": "Asia-Pacific", "LATAM
 PLANS = ["free", "pro", "enterprise"]
 CATEGORIES = ["electronics", "books", "clothing", "home", "toys", "sports"]
 STATUSES = ["pending", "shipped", "delivered", "cancelled", "returned"]
-YEARS = ["2023", "2024", "2025"]
+YEARS = ["2021", "2022", "2023", "2024", "2025"]
 MONTHS = {"01": "January", "02": "February", "03": "March", "04": "April", "05": "May", "06": "June",
           "07": "July", "08": "August", "09": "September", "10": "October", "11": "November", "12": "December"}
 FIRST = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia",
@@ -63,12 +63,12 @@ def build_database(path: Path) -> None:
                              product_id INTEGER NOT NULL REFERENCES products(id), quantity INTEGER NOT NULL,
                              amount REAL NOT NULL, status TEXT NOT NULL, order_date TEXT NOT NULL);
     """)
-    start = date(2023, 1, 1)
+    start = date(2021, 1, 1)
     users = []
-    for uid in range(1, 601):
+    for uid in range(1, 1001):
         name = f"{rng.choice(FIRST)} {rng.choice(LAST)} {uid}"
         users.append((uid, name, rng.choice(list(REGIONS)), rng.choices(PLANS, [6, 3, 1])[0],
-                      (start + timedelta(days=rng.randrange(3 * 365))).isoformat()))
+                      (start + timedelta(days=rng.randrange(5 * 365))).isoformat()))
     con.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?)", users)
     products = []
     pid = 0
@@ -79,12 +79,12 @@ def build_database(path: Path) -> None:
                              round(rng.uniform(5, 400), 2)))
     con.executemany("INSERT INTO products VALUES (?, ?, ?, ?)", products)
     orders = []
-    for oid in range(1, 5001):
+    for oid in range(1, 8001):
         p = rng.choice(products)
         q = rng.choices([1, 2, 3, 4], [6, 3, 2, 1])[0]
-        orders.append((oid, rng.randrange(1, 601), p[0], q, round(p[3] * q, 2),
+        orders.append((oid, rng.randrange(1, 1001), p[0], q, round(p[3] * q, 2),
                        rng.choices(STATUSES, [1, 2, 6, 1, 1])[0],
-                       (start + timedelta(days=rng.randrange(3 * 365))).isoformat()))
+                       (start + timedelta(days=rng.randrange(5 * 365))).isoformat()))
     con.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?)", orders)
     con.commit()
     con.close()
@@ -288,18 +288,24 @@ def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int =
     con.close()
 
     def make(pool, phrasing_range, n, seen):
+        """n examples, intents taken in turn (balanced), a random value combination of each."""
+        by_intent: dict[int, list[dict]] = {}
+        for i, values in pool:
+            by_intent.setdefault(i, []).append(values)
+        intents = sorted(by_intent)
         rows = []
         attempts = 0
         while len(rows) < n and attempts < n * 50:
+            i = intents[attempts % len(intents)]
             attempts += 1
-            i, values = rng.choice(pool)
-            ask = INTENTS[i]["ask"]
-            phrasing = rng.choice(ask[phrasing_range])
+            values = rng.choice(by_intent[i])
+            phrasing = rng.choice(INTENTS[i]["ask"][phrasing_range])
             question = _fill(phrasing, values)
             if question in seen:
                 continue
             seen.add(question)
             rows.append({"prompt": question, "completion": _fill(INTENTS[i]["sql"], values), "intent": i})
+        rng.shuffle(rows)
         return rows
 
     seen: set[str] = set()

@@ -28,6 +28,10 @@ class RichReporter(Reporter):
         console.print(table)
 
     def start(self, total_steps: int, first_step: int) -> None:
+        self.total = total_steps
+        self.t0 = __import__("time").perf_counter()
+        if not console.is_terminal:  # logs and pipes get a line every ~10% instead of a live bar
+            return
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console)
@@ -38,7 +42,11 @@ class RichReporter(Reporter):
         info = f"loss {metrics['train_loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s"
         if "val_loss" in metrics:
             info += f"  val {metrics['val_loss']:.4f}"
-        self.progress.update(self.task, completed=step, info=info)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        elif step % max(1, self.total // 10) == 0 or step == self.total or "val_loss" in metrics:
+            elapsed = __import__("time").perf_counter() - self.t0
+            console.print(f"step {step}/{self.total}  {info}  elapsed {elapsed:.0f} s", highlight=False)
 
     def message(self, text: str) -> None:
         console.print(text)

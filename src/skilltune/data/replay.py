@@ -30,5 +30,8 @@ def replay(model: str, dst: str | Path, n: int = 200, max_new_tokens: int = 192,
     outs = generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = [{"prompt": p, "completion": o.text.strip()} for p, o in zip(picked, outs)
             if o.stopped and o.text.strip()]  # keep only finished answers: cut-off ones teach rambling
+    if not rows:
+        raise DataError(f"{model} finished none of its {n} answers within {max_new_tokens} new tokens",
+                        hint="raise --max-new-tokens; a model that never emits its end token is not fit to replay")
     write_jsonl(dst, rows)
     return len(rows)

@@ -53,7 +53,7 @@ def advise(path: str, test: str | None = None) -> Advice:
         prompt = " ".join(t.content for t in ex.turns[:-1]).lower()
         words = [w.lower() for w in _WORD.findall(ex.completion)]
         overlaps.append(sum(w in prompt for w in words) / len(words) if words else 1.0)
-        novel = {f for f in _facts(ex.completion) if f not in prompt}
+        novel = {f for f in _facts(ex.completion) if not _derivable(f, prompt)}
         per_row_novel.append(novel)
         fact_counts.update(novel)
     # a fact repeated in many rows is part of the skill's vocabulary (a table name, a product); rare ones are knowledge
@@ -93,6 +93,14 @@ def advise(path: str, test: str | None = None) -> Advice:
     else:
         reasons.append(f"{n} examples: enough volume")
     return Advice(verdict, reasons, numbers, nxt)
+
+
+def _derivable(fact: str, prompt: str) -> bool:
+    """A fact is derivable when it, or one of its parts (a year in a date, a word in a name), is in the prompt."""
+    if fact in prompt:
+        return True
+    parts = [p for p in re.split(r"[^0-9a-z]+", fact) if len(p) >= 3 or (p.isdigit() and len(p) >= 2)]
+    return any(p in prompt for p in parts if not p.startswith("http"))
 
 
 def _is_json(text: str) -> bool:
