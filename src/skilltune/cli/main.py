@@ -34,6 +34,7 @@ app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
 app.command("checklist")(readiness_cmd.checklist)
 app.command("advise")(readiness_cmd.advise)
+app.command("estimate")(readiness_cmd.estimate)
 
 
 def _version(value: bool) -> None:

@@ -79,3 +79,39 @@ def advise(data: Path = typer.Argument(..., help="Training data."),
     for r in a.reasons:
         console.print(f"  - {r}", highlight=False)
     console.print(f"next: {a.next_command}", highlight=False)
+
+
+def estimate(model: str = typer.Option(..., "--model", help="A card name (llama-3.1-8b, qwen2.5-7b...) or a config.json."),
+             method: str = typer.Option("lora", "--method", help="lora | dora | qlora | full"),
+             gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200, l4, a10g, t4, "
+                                                                  "rtx-4090, cpu-spr-2c"),
+             examples: int = typer.Option(1000, "--examples"), avg_tokens: int = typer.Option(400, "--avg-tokens"),
+             epochs: float = typer.Option(3, "--epochs"), r: int = typer.Option(16, "--r", help="LoRA rank."),
+             batch: int = typer.Option(1, "--batch", help="Micro-batch size."),
+             seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length (default: --avg-tokens)."),
+             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour"),
+             mfu: Optional[float] = typer.Option(None, "--mfu", help="Assumed utilisation of the GPU's peak (0-1)."),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Trainable parameters, adapter size, GPU memory breakdown, time and cost of a finetune.
+
+    Example: skilltune estimate --model llama-3.1-8b --method qlora --gpu a100-80gb --examples 1000 --avg-tokens 400 --epochs 3 --price-per-hour 2.5
+    """
+    from skilltune.readiness.estimate import GIB, estimate as run, summary_lines
+
+    e = run(model, method, gpu, examples, avg_tokens, epochs, r, batch, seq, price_per_hour, mfu)
+    if as_json:
+        print(json.dumps(e.__dict__, indent=2, default=str))
+        return
+    for line in summary_lines(e):
+        console.print(line, highlight=False)
+    table = Table("memory", "without checkpointing", "with gradient checkpointing")
+    keys = list(dict.fromkeys(list(e.memory) + list(e.memory_gc)))
+    for k in keys:
+        a, b = e.memory.get(k), e.memory_gc.get(k)
+        table.add_row(k, f"{a / GIB:.2f} GiB" if a is not None else "", f"{b / GIB:.2f} GiB" if b is not None else "")
+    table.add_row("[bold]total", f"[bold]{sum(e.memory.values()) / GIB:.2f} GiB",
+                  f"[bold]{sum(e.memory_gc.values()) / GIB:.2f} GiB")
+    console.print(table)
+    console.print(f"compute: {e.flops:.3g} FLOPs")
+    for a in e.assumptions:
+        console.print(f"  assumption: {a}", highlight=False)
