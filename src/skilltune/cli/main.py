@@ -12,7 +12,7 @@ import typer
 
 from skilltune import __version__
 from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, readiness_cmd,
-                           registry_cmd, train_cmd)
+                           registry_cmd, serve_cmd, train_cmd)
 from skilltune.cli.common import err_console
 from skilltune.errors import SkilltuneError
 
@@ -35,6 +35,8 @@ app.command("demo")(demo_cmd.demo)
 app.command("checklist")(readiness_cmd.checklist)
 app.command("advise")(readiness_cmd.advise)
 app.command("estimate")(readiness_cmd.estimate)
+app.command("serve")(serve_cmd.serve)
+app.command("monitor")(serve_cmd.monitor)
 
 
 def _version(value: bool) -> None:

@@ -136,6 +136,8 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
     log_requests: bool = Field(True, description="Record every request in the request log.")
     redact_pii: bool = Field(True, description="Redact PII in the request log.")
+    drift_threshold: float = Field(
+        0.25, gt=0, description="`skilltune monitor` flags input drift when the score passes this value.")
 
 
 class SkilltuneConfig(Section):

@@ -132,8 +132,19 @@ def _monitoring(ev: Evidence) -> Row:
     mon = (ev.version.metrics or {}).get("monitoring")
     if not mon:
         return Row(name, MISSING, "no serving deployment with request logging and a drift threshold is recorded",
-                   "serve the version with request logging on and set a monitor threshold")
-    return Row(name, PASS, json.dumps(mon))
+                   f"skilltune serve {v_ref(ev)}   (request log + drift threshold; then skilltune monitor "
+                   f"{ev.version.name})")
+    if not mon.get("request_log") or not mon.get("drift_threshold"):
+        return Row(name, FAIL, f"served since {mon.get('since')} with request logging "
+                   f"{'on' if mon.get('request_log') else 'OFF'}, drift threshold {mon.get('drift_threshold')}",
+                   f"skilltune serve {v_ref(ev)} (request logging is on by default)")
+    return Row(name, PASS, f"served since {mon.get('since')} with request logging on (PII redaction "
+               f"{'on' if mon.get('redact_pii') else 'off'}), drift threshold {mon['drift_threshold']}; "
+               f"`skilltune monitor {ev.version.name}` summarises it")
+
+
+def v_ref(ev: Evidence) -> str:
+    return f"{ev.version.name}@v{ev.version.number}"
 
 
 @item("Rollback plan ready")

@@ -45,8 +45,12 @@ class ArtifactStore:
         return manifest
 
     def verify(self, manifest: dict[str, str]) -> None:
-        bad = [rel for rel, digest in manifest.items()
-               if not self._object(digest).is_file() or sha256_file(self._object(digest)) != digest]
+        missing = [rel for rel, digest in manifest.items() if not self._object(digest).is_file()]
+        if missing:
+            raise TamperedArtifact(f"artifact files are missing from the store {self.root}: {', '.join(missing)}",
+                                   hint="point at the store the version was registered with (SKILLTUNE_HOME), "
+                                        "or re-register the run")
+        bad = [rel for rel, digest in manifest.items() if sha256_file(self._object(digest)) != digest]
         if bad:
             raise TamperedArtifact(f"artifact files fail their sha256 check: {', '.join(bad)}",
                                    hint="the store was modified; re-register the run (`skilltune registry add`)")

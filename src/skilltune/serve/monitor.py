@@ -1,0 +1,54 @@
+"""`skilltune monitor NAME`: volume, errors, latency and input drift from the request log.
+
+Drift compares what users send with what the model was trained on: the prompt-length
+distributions (Kolmogorov-Smirnov statistic) and the vocabulary (share of request
+words never seen in training). The larger of the two is the drift score, flagged
+above ``serve.drift_threshold``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from skilltune.data.reader import load_examples
+from skilltune.serve.requestlog import RequestLog
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _ks(a: list[int], b: list[int]) -> float:
+    if not a or not b:
+        return 0.0
+    xs = np.sort(np.concatenate([a, b]))
+    ca = np.searchsorted(np.sort(a), xs, side="right") / len(a)
+    cb = np.searchsorted(np.sort(b), xs, side="right") / len(b)
+    return float(np.max(np.abs(ca - cb)))
+
+
+def drift(train_prompts: list[str], live_prompts: list[str]) -> dict:
+    vocab = {w for p in train_prompts for w in _WORD.findall(p.lower())}
+    live_words = [w for p in live_prompts for w in _WORD.findall(p.lower())]
+    oov = sum(w not in vocab for w in live_words) / len(live_words) if live_words else 0.0
+    ks = _ks([len(_WORD.findall(p.lower())) for p in train_prompts], [len(_WORD.findall(p.lower())) for p in live_prompts])
+    return {"length_ks": round(ks, 3), "oov_rate": round(oov, 3), "score": round(max(ks, oov), 3)}
+
+
+def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
+    rows = RequestLog(log_path).rows()
+    n = len(rows)
+    errors = sum(r["status"] >= 400 for r in rows)
+    lat = [r["latency_s"] for r in rows if r["status"] < 400]
+    out = {"requests": n, "error_rate": errors / n if n else 0.0,
+           "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
+           "latency_p95_s": float(np.percentile(lat, 95)) if lat else None,
+           "versions": sorted({r["version"] for r in rows}),
+           "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows), "drift": None}
+    if train_file and Path(train_file).is_file() and rows:
+        train_prompts = [ex.turns[-2].content for ex in load_examples(train_file) if len(ex.turns) >= 2]
+        d = drift(train_prompts, [r["prompt"] for r in rows if r["status"] < 400])
+        d.update(threshold=threshold, flagged=d["score"] > threshold)
+        out["drift"] = d
+    return out

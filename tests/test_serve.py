@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server, driven by the official openai client; auth; errors; load + hot rollback."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+
+from skilltune.config.schema import ServeConfig
+from skilltune.registry.api import Registry
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, tiny_model_dir):
+    """Two registered versions of 'svc' in a registry under a module-wide home."""
+    import os
+
+    from skilltune.config import load_config
+    from skilltune.train.loop import train
+
+    base = tmp_path_factory.mktemp("serve")
+    data = write_jsonl(base / "train.jsonl", SQL_ROWS)
+    url = f"sqlite:///{base / 'reg.db'}"
+    old_home = os.environ.get("SKILLTUNE_HOME")
+    os.environ["SKILLTUNE_HOME"] = str(base / "home")
+    try:
+        reg = Registry(url, store=base / "home" / "registry" / "store")
+        for lr in (5e-3, 1e-2):
+            cfg = write_yaml(base / f"c{lr}.yaml", {"model": {"base": str(tiny_model_dir)}, "data": {"train": str(data)},
+                                                    "train": {"epochs": 1, "lr": lr, "output_dir": str(base / "runs"),
+                                                              "precision": "fp32"}})
+            reg.add(train(load_config(cfg), run_name="svc").run_dir, "svc")
+        reg.promote("svc@v1")
+    finally:
+        if old_home is not None:
+            os.environ["SKILLTUNE_HOME"] = old_home
+    return url, base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(registered, tmp_path):
+    from skilltune.serve.app import create_app
+    from skilltune.serve.server import build_state
+
+    def start(api_key=None, queue_size=64, max_tokens_limit=64):
+        url, base = registered
+        reg = Registry(url, store=base / "home" / "registry" / "store")
+        cfg = ServeConfig(queue_size=queue_size, max_tokens_limit=max_tokens_limit)
+        state = build_state("svc@production", cfg, api_key, reg, log_path=tmp_path / "requests.db", poll_s=0.1)
+        port = _free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
+        th = threading.Thread(target=srv.run, daemon=True)
+        th.start()
+        while not srv.started:
+            time.sleep(0.02)
+        started.append((srv, th, state))
+        return f"http://127.0.0.1:{port}", state, reg
+
+    started = []
+    yield start
+    for srv, th, state in started:
+        srv.should_exit = True
+        th.join(timeout=10)
+        state.stop()
+
+
+def test_openai_client_chat_stream_completions_models(server):
+    from openai import OpenAI
+
+    base, state, _ = server()
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    r = client.chat.completions.create(model="svc", messages=[{"role": "user", "content": "List all users."}],
+                                       max_tokens=8, temperature=0)
+    assert r.model == "svc@v1" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(model="svc", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=8, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and isinstance(text, str)
+    c = client.completions.create(model="svc", prompt="SELECT", max_tokens=5)
+    assert c.model == "svc@v1" and c.choices[0].finish_reason in ("stop", "length")
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["svc"]
+    raw = httpx.post(f"{base}/v1/chat/completions", json={"model": "svc", "stream": True, "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "x"}]})
+    assert raw.text.rstrip().endswith("data: [DONE]") and raw.text.startswith("data: {")
+    assert len(state.log.rows()) == 4
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ('{"model": "svc", "messages": [', 400, "not valid JSON"),
+    ('{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "not served here"),
+    ('{"model": "svc"}', 422, "messages"),
+    ('{"model": "svc", "messages": []}', 422, "messages"),
+    ('{"model": "svc", "messages": [{"role": "wizard", "content": "x"}]}', 422, "role"),
+    ('{"model": "svc", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', 400, "limit"),
+    ('{"model": "svc", "messages": [{"role": "user", "content": "x"}], "temperature": -1}', 422, "temperature"),
+    ('[1, 2]', 422, "body"),
+])
+def test_bad_requests_get_4xx_with_openai_error_body(server, body, status, needle):
+    base, _, _ = server()
+    r = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and "type" in err
+    assert "/" not in err["message"].replace("max_tokens", "")  # no server paths
+
+
+def test_auth_on_every_route_but_health(server):
+    base, _, _ = server(api_key="s3cret")
+    routes = [("POST", "/v1/chat/completions", {"model": "svc", "messages": [{"role": "user", "content": "x"}],
+                                                "max_tokens": 2}),
+              ("POST", "/v1/completions", {"model": "svc", "prompt": "x", "max_tokens": 2}),
+              ("GET", "/v1/models", None), ("GET", "/metrics", None)]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.request(method, base + path, json=body, headers=headers)
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"]["type"] == "authentication_error"
+        r = httpx.request(method, base + path, json=body, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200, (path, r.text)
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_metrics_are_prometheus(server):
+    base, _, _ = server()
+    httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2})
+    text = httpx.get(base + "/metrics").text
+    assert "skilltune_requests_total" in text and "skilltune_request_latency_seconds_bucket" in text
+    assert 'skilltune_model_version{name="svc",version="svc@v1"} 1.0' in text
+
+
+def test_queue_full_returns_429(server):
+    base, state, _ = server(queue_size=1)
+    state.engine.max_batch = 1
+
+    def call(_):
+        return httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 48},
+                          timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = [r.status_code for r in pool.map(call, range(24))]
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+
+
+def test_load_with_hot_rollback_mid_way(server):
+    """8 clients x 25 requests, 0 errors; a promote then a rollback happen in the middle."""
+    base, state, reg = server()
+    results = []
+    lock = threading.Lock()
+    done = [0]
+
+    def client(k):
+        with httpx.Client(timeout=60) as http:
+            for i in range(25):
+                t = time.time()
+                r = http.post(f"{base}/v1/chat/completions",
+                              json={"model": "svc", "messages": [{"role": "user", "content": f"q {k} {i}"}],
+                                    "max_tokens": 4})
+                with lock:
+                    results.append((t, r.status_code, r.json().get("model"), r.headers.get("x-skilltune-version")))
+                    done[0] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    while done[0] < 60:
+        time.sleep(0.01)
+    reg.promote("svc@v2", reason="load test")
+    t_promote = time.time()
+    while done[0] < 130:
+        time.sleep(0.01)
+    reg.rollback("svc", reason="load test rollback")
+    t_rollback = time.time()
+    for th in threads:
+        th.join()
+    assert len(results) == 200 and all(code == 200 for _, code, _, _ in results)
+    assert all(model == header for _, _, model, header in results)
+    versions = [m for _, _, m, _ in sorted(results)]
+    assert versions[0] == "svc@v1" and "svc@v2" in versions and versions[-1] == "svc@v1"
+    # before the promote only v1 answered; after the rollback settled only v1 again
+    assert all(m == "svc@v1" for t, _, m, _ in results if t < t_promote)
+    assert all(m == "svc@v1" for t, _, m, _ in results if t > t_rollback + 2)
+    assert len(state.log.rows()) == 200
+
+
+def test_request_log_redacts_pii(server):
+    base, state, _ = server()
+    httpx.post(f"{base}/v1/chat/completions", json={"model": "svc", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "my email is jane@example.com"}]})
+    row = state.log.rows()[-1]
+    assert "jane@example.com" not in row["prompt"] and "[EMAIL]" in row["prompt"] and row["status"] == 200
+
+
+def test_vllm_command_and_monitor(registered, monkeypatch):
+    from skilltune.serve.monitor import drift
+    from skilltune.serve.server import vllm_command
+
+    url, base = registered
+    monkeypatch.setenv("SKILLTUNE_HOME", str(base / "home"))
+    cmd = vllm_command(Registry(url, store=base / "home" / "registry" / "store"), "svc@production", "0.0.0.0", 8001)
+    assert cmd[:3] == ["vllm", "serve", cmd[2]] and "--enable-lora" in cmd
+    assert any(c.startswith("svc=") for c in cmd) and cmd[-1] == "8001"
+    code, out = cli("serve", "svc@production", "--engine", "vllm", "--registry-url", url)
+    assert code == 0 and "vllm serve" in out, out
+    same = drift(["count the users", "list the orders"] * 10, ["count the users"] * 5)
+    shifted = drift(["count the users", "list the orders"] * 10,
+                    ["please write a long poem about the ocean and the stars tonight"] * 5)
+    assert same["score"] < 0.5 and shifted["score"] > 0.5
