@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.skilltune-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 setup: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/skilltune demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The scorecard's browser test drives Debian's Chromium through Playwright (Playwright never
+# downloads a browser of its own). Installed when missing; the test skips if it cannot be.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || echo "note: could not install chromium"; }
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -12,7 +12,7 @@ import typer
 
 from skilltune import __version__
 from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, readiness_cmd,
-                           registry_cmd, serve_cmd, train_cmd)
+                           registry_cmd, scorecard_cmd, serve_cmd, train_cmd)
 from skilltune.cli.common import err_console
 from skilltune.errors import SkilltuneError
 
@@ -27,6 +27,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(registry_cmd.app, name="registry")
+app.add_typer(scorecard_cmd.app, name="scorecard")
 app.command("export")(registry_cmd.export)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)

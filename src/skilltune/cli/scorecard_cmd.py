@@ -1,0 +1,95 @@
+"""`skilltune scorecard create|serve|report|export`: human review of base vs finetuned outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from skilltune.cli.common import console
+
+app = typer.Typer(help="Blind A/B and rubric scoring by people, with agreement and a verdict.\n\n"
+                       "Example: skilltune scorecard create --from runs/x/eval --name voice-1 --raters alice,bob",
+                  no_args_is_help=True)
+URL = typer.Option(None, "--url", help="Database URL (default: SQLite in the skilltune home).")
+
+
+@app.command()
+def create(source: Path = typer.Option(..., "--from", help="An eval folder (with per_example.jsonl)."),
+           name: str = typer.Option(..., "--name", help="Study name."),
+           criteria: str = typer.Option("relevance,factual_accuracy,brand_voice,safety", "--criteria"),
+           mode: str = typer.Option("ab", "--mode", help="ab (blind A/B) | rubric"),
+           sample: int = typer.Option(50, "--sample"), raters: str = typer.Option("rater1", "--raters"),
+           overlap: float = typer.Option(0.2, "--overlap", help="Share of items every rater sees (agreement)."),
+           min_mean: float = typer.Option(4.0, "--min-mean", help="Gate: every criterion's mean for the tuned model."),
+           seed: int = typer.Option(0, "--seed"), url: Optional[str] = URL) -> None:
+    """Create a study from an evaluation and print each rater's personal link path.
+
+    Example: skilltune scorecard create --from runs/sql/eval --name sql-review --raters alice,bob --sample 40
+    """
+    from skilltune.scorecard.study import DEFAULT_GATES, create_study
+
+    study, tokens = create_study(source, name, [c.strip() for c in criteria.split(",") if c.strip()], mode, sample,
+                                 [r.strip() for r in raters.split(",") if r.strip()], overlap, seed, url,
+                                 {**DEFAULT_GATES, "min_mean": min_mean})
+    console.print(f"study '{study.name}' created ({mode}); personal links (serve with `skilltune scorecard serve "
+                  f"{study.name}`):")
+    for rater, tok in tokens.items():
+        console.print(f"  {rater}: /r/{tok}", highlight=False)
+
+
+@app.command()
+def serve(name: str, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8765, "--port"),
+          url: Optional[str] = URL) -> None:
+    """Serve the rater app for a study.
+
+    Example: skilltune scorecard serve sql-review --port 8765
+    """
+    import uvicorn
+
+    from skilltune.scorecard.app import create_app
+    from skilltune.scorecard.study import get_study
+
+    study, Session = get_study(name, url)
+    console.print(f"scorecard '{name}' on http://{host}:{port}/r/<rater token>")
+    uvicorn.run(create_app(Session, name), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def report(name: str, fmt: str = typer.Option("md", "--format", help="md | json | html"),
+           url: Optional[str] = URL) -> int:
+    """Scores per model and criterion, A/B win rate, agreement, critical failures and the verdict.
+
+    Example: skilltune scorecard report sql-review
+    """
+    import html as h
+
+    from skilltune.scorecard.report import record, render_markdown, study_report
+
+    r = study_report(name, url)
+    record(r)
+    if fmt == "json":
+        print(json.dumps(r, indent=2))
+    elif fmt == "html":
+        print(f"<!doctype html><meta charset='utf-8'><pre>{h.escape(render_markdown(r))}</pre>")
+    else:
+        console.print(render_markdown(r), markup=False, highlight=False)
+    return 0 if r["passed"] else 1
+
+
+@app.command()
+def export(name: str, out: Path = typer.Option(..., "--out", help="File to write (.jsonl or .csv)."),
+           url: Optional[str] = URL) -> None:
+    """Write every judgement as JSONL or CSV.
+
+    Example: skilltune scorecard export sql-review --out judgements.csv
+    """
+    from skilltune.paths import atomic_write_text
+    from skilltune.scorecard.study import export_rows, to_csv
+
+    rows = export_rows(name, url)
+    text = to_csv(rows) if out.suffix == ".csv" else "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(out, text)
+    console.print(f"{len(rows)} judgements -> {out}")

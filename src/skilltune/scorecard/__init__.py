@@ -1,0 +1,1 @@
+"""Human evaluation: blind A/B and rubric studies, a rater web app, agreement and a verdict."""

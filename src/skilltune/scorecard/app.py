@@ -1,0 +1,192 @@
+"""The rater web app: personal links, blind A/B or rubric scoring, keyboard first, saved on submit.
+
+Which model wrote which answer never reaches the page (sides are randomised per item
+and kept server-side). Model outputs are HTML-escaped by Jinja's autoescaping. Every
+POST carries the rater token (in the URL) and a CSRF token derived from it; both are
+compared in constant time and a wrong or missing one gets 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from jinja2 import Environment
+from sqlalchemy import select
+
+from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study
+
+_ENV = Environment(autoescape=True)
+
+_PAGE = _ENV.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>{{ study.name }} – review</title>
+<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}
+.answers{display:flex;gap:1em}.answer{flex:1;border:1px solid #bbb;border-radius:6px;padding:.6em}
+pre{white-space:pre-wrap;font-size:14px}.crit{margin:.4em 0}.crit label{margin-right:.6em}
+.active{outline:2px solid #36c}.queue a{margin-right:.4em}.done{color:#070}.err{color:#a00}</style></head><body>
+<p>{{ rater.name }} · {{ done }} of {{ total }} judged · <span class="queue">queue:
+{% for a in queue %}<a href="/r/{{ token }}/items/{{ a.item_id }}" class="{{ 'done' if a.judged else '' }}">{{ loop.index }}</a>{% endfor %}</span></p>
+{% if error %}<p class="err" id="error">{{ error }}</p>{% endif %}
+<h2>Prompt</h2><pre id="prompt">{{ item.prompt }}</pre>
+{% if item.reference %}<details><summary>Reference answer</summary><pre>{{ item.reference }}</pre></details>{% endif %}
+<form method="post" action="/r/{{ token }}/items/{{ item.id }}" id="judge">
+<input type="hidden" name="csrf" value="{{ csrf }}">
+<div class="answers">{% for side in sides %}<div class="answer"><h3>Answer {{ side }}</h3>
+<pre id="answer-{{ side }}">{{ item.output_a if side == 'A' else item.output_b }}</pre>
+{% for c in study.criteria %}<div class="crit" data-group="{{ c.name }}__{{ side }}" title="{{ c.description }}">
+<b>{{ c.name.replace('_', ' ') }}</b>:
+{% for v in range(1, 6) %}<label title="{{ c.anchors.get(v|string, '') }}"><input type="radio" name="score__{{ c.name }}__{{ side }}" value="{{ v }}" {{ 'checked' if prev.scores.get(c.name, {}).get(side) == v else '' }}> {{ v }}</label>{% endfor %}
+</div>{% endfor %}</div>{% endfor %}</div>
+{% if study.mode == 'ab' %}<p><b>Which is better?</b>
+{% for v, label in [('A','A (a)'),('B','B (b)'),('tie','tie (t)'),('both_bad','both bad (x)')] %}
+<label><input type="radio" name="choice" value="{{ v }}" {{ 'checked' if prev.choice == v else '' }}> {{ label }}</label>{% endfor %}</p>{% endif %}
+<p><label>Notes<br><textarea name="notes" rows="2" cols="80">{{ prev.notes }}</textarea></label></p>
+<p><label><input type="checkbox" name="critical" value="1" {{ 'checked' if prev.critical else '' }}> critical failure (a showstopper)</label>
+in <select name="critical_criterion">{% for c in study.criteria %}<option value="{{ c.name }}" {{ 'selected' if prev.critical_criterion == c.name else '' }}>{{ c.name }}</option>{% endfor %}</select>
+{% if study.mode == 'ab' %}of answer <select name="critical_side"><option {{ 'selected' if prev.critical_side == 'A' else '' }}>A</option><option {{ 'selected' if prev.critical_side == 'B' else '' }}>B</option></select>{% endif %}
+<br><label>What went wrong (required for a critical failure)<br><textarea name="critical_note" rows="2" cols="80">{{ prev.critical_note }}</textarea></label></p>
+<p><button type="submit" id="submit">Save and next (Enter)</button> <a href="/r/{{ token }}/next?skip={{ item.id }}" id="skip">skip (n)</a></p>
+</form>
+<p><small>Keys: 1-5 score the highlighted criterion and move on · a / b / t / x choose · n skip · Enter save.</small></p>
+<script>
+const groups=[...document.querySelectorAll('[data-group]')];let at=0;
+function mark(){groups.forEach((g,i)=>g.classList.toggle('active',i===at));}
+mark();
+document.addEventListener('keydown',e=>{
+ if(['TEXTAREA','SELECT'].includes(e.target.tagName)) return;
+ const k=e.key;
+ if(k>='1'&&k<='5'&&groups[at]){groups[at].querySelector(`input[value="${k}"]`).checked=true;at=Math.min(at+1,groups.length-1);mark();e.preventDefault();}
+ const pick={a:'A',b:'B',t:'tie',x:'both_bad'}[k];
+ if(pick){const r=document.querySelector(`input[name=choice][value="${pick}"]`);if(r){r.checked=true;e.preventDefault();}}
+ if(k==='n'){window.location=document.getElementById('skip').href;}
+ if(k==='Enter'){document.getElementById('judge').requestSubmit();e.preventDefault();}
+});
+groups.forEach((g,i)=>g.addEventListener('click',()=>{at=i;mark();}));
+</script></body></html>""")
+
+_DONE = _ENV.from_string("""<!doctype html><meta charset="utf-8"><title>done</title><h1>Thank you, {{ name }}</h1>
+<p id="finished">All {{ total }} items are judged. You can still <a href="/r/{{ token }}/items/{{ first }}">revisit them</a>.</p>""")
+
+
+def csrf_for(secret: str, token: str) -> str:
+    return hmac.new(secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+
+
+def _forbidden(msg: str = "forbidden: unknown rater link or bad form token") -> HTMLResponse:
+    return HTMLResponse(f"<!doctype html><p>{msg}</p>", status_code=403)
+
+
+def create_app(Session, study_name: str) -> FastAPI:
+    app = FastAPI(title="skilltune scorecard", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def _rater(s, token: str):
+        if not token:
+            return None, None
+        for r in s.scalars(select(Rater)).all():  # constant-time compare against every rater of the study
+            if hmac.compare_digest(r.token.encode(), token.encode()):
+                study = s.get(Study, r.study_id)
+                if study.name == study_name:
+                    return r, study
+        return None, None
+
+    def _queue(s, rater):
+        rows = s.execute(select(Assignment.item_id, Judgement.id).outerjoin(
+            Judgement, (Judgement.item_id == Assignment.item_id) & (Judgement.rater_id == rater.id))
+            .where(Assignment.rater_id == rater.id).order_by(Assignment.position)).all()
+        return [{"item_id": item_id, "judged": jid is not None} for item_id, jid in rows]
+
+    def _render(s, rater, study, token, item, error=None, prev=None, status=200):
+        queue = _queue(s, rater)
+        if prev is None:
+            j = s.scalars(select(Judgement).where(Judgement.rater_id == rater.id, Judgement.item_id == item.id)).first()
+            prev = j or Judgement(scores={}, notes="", critical=False, critical_criterion="", critical_note="", choice=None,
+                                  critical_side="A")
+        return HTMLResponse(_PAGE.render(study=study, rater=rater, token=token, item=item, queue=queue,
+                                         done=sum(q["judged"] for q in queue), total=len(queue),
+                                         sides=["A", "B"] if study.mode == "ab" else ["A"],
+                                         csrf=csrf_for(study.secret, token), prev=prev, error=error),
+                            status_code=status)
+
+    @app.get("/r/{token}")
+    @app.get("/r/{token}/next")
+    def next_item(token: str, skip: int | None = None):
+        with Session() as s:
+            rater, study = _rater(s, token)
+            if rater is None:
+                return _forbidden()
+            queue = _queue(s, rater)
+            todo = [q for q in queue if not q["judged"]]
+            if skip is not None and len(todo) > 1:
+                idx = next((i for i, q in enumerate(todo) if q["item_id"] == skip), -1)
+                todo = todo[idx + 1:] + todo[:idx + 1]
+            if not todo:
+                return HTMLResponse(_DONE.render(name=rater.name, total=len(queue), token=token,
+                                                 first=queue[0]["item_id"] if queue else 0))
+            return RedirectResponse(f"/r/{token}/items/{todo[0]['item_id']}", status_code=303)
+
+    @app.get("/r/{token}/items/{item_id}")
+    def show(token: str, item_id: int):
+        with Session() as s:
+            rater, study = _rater(s, token)
+            if rater is None:
+                return _forbidden()
+            if not s.scalars(select(Assignment).where(Assignment.rater_id == rater.id,
+                                                      Assignment.item_id == item_id)).first():
+                return HTMLResponse("<!doctype html><p>this item is not in your queue</p>", status_code=404)
+            return _render(s, rater, study, token, s.get(Item, item_id))
+
+    @app.post("/r/{token}/items/{item_id}")
+    async def save(token: str, item_id: int, request: Request):
+        form = await request.form()
+        with Session() as s, s.begin():
+            rater, study = _rater(s, token)
+            if rater is None:
+                return _forbidden()
+            if not hmac.compare_digest(str(form.get("csrf", "")).encode(), csrf_for(study.secret, token).encode()):
+                return _forbidden()
+            if not s.scalars(select(Assignment).where(Assignment.rater_id == rater.id,
+                                                      Assignment.item_id == item_id)).first():
+                return HTMLResponse("<!doctype html><p>this item is not in your queue</p>", status_code=404)
+            item = s.get(Item, item_id)
+            sides = ["A", "B"] if study.mode == "ab" else ["A"]
+            scores, missing = {}, []
+            for c in study.criteria:
+                for side in sides:
+                    raw = form.get(f"score__{c['name']}__{side}")
+                    if raw not in {"1", "2", "3", "4", "5"}:
+                        missing.append(f"{c['name']} ({side})")
+                    else:
+                        scores.setdefault(c["name"], {})[side] = int(raw)
+            choice = form.get("choice") if study.mode == "ab" else None
+            critical = form.get("critical") == "1"
+            prev = Judgement(scores=scores, notes=str(form.get("notes", "")), critical=critical,
+                             critical_criterion=str(form.get("critical_criterion", "")),
+                             critical_note=str(form.get("critical_note", "")).strip(), choice=choice,
+                             critical_side=str(form.get("critical_side", "A")) if study.mode == "ab" else "A")
+            error = None
+            if missing:
+                error = "score every criterion from 1 to 5: missing " + ", ".join(missing)
+            elif study.mode == "ab" and choice not in ("A", "B", "tie", "both_bad"):
+                error = "choose A, B, tie or both bad"
+            elif critical and not prev.critical_note:
+                error = "a critical failure needs a note saying what went wrong"
+            elif critical and prev.critical_criterion not in {c["name"] for c in study.criteria}:
+                error = "choose the criterion of the critical failure"
+            if error:
+                return _render(s, rater, study, token, item, error=error, prev=prev, status=422)
+            j = s.scalars(select(Judgement).where(Judgement.rater_id == rater.id, Judgement.item_id == item_id)).first()
+            if j is None:
+                j = Judgement(rater_id=rater.id, item_id=item_id)
+                s.add(j)
+            j.scores, j.choice, j.notes = scores, choice, prev.notes
+            j.critical, j.critical_criterion = critical, prev.critical_criterion if critical else ""
+            j.critical_note = prev.critical_note if critical else ""
+            j.critical_side = prev.critical_side if prev.critical_side in ("A", "B") else "A"
+        return RedirectResponse(f"/r/{token}/next", status_code=303)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "study": study_name}
+
+    return app
