@@ -42,6 +42,9 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small
     console.print("stage times (s): " + ", ".join(f"{k} {v}" for k, v in res.stage_seconds.items())
                   + f"; total {total:.0f} s", highlight=False)
     console.print(f"report: {res.report}\nrun:    {res.run_dir}\n\nnext:\n"
+                  f"  skilltune serve {res.version.split('@')[0]}@production\n"
+                  f"  skilltune scorecard create --from {res.run_dir / 'eval'} --name {res.version.replace('@', '-')}"
+                  f" --raters alice,bob --sample 30\n"
                   f"  skilltune registry show {res.version}\n"
                   f"  skilltune checklist {res.version}\n"
                   f"  skilltune registry rollback {res.version.split('@')[0]} --dry-run\n"
