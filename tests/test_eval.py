@@ -124,6 +124,11 @@ def test_forgetting_and_overfitting_flags():
     assert compare(base, {"accuracy": 0.78, "by_category": {}, "perplexity": 10.5}, 0.1)["flagged"] is False
     assert compare(base, {"accuracy": 0.5, "by_category": {}, "perplexity": 10.5}, 0.1)["flagged"] is True
     assert compare(base, {"accuracy": 0.8, "by_category": {}, "perplexity": 14.0}, 0.1)["flagged"] is True
+    # the average holds but arithmetic is gone: flagged
+    cat_base = {"accuracy": 0.5, "by_category": {"arithmetic": 0.5, "chat": 0.3}, "perplexity": 10.0}
+    cat_tuned = {"accuracy": 0.45, "by_category": {"arithmetic": 0.0, "chat": 0.8}, "perplexity": 10.0}
+    res = compare(cat_base, cat_tuned, 0.1)
+    assert res["flagged"] is True and res["categories_lost"] == {"arithmetic": 0.5}
 
 
 def test_eval_run_writes_reports_with_side_by_side(tmp_path, tiny_model_dir):

@@ -66,13 +66,19 @@ def run_suite(target, max_new_tokens: int = 64, batch_size: int = 16) -> dict:
                         for it, o, ok in zip(suite, outs, passed)]}
 
 
+CATEGORY_DROP = 0.3  # a whole skill lost (e.g. arithmetic) is flagged even when the average holds
+
+
 def compare(base: dict, tuned: dict, threshold: float) -> dict:
     drop = base["accuracy"] - tuned["accuracy"]
     ppl_ratio = tuned["perplexity"] / base["perplexity"]
+    lost = {c: round(base["by_category"][c] - tuned["by_category"].get(c, 0.0), 3) for c in base["by_category"]
+            if base["by_category"][c] - tuned["by_category"].get(c, 0.0) > CATEGORY_DROP}
     return {"base_accuracy": base["accuracy"], "tuned_accuracy": tuned["accuracy"], "drop": drop,
             "base_by_category": base["by_category"], "tuned_by_category": tuned["by_category"],
             "base_perplexity": base["perplexity"], "tuned_perplexity": tuned["perplexity"],
-            "perplexity_ratio": ppl_ratio, "threshold": threshold,
-            "flagged": drop > threshold or ppl_ratio > 1 + 2 * threshold,
+            "perplexity_ratio": ppl_ratio, "threshold": threshold, "categories_lost": lost,
+            "category_threshold": CATEGORY_DROP,
+            "flagged": drop > threshold or ppl_ratio > 1 + 2 * threshold or bool(lost),
             "fix": "mix 5-10% general data into training: skilltune data replay general.jsonl && "
                    "skilltune data mix train.jsonl general.jsonl mixed.jsonl --ratio 0.08"}

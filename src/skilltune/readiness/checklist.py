@@ -99,7 +99,8 @@ def _forgetting(ev: Evidence) -> Row:
         return Row(name, MISSING, "the forgetting check has not run",
                    f"skilltune eval {ev.version.lineage.get('run_dir')} --forgetting")
     text = (f"general suite {f['base_accuracy']:.2f} -> {f['tuned_accuracy']:.2f} (drop {f['drop']:+.2f}, "
-            f"threshold {f['threshold']}); perplexity x{f['perplexity_ratio']:.2f}")
+            f"threshold {f['threshold']}); perplexity x{f['perplexity_ratio']:.2f}"
+            + (f"; lost: {f['categories_lost']}" if f.get("categories_lost") else ""))
     return Row(name, FAIL if f["flagged"] else PASS, text, f["fix"] if f["flagged"] else "")
 
 
