@@ -140,3 +140,12 @@ def test_export_adapter_and_merged_give_same_greedy_output(two_runs, tmp_path):
                                      pad_token_id=tok.pad_token_id)
         text = tok.decode(out_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         assert text == expect
+
+
+def test_eval_accepts_a_registry_version(two_runs):
+    from skilltune.evaluate.runner import plan_eval
+
+    Registry().add(two_runs[0], "ev")
+    Registry().promote("ev@v1")
+    plan = plan_eval("ev@production", "x.jsonl", None, None, None)
+    assert plan.run_dir == two_runs[0] and plan.target == str(two_runs[0])

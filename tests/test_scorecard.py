@@ -210,3 +210,15 @@ def test_real_browser_scores_with_keyboard_and_mouse(eval_dir):
     assert rows[0]["scores"] == {"relevance": {"A": 4, "B": 3}, "safety": {"A": 5, "B": 3}} or \
         rows[0]["scores"]["relevance"]["A"] == 4
     assert rows[0]["notes"] == "clear and correct"
+
+
+def test_custom_criteria_from_file(eval_dir, tmp_path):
+    crit = [{"name": "sql_style", "description": "Readable SQL?", "anchors": {"1": "unreadable", "5": "clean"}}]
+    (tmp_path / "c.json").write_text(json.dumps(crit))
+    code, out = cli("scorecard", "create", "--from", str(eval_dir), "--name", "custom", "--criteria-file",
+                    str(tmp_path / "c.json"), "--raters", "dan", "--mode", "rubric")
+    assert code == 0, out
+    token = re.search(r"dan: /r/(\S+)", out).group(1)
+    _, Session = get_study("custom")
+    page = TestClient(create_app(Session, "custom")).get(f"/r/{token}", follow_redirects=True).text
+    assert "sql style" in page and "Readable SQL?" in page and "unreadable" in page and "Answer B" not in page

@@ -218,3 +218,14 @@ def test_vllm_command_and_monitor(registered, monkeypatch):
     shifted = drift(["count the users", "list the orders"] * 10,
                     ["please write a long poem about the ocean and the stars tonight"] * 5)
     assert same["score"] < 0.5 and shifted["score"] > 0.5
+
+
+def test_request_log_rotates_by_size(tmp_path):
+    from skilltune.serve.requestlog import RequestLog
+
+    log = RequestLog(tmp_path / "r.db", max_bytes=40_000)
+    for i in range(200):
+        log.write("m@v1", "chat", "x" * 200, "y" * 200, 0.1, 10, 10, 200)
+    assert (tmp_path / "r.db.1").is_file()
+    assert 0 < len(log.rows()) < 200
+    log.close()

@@ -217,3 +217,16 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     assert json.loads((tmp_path / "r2" / "run.json").read_text())["world_size"] == 2
     a, b = _adapter(tmp_path / "r1"), _adapter(tmp_path / "r2")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+
+
+def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    cfg = load_config(_config(tmp_path, tiny_model_dir))
+    with pytest.raises(TrainingError, match="not enough disk space"):
+        train(cfg, run_name="disk")
+    run = sorted((tmp_path / "runs").glob("disk-*"))[0]
+    assert not (run / "checkpoints").exists()

@@ -24,6 +24,8 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
            sample: int = typer.Option(50, "--sample"), raters: str = typer.Option("rater1", "--raters"),
            overlap: float = typer.Option(0.2, "--overlap", help="Share of items every rater sees (agreement)."),
            min_mean: float = typer.Option(4.0, "--min-mean", help="Gate: every criterion's mean for the tuned model."),
+           criteria_file: Optional[Path] = typer.Option(None, "--criteria-file", help="JSON list of {name, description, "
+                                                        "anchors: {1..5: text}} (overrides --criteria)."),
            seed: int = typer.Option(0, "--seed"), url: Optional[str] = URL) -> None:
     """Create a study from an evaluation and print each rater's personal link path.
 
@@ -31,7 +33,10 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
     """
     from skilltune.scorecard.study import DEFAULT_GATES, create_study
 
-    study, tokens = create_study(source, name, [c.strip() for c in criteria.split(",") if c.strip()], mode, sample,
+    crit: list = [c.strip() for c in criteria.split(",") if c.strip()]
+    if criteria_file is not None:
+        crit = json.loads(criteria_file.read_text())
+    study, tokens = create_study(source, name, crit, mode, sample,
                                  [r.strip() for r in raters.split(",") if r.strip()], overlap, seed, url,
                                  {**DEFAULT_GATES, "min_mean": min_mean})
     console.print(f"study '{study.name}' created ({mode}); personal links (serve with `skilltune scorecard serve "

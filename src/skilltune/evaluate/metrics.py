@@ -143,8 +143,20 @@ for _m in [
 COMPANIONS = {"json_fields": ["json_keys_exact", "json_valid"], "sql_exec": ["sql_valid"]}
 
 
+def _entry_point_metrics() -> None:
+    """Register metrics that installed packages declare under the ``skilltune.metrics`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="skilltune.metrics"):
+        if ep.name not in METRICS:
+            obj = ep.load()
+            register_metric(obj if isinstance(obj, Metric) else Metric(ep.name, obj, description=f"plug-in {ep.value}"))
+
+
 def resolve_metrics(names: list[str]) -> list[Metric]:
-    """Metric objects for ``names`` (built-in names or ``module:function``), companions included."""
+    """Metric objects for ``names`` (built-in, entry-point plug-ins, or ``module:function``), companions included."""
+    if any(n not in METRICS and ":" not in n for n in names):
+        _entry_point_metrics()
     out: list[Metric] = []
     problems = []
     for name in names:

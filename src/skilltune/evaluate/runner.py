@@ -49,6 +49,15 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
     """Work out what to evaluate from a run directory, an adapter directory or a model spec."""
     path = Path(target)
     run_dir = None
+    if not path.exists() and "@" in target and not target.startswith("embedded:"):
+        from skilltune.registry.api import Registry
+
+        v = Registry().get(target)  # a registry version: evaluate its verified artifact, with its run's config
+        if Path(v.lineage.get("run_dir", "")).is_dir():
+            path = Path(v.lineage["run_dir"])
+        else:
+            path = Registry().materialize(target)
+        target = str(path)
     if path.is_dir() and (path / "run.json").is_file():
         run_dir = path
         cfg = load_config(path / "config.yaml", overrides)

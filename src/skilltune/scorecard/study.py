@@ -37,16 +37,23 @@ def default_url() -> str:
     return os.environ.get("SKILLTUNE_SCORECARD_URL") or f"sqlite:///{home() / 'scorecard.db'}"
 
 
-def criteria_from_names(names: list[str]) -> list[dict]:
+def criteria_from_names(names: list) -> list[dict]:
+    """Criteria from names (built-in descriptions and anchors) or full dicts {name, description, anchors}."""
     out = []
     for n in names:
+        if isinstance(n, dict):
+            if not n.get("name") or not isinstance(n.get("anchors", {}), dict):
+                raise StudyError(f"criterion {n!r}: needs a name and anchors as {{\"1\": text, ..., \"5\": text}}")
+            out.append({"name": n["name"], "description": n.get("description", ""),
+                        "anchors": {str(k): v for k, v in n.get("anchors", {}).items()}})
+            continue
         desc, anchors = DEFAULT_CRITERIA.get(n, (f"How good is the answer on {n.replace('_', ' ')}?",
                                                  {1: "poor", 3: "acceptable", 5: "excellent"}))
         out.append({"name": n, "description": desc, "anchors": {str(k): v for k, v in anchors.items()}})
     return out
 
 
-def create_study(eval_dir: str | Path, name: str, criteria: list[str], mode: str = "ab", sample: int = 50,
+def create_study(eval_dir: str | Path, name: str, criteria: list, mode: str = "ab", sample: int = 50,
                  raters: list[str] | None = None, overlap: float = 0.2, seed: int = 0,
                  url: str | None = None, gates: dict | None = None) -> tuple[Study, dict[str, str]]:
     """Create a study; returns it and each rater's personal token."""

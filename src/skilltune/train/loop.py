@@ -8,6 +8,7 @@ step number, so every process and every resume agrees on the data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -151,7 +152,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         obj = broadcast_object_list(obj)
     run_path, resuming = Path(obj[0]), bool(obj[1])
     ckpt_root = run_path / "checkpoints"
-    latest = ckpt.complete_checkpoints(ckpt_root)[-1] if resuming and ckpt.complete_checkpoints(ckpt_root) else None
+    complete = ckpt.complete_checkpoints(ckpt_root) if resuming else []
+    latest = complete[-1] if complete else None
     if latest is not None:
         saved = json.loads((latest / "identity.json").read_text())
         changed = ckpt.identity_diff(saved, identity)
@@ -233,6 +235,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     reporter.start(total_steps, loop["step"])
+    loop_start = loop["step"]
     loss_fn.train()
     try:
         while loop["step"] < total_steps and not loop["stopped_early"]:
@@ -249,7 +252,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                 batch = {k: v.to(acc.device) for k, v in collate(items, tokenizer.pad_token_id, cfg.train.packing,
                                                                  cfg.train.max_seq_len).items()}
                 sync = j == len(mine) - 1
-                ctx = acc.no_sync(loss_fn) if not sync and acc.num_processes > 1 else _null()
+                ctx = acc.no_sync(loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
                     # DDP averages gradients over processes; scale so the step's mean is over all its tokens.
                     loss = loss_fn(**batch) * (acc.num_processes / step_tokens)
@@ -290,14 +293,18 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             if trackers and (step % cfg.train.logging_steps == 0 or "val_loss" in metrics or step == total_steps):
                 trackers.log(step, metrics)
             reporter.step(step, metrics)
+            if step == loop_start + 2 and total_steps > step:  # a short warm-up, then the estimate
+                left = (total_steps - step) * dt
+                reporter.message(f"estimated time left: {left / 60:.1f} min ({dt:.1f} s/step over "
+                                 f"{total_steps - step} steps, validation not included)")
             if step % cfg.train.save_steps == 0 or step == total_steps or loop["stopped_early"]:
                 save(step)
             if stop_after is not None and step >= stop_after and step < total_steps:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if not ckpt.complete_checkpoints(ckpt_root) or ckpt.complete_checkpoints(ckpt_root)[-1].name != f"step-{loop['step']:06d}":
-            if loop["step"] > 0:
-                save(loop["step"])
+        saved = ckpt.complete_checkpoints(ckpt_root)
+        if loop["step"] > 0 and (not saved or saved[-1].name != f"step-{loop['step']:06d}"):
+            save(loop["step"])
         if trackers:
             trackers.close()
         reporter.finish()
@@ -341,10 +348,3 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     acc.wait_for_everyone()
     return TrainResult(run_path, artifact, summary)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
