@@ -45,7 +45,9 @@ class RequestLog:
                              (time.time(), version, route, self._clean(prompt), self._clean(output), latency_s,
                               prompt_tokens, completion_tokens, status, error))
             self.con.commit()
-            if self.path.stat().st_size > self.max_bytes:
+            wal = Path(str(self.path) + "-wal")
+            if self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0) > self.max_bytes:
+                self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self.con.close()
                 os.replace(self.path, self.path.with_name(self.path.name + ".1"))
                 for suffix in ("-wal", "-shm"):
