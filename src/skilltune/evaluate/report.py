@@ -33,7 +33,9 @@ def render_markdown(results: dict, rows: list[dict], regressions: list[dict], wo
     lines += ["", "## Forgetting check"]
     if f:
         lines.append(f"General suite accuracy: base {f['base_accuracy']:.3f}, finetuned {f['tuned_accuracy']:.3f} "
-                     f"(drop {f['drop']:+.3f}, threshold {f['threshold']}). " + ("**FLAGGED**" if f["flagged"] else "OK"))
+                     f"(drop {f['drop']:+.3f}, threshold {f['threshold']}); perplexity x{f['perplexity_ratio']:.2f}"
+                     + (f"; categories lost: {f['categories_lost']}" if f.get("categories_lost") else "") + ". "
+                     + ("**FLAGGED** — " + f["fix"] if f["flagged"] else "OK"))
     else:
         lines.append("Not run.")
     lc = results["latency_cost"]
@@ -89,8 +91,11 @@ def render_html(results: dict, rows: list[dict], regressions: list[dict], worst:
     out.append("<h2>Forgetting check</h2>")
     if f:
         flag = "<span class='flag'>FLAGGED</span>" if f["flagged"] else "OK"
+        lost = f"; categories lost: {e(str(f['categories_lost']))}" if f.get("categories_lost") else ""
+        fix = f"<br>Fix: <code>{e(f['fix'])}</code>" if f["flagged"] else ""
         out.append(f"<p>General suite accuracy: base {f['base_accuracy']:.3f}, finetuned {f['tuned_accuracy']:.3f} "
-                   f"(drop {f['drop']:+.3f}, threshold {f['threshold']}). {flag}</p>")
+                   f"(drop {f['drop']:+.3f}, threshold {f['threshold']}); perplexity x{f['perplexity_ratio']:.2f}"
+                   f"{lost}. {flag}{fix}</p>")
     else:
         out.append("<p>Not run.</p>")
     lc = results["latency_cost"]
