@@ -23,22 +23,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(config_cmd.app, name="config")
-app.add_typer(models_cmd.app, name="models")
-app.add_typer(data_cmd.app, name="data")
-app.add_typer(registry_cmd.app, name="registry")
-app.add_typer(scorecard_cmd.app, name="scorecard")
-app.command("export")(registry_cmd.export)
-app.command("train")(train_cmd.train)
-app.command("eval")(eval_cmd.eval_)
-app.command("generate")(generate_cmd.generate)
-app.command("demo")(demo_cmd.demo)
-app.command("checklist")(readiness_cmd.checklist)
-app.command("advise")(readiness_cmd.advise)
-app.command("estimate")(readiness_cmd.estimate)
-app.command("serve")(serve_cmd.serve)
-app.command("monitor")(serve_cmd.monitor)
-
+# Grouped by workflow stage in --help: data -> train -> evaluate -> ship -> readiness.
+app.command("demo", rich_help_panel="Start here")(demo_cmd.demo)
+app.command("advise", rich_help_panel="1. Data")(readiness_cmd.advise)
+app.add_typer(data_cmd.app, name="data", rich_help_panel="1. Data")
+app.command("train", rich_help_panel="2. Train")(train_cmd.train)
+app.command("estimate", rich_help_panel="2. Train")(readiness_cmd.estimate)
+app.command("eval", rich_help_panel="3. Evaluate")(eval_cmd.eval_)
+app.add_typer(scorecard_cmd.app, name="scorecard", rich_help_panel="3. Evaluate")
+app.command("generate", rich_help_panel="3. Evaluate")(generate_cmd.generate)
+app.add_typer(registry_cmd.app, name="registry", rich_help_panel="4. Ship")
+app.command("export", rich_help_panel="4. Ship")(registry_cmd.export)
+app.command("serve", rich_help_panel="4. Ship")(serve_cmd.serve)
+app.command("monitor", rich_help_panel="4. Ship")(serve_cmd.monitor)
+app.command("checklist", rich_help_panel="5. Readiness")(readiness_cmd.checklist)
+app.add_typer(config_cmd.app, name="config", rich_help_panel="Setup")
+app.add_typer(models_cmd.app, name="models", rich_help_panel="Setup")
 
 def _version(value: bool) -> None:
     if value:
