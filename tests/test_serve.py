@@ -229,3 +229,12 @@ def test_request_log_rotates_by_size(tmp_path):
     assert (tmp_path / "r.db.1").is_file()
     assert 0 < len(log.rows()) < 200
     log.close()
+
+
+def test_per_request_timeout_is_504(server):
+    base, state, _ = server()
+    state.request_timeout_s = 0.0001
+    r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 48}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    state.request_timeout_s = 60
+    assert httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}).status_code == 200
