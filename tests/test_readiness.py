@@ -113,3 +113,26 @@ def test_advisor_skill_vs_knowledge(tmp_path):
     assert b.verdict in ("rag", "both") and b.numbers["knowledge_share"] > 0.5
     code, out = cli("advise", str(tmp_path / "skill.jsonl"))
     assert code == 0 and "FINETUNE" in out
+
+
+def test_scorecard_verdict_reaches_the_checklist(run_dir):
+    from fastapi.testclient import TestClient
+
+    from skilltune.scorecard.app import create_app, csrf_for
+    from skilltune.scorecard.report import record, study_report
+    from skilltune.scorecard.study import create_study, get_study
+
+    reg = Registry()
+    reg.add(run_dir, "sc")
+    ev = run_dir / "eval"
+    ev.mkdir()
+    (ev / "per_example.jsonl").write_text(json.dumps({"prompt": "p", "reference": "r", "base_output": "b",
+                                                      "tuned_output": "t"}) + "\n")
+    (ev / "results.json").write_text(json.dumps({"run_dir": str(run_dir)}))
+    study, tokens = create_study(ev, "sc-study", ["relevance"], "rubric", 5, ["ann"], 0.0)
+    client = TestClient(create_app(get_study("sc-study")[1], "sc-study"))
+    url = client.get(f"/r/{tokens['ann']}", follow_redirects=False).headers["location"]
+    client.post(url, data={"csrf": csrf_for(study.secret, tokens["ann"]), "score__relevance__A": "5"})
+    record(study_report("sc-study"))
+    card = reg.get("sc@v1").metrics["scorecard"]
+    assert card["passed"] is True and card["study"] == "sc-study"

@@ -227,7 +227,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
     worst = sorted(rows, key=lambda r: r["tuned"][primary])[:10]
 
     results = {
-        "target": plan.target, "run_dir": str(plan.run_dir) if plan.run_dir else None, "baseline": base_label,
+        "target": plan.target, "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None, "baseline": base_label,
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
         "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
