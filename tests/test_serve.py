@@ -238,3 +238,21 @@ def test_per_request_timeout_is_504(server):
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
     state.request_timeout_s = 60
     assert httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_monitor_summarize_needs_enough_requests(tmp_path):
+    from skilltune.serve.monitor import summarize
+    from skilltune.serve.requestlog import RequestLog
+
+    train = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
+    log = RequestLog(tmp_path / "r.db")
+    log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
+    log.write("m@v1", "chat", "x", "", 0.1, 1, 0, 500, "boom")
+    s = summarize(tmp_path / "r.db", str(train), 0.25)
+    assert s["requests"] == 2 and s["error_rate"] == 0.5 and s["latency_p50_s"] == 0.5
+    assert s["drift"]["flagged"] is False and "needs 20" in s["drift"]["note"]
+    for _ in range(25):
+        log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
+    s = summarize(tmp_path / "r.db", str(train), 0.25)
+    assert s["drift"]["flagged"] is True and s["drift"]["oov_rate"] > 0.5
+    log.close()

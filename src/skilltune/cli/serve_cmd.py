@@ -94,6 +94,8 @@ def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."
                   f"{s['latency_p50_s'] or 0:.2f} s / p95 {s['latency_p95_s'] or 0:.2f} s, versions {s['versions']}")
     d = s["drift"]
     if d:
+        verdict = ("[red]FLAGGED[/red]" if d["flagged"] else "[green]OK[/green]") if not d["note"] else \
+            f"[yellow]not judged[/yellow] ({d['note']})"
         console.print(f"input drift: length KS {d['length_ks']}, unseen-word rate {d['oov_rate']} -> score "
-                      f"{d['score']} " + ("[red]FLAGGED[/red]" if d["flagged"] else "[green]OK[/green]"))
+                      f"{d['score']} {verdict}")
     return 1 if d and d["flagged"] else 0

@@ -36,6 +36,9 @@ def drift(train_prompts: list[str], live_prompts: list[str]) -> dict:
     return {"length_ks": round(ks, 3), "oov_rate": round(oov, 3), "score": round(max(ks, oov), 3)}
 
 
+MIN_REQUESTS = 20  # below this a distribution comparison says nothing
+
+
 def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
     rows = RequestLog(log_path).rows()
     n = len(rows)
@@ -48,7 +51,10 @@ def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
            "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows), "drift": None}
     if train_file and Path(train_file).is_file() and rows:
         train_prompts = [ex.turns[-2].content for ex in load_examples(train_file) if len(ex.turns) >= 2]
-        d = drift(train_prompts, [r["prompt"] for r in rows if r["status"] < 400])
-        d.update(threshold=threshold, flagged=d["score"] > threshold)
+        live = [r["prompt"] for r in rows if r["status"] < 400]
+        d = drift(train_prompts, live)
+        enough = len(live) >= MIN_REQUESTS
+        d.update(threshold=threshold, flagged=enough and d["score"] > threshold, requests=len(live),
+                 note="" if enough else f"only {len(live)} successful requests; drift needs {MIN_REQUESTS}+")
         out["drift"] = d
     return out
