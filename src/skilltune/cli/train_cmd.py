@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from skilltune.cli.common import SET_HELP, console, quiet_libraries
-from skilltune.train.loop import Reporter
+from skilltune.train.reporter import Reporter
 
 
 class RichReporter(Reporter):

@@ -30,6 +30,7 @@ from skilltune.train.batches import StepPlan, collate, count_label_tokens
 from skilltune.train.loss import CompletionLoss
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
+from skilltune.train.reporter import Reporter
 from skilltune.train.prepare import PreparedData, prepare_data
 from skilltune.train.rundir import (environment, file_fingerprint, latest_run_dir, model_fingerprint,
                                     new_run_dir, plot_losses)
@@ -42,16 +43,6 @@ _RESUME_IGNORED = {("train", "output_dir"), ("train", "report_to"), ("train", "l
 
 class TrainingInterrupted(TrainingError):
     exit_code = 130
-
-
-class Reporter:
-    """Where the loop reports to; the CLI passes a Rich one, library use a silent one."""
-
-    def plan(self, plan: dict) -> None: ...
-    def start(self, total_steps: int, first_step: int) -> None: ...
-    def step(self, step: int, metrics: dict) -> None: ...
-    def message(self, text: str) -> None: ...
-    def finish(self) -> None: ...
 
 
 @dataclass
