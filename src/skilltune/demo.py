@@ -78,7 +78,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
         return out
 
     # advise and audit always look at the full example data (quick mode trains on a subset of it)
-    full = load_config(example / "config.yaml", [e for e in (overrides or [])])
+    full = load_config(example / "config.yaml", overrides)
     a = timed("advise", lambda: advise(full.data.train, full.data.test))
     say(f"advise: {a.verdict.upper()} — " + "; ".join(a.reasons[:3]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +21,19 @@ def models_cache() -> Path:
     path = home() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def update_hash(h, path: Path) -> None:
+    """Feed ``path``'s bytes into the hash ``h`` in 4 MiB blocks."""
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    update_hash(h, path)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

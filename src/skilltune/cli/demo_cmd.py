@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,12 +24,12 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small
     from skilltune.cli.train_cmd import RichReporter
     from skilltune.demo import run_demo
 
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     res = run_demo(workdir, quick, set_, name,
                    stage=lambda s: console.rule(f"[bold]{s}"),
                    say=lambda m: console.print(m, highlight=False, markup=False),
                    reporter=RichReporter())
-    total = __import__("time").perf_counter() - t0
+    total = time.perf_counter() - t0
     ev = res.eval_results
     table = Table("metric", "base", "finetuned", "delta", title=f"held-out test ({ev['n_examples']} questions)")
     for k, m in ev["metrics"].items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,7 @@ class RichReporter(Reporter):
 
     def start(self, total_steps: int, first_step: int) -> None:
         self.total = total_steps
-        self.t0 = __import__("time").perf_counter()
+        self.t0 = time.perf_counter()
         if not console.is_terminal:  # logs and pipes get a line every ~10% instead of a live bar
             return
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -45,7 +46,7 @@ class RichReporter(Reporter):
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step % max(1, self.total // 10) == 0 or step == self.total or "val_loss" in metrics:
-            elapsed = __import__("time").perf_counter() - self.t0
+            elapsed = time.perf_counter() - self.t0
             console.print(f"step {step}/{self.total}  {info}  elapsed {elapsed:.0f} s", highlight=False)
 
     def message(self, text: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skilltune.data.audit.checks import _full_key, minhash_signatures, near_duplicate_pairs
+from skilltune.data.audit.checks import minhash_signatures, near_duplicate_pairs
 from skilltune.data.pii import redact
 from skilltune.data.reader import read_file, write_jsonl
 from skilltune.data.types import Example
@@ -80,7 +80,7 @@ def clean(src: str | Path, dst: str | Path, near_dups: bool = False, redact_pii:
     seen: dict[str, int] = {}
     kept: list[Example] = []
     for ex in report.examples:
-        key = _full_key(ex)
+        key = ex.key()
         if key in seen:
             dropped.append({"line": ex.line, "reason": "exact_duplicate", "detail": f"duplicate of line {seen[key]}"})
             continue
@@ -120,7 +120,7 @@ def _clusters(examples: list[Example], threshold: float) -> list[list[int]]:
 
     first: dict[str, int] = {}
     for i, ex in enumerate(examples):
-        k = _full_key(ex)
+        k = ex.key()
         if k in first:
             union(i, first[k])
         else:

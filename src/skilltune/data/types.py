@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
@@ -40,6 +41,10 @@ class Example:
     def completion(self) -> str:
         """The final assistant turn (the answer that a test set compares against)."""
         return self.turns[-1].content if self.turns and self.turns[-1].role == "assistant" else ""
+
+    def key(self) -> str:
+        """Roles and contents with whitespace and case normalised: equal keys are duplicates."""
+        return re.sub(r"\s+", " ", "\x1f".join(f"{t.role}:{t.content}" for t in self.turns)).strip().lower()
 
     def messages(self, with_last: bool = True) -> list[dict[str, str]]:
         turns = self.turns if with_last else self.turns[:-1]

@@ -8,7 +8,6 @@ that is not cached fails at once with what to pass instead.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from skilltune.errors import ModelLoadError
-from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache
+from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache, sha256_file
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,6 @@ def embedded_gguf_path(model: EmbeddedModel) -> Path:
     return path
 
 
-def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dequantize_gguf(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF file once into a cached safetensors model directory.
 
@@ -86,8 +77,8 @@ def dequantize_gguf(gguf: Path, name: str) -> Path:
     by the next run, never a half cache. The cached copy carries no quantization
     config, so the HF Trainer and peft treat it as a plain model.
     """
-    digest = _file_digest(gguf)[:16]
-    final = models_cache() / f"{name}-{digest}"
+    digest = sha256_file(gguf)
+    final = models_cache() / f"{name}-{digest[:16]}"
     if (final / "skilltune.json").is_file():
         return final
     clean_stale_temp_dirs(final.parent, final.name)
@@ -104,7 +95,7 @@ def dequantize_gguf(gguf: Path, name: str) -> Path:
         tokenizer.save_pretrained(tmp)
         # The completion marker is written last: its presence means the entry is whole.
         (tmp / "skilltune.json").write_text(
-            json.dumps({"source": str(gguf), "sha256": _file_digest(gguf), "name": name}, indent=2)
+            json.dumps({"source": str(gguf), "sha256": digest, "name": name}, indent=2)
         )
     return final
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from skilltune.errors import SkilltuneError
+from skilltune.paths import sha256_file
 
 
 class TamperedArtifact(SkilltuneError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ArtifactStore:

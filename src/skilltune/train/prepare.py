@@ -7,7 +7,6 @@ reported before minutes are spent loading and wrapping a model.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,20 +27,16 @@ class PreparedData:
     val_examples: list[Example]
 
 
-def _key(ex: Example) -> str:
-    return re.sub(r"\s+", " ", "\x1f".join(t.content for t in ex.turns)).strip().lower()
-
-
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out about ``fraction`` of ``examples`` (deterministic in ``seed``); duplicates stay together."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
-    keys = sorted({_key(e) for e in examples})
+    keys = sorted({e.key() for e in examples})
     order = np.random.default_rng([seed, 7]).permutation(len(keys))
     target = max(1, int(round(len(examples) * fraction)))
     counts: dict[str, int] = {}
     for e in examples:
-        counts[_key(e)] = counts.get(_key(e), 0) + 1
+        counts[e.key()] = counts.get(e.key(), 0) + 1
     val_keys, n = set(), 0
     for i in order:
         if n >= target:
@@ -50,7 +45,7 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
         n += counts[keys[i]]
     if len(val_keys) == len(keys):  # never hold out everything
         return examples, []
-    return [e for e in examples if _key(e) not in val_keys], [e for e in examples if _key(e) in val_keys]
+    return [e for e in examples if e.key() not in val_keys], [e for e in examples if e.key() in val_keys]
 
 
 def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: str) -> list[Encoded]:
@@ -89,8 +84,8 @@ def prepare_data(cfg: SkilltuneConfig, tokenizer) -> PreparedData:
         train, val = split_validation(train, cfg.data.val_split, cfg.train.seed)
     if not train:
         raise DataError(f"{cfg.data.train}: no training examples")
-    train_keys = {_key(e) for e in train}
-    overlap = [e for e in val if _key(e) in train_keys]
+    train_keys = {e.key() for e in train}
+    overlap = [e for e in val if e.key() in train_keys]
     if overlap:
         raise TrainingError(
             f"{len(overlap)} validation example(s) also appear in the training data "

@@ -11,14 +11,11 @@ from pathlib import Path
 import torch
 
 from skilltune import __version__
+from skilltune.paths import sha256_file, update_hash
 
 
 def file_fingerprint(path: str | Path, rows: int | None = None) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return {"path": str(path), "sha256": h.hexdigest(), "rows": rows}
+    return {"path": str(path), "sha256": sha256_file(Path(path)), "rows": rows}
 
 
 def model_fingerprint(path: Path) -> str:
@@ -29,9 +26,7 @@ def model_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(list(path.glob("*.safetensors")) + [path / "config.json"]):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+        update_hash(h, f)
     return h.hexdigest()
 
 

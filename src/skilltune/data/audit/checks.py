@@ -19,10 +19,6 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def _full_key(ex: Example) -> str:
-    return _norm("\x1f".join(f"{t.role}:{t.content}" for t in ex.turns))
-
-
 def _prompt_key(ex: Example) -> str:
     return _norm("\x1f".join(f"{t.role}:{t.content}" for t in ex.turns[:-1]))
 
@@ -87,14 +83,14 @@ def check_duplicates(ctx: AuditContext) -> CheckResult:
     exs = ctx.examples
     groups: dict[str, list[Example]] = defaultdict(list)
     for ex in exs:
-        groups[_full_key(ex)].append(ex)
+        groups[ex.key()].append(ex)
     exact = [g for g in groups.values() if len(g) > 1]
     findings = [Finding(" = ".join(e.where for e in g[:5]), f"exact duplicate x{len(g)}") for g in exact]
     exact_keys = {id(e) for g in exact for e in g}
     near = []
     if len(exs) > 1:
         for i, j, sim in near_duplicate_pairs(_signatures(ctx), _signatures(ctx), ctx.near_dup_threshold, same=True):
-            if _full_key(exs[i]) != _full_key(exs[j]):
+            if exs[i].key() != exs[j].key():
                 near.append((i, j, sim))
     findings += [Finding(f"{exs[i].where} ~ {exs[j].where}", f"near-duplicate (Jaccard {sim:.2f})")
                  for i, j, sim in near[:MAX_FINDINGS]]
@@ -193,12 +189,12 @@ def check_leakage(ctx: AuditContext) -> CheckResult:
     if ctx.test_report is None:
         return CheckResult("leakage", PASS, 0, "skipped: no --test file given", fix="pass --test TEST.jsonl")
     test = ctx.test_report.examples
-    train_keys = {_full_key(e): e for e in ctx.examples}
+    train_keys = {e.key(): e for e in ctx.examples}
     train_prompts = {_prompt_key(e): e for e in ctx.examples}
     findings, n_exact = [], 0
     exact_ids = set()
     for t in test:
-        match = train_keys.get(_full_key(t)) or train_prompts.get(_prompt_key(t))
+        match = train_keys.get(t.key()) or train_prompts.get(_prompt_key(t))
         if match is not None:
             n_exact += 1
             exact_ids.add(id(t))
