@@ -133,7 +133,6 @@ def test_forgetting_and_overfitting_flags():
 
 def test_eval_run_writes_reports_with_side_by_side(tmp_path, tiny_model_dir):
     from skilltune.config import load_config
-    from skilltune.evaluate.runner import evaluate, plan_eval
     from skilltune.train.loop import train
 
     rows = SQL_ROWS

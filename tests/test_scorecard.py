@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient

@@ -1,6 +1,5 @@
 """The OpenAI-compatible server, driven by the official openai client; auth; errors; load + hot rollback."""
 
-import json
 import socket
 import threading
 import time

@@ -47,7 +47,7 @@ def _facts(text: str) -> set[str]:
 def advise(path: str, test: str | None = None) -> Advice:
     exs = load_examples(path)
     n = len(exs)
-    overlaps, novel_rows, fact_counts = [], [], Counter()
+    overlaps, fact_counts = [], Counter()
     per_row_novel: list[set[str]] = []
     for ex in exs:
         prompt = " ".join(t.content for t in ex.turns[:-1]).lower()

@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skilltune.serve.engine import Engine, QueueFull
-from skilltune.serve.requestlog import RequestLog
 
 
 class ApiError(Exception):
