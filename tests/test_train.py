@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+
+from skilltune.train.methods import METHODS
 from safetensors.torch import load_file
 
 from skilltune.config import load_config
@@ -230,3 +232,57 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
         train(cfg, run_name="disk")
     run = sorted((tmp_path / "runs").glob("disk-*"))[0]
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, kernels):
+    from skilltune.config.schema import AdapterConfig, ModelConfig
+    from skilltune.data.tokenize import encode_example
+    from skilltune.data.types import Example, Turn
+    from skilltune.model.loading import load_model
+    from skilltune.model.tokenizer import turn_end_token
+    from skilltune.train.batches import MIN_SHARED_PREFIX, collate, shared_prefix_len
+    from skilltune.train.kernels import install_kernels
+    from skilltune.train.loss import CompletionLoss, supports_shared_prefix
+
+    lm = load_model(ModelConfig(base=str(tiny_model_dir)))
+    torch.manual_seed(0)
+    model = METHODS["lora"].wrap(lm.model, AdapterConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    if kernels:
+        install_kernels(model)
+    assert supports_shared_prefix(model, gradient_checkpointing=False)
+    assert not supports_shared_prefix(model, gradient_checkpointing=True)
+    tok = lm.tokenizer
+    system = "You are a helpful assistant. Please answer politely and concisely."
+    rows = SQL_ROWS[:5] + [{"prompt": "x", "completion": "y " * 30}]
+    items = [encode_example(tok, Example([Turn("system", system), Turn("user", r["prompt"]),
+                                          Turn("assistant", r["completion"], True)]), turn_end_token(tok))
+             for r in rows]
+    prefix = shared_prefix_len(items)
+    assert prefix >= MIN_SHARED_PREFIX
+    loss_fn = CompletionLoss(model, None)
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(**batch)
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    shared = collate(items, tok.pad_token_id, True, 512, share_prefix=True)
+    assert shared["prefix_ids"].shape == (1, prefix)
+    assert shared["input_ids"].shape[1] == max(len(e.input_ids) for e in items) - prefix
+    ls, gs = loss_and_grads(shared)
+    lu, gu = loss_and_grads(collate(items, tok.pad_token_id, False, 512))
+    assert ls == pytest.approx(lu, rel=1e-5)
+    for name in gu:
+        torch.testing.assert_close(gs[name], gu[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # Training on the inputs puts labels in the prefix: no sharing, the ordinary layout.
+    trained_inputs = [encode_example(tok, Example([Turn("system", system), Turn("user", r["prompt"]),
+                                                   Turn("assistant", r["completion"], True)]), turn_end_token(tok),
+                                     train_on_inputs=True) for r in rows]
+    assert shared_prefix_len(trained_inputs) < MIN_SHARED_PREFIX
+    assert "prefix_ids" not in collate(trained_inputs, tok.pad_token_id, True, 512, share_prefix=True)

@@ -97,6 +97,15 @@ class TrainConfig(Section):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: completion-only loss).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    share_prefix: bool = Field(
+        True, description="Compute a prompt prefix that all examples of a micro-batch share (a system prompt, "
+        "few-shot examples) once per row instead of once per example. Same loss; used only when the prefix "
+        "carries no labels (not with train_on_inputs)."
+    )
+    kernels: bool = Field(
+        True, description="On CPU, use skilltune's training kernels (fused LoRA layer, RMSNorm, attention; "
+        "measured in bench/NOTES.md). false: the stock transformers/peft code paths."
+    )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (default: once per epoch).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement of val loss."

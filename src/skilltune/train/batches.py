@@ -10,6 +10,14 @@ Packing changes only the layout of a micro-batch, never its content: its example
 are packed into as few rows as fit, each no longer than the micro-batch's longest
 example (first fit, decreasing), with position ids restarting at 0 for each example
 so attention stays within an example. Packed and padded micro-batches give the same loss.
+
+Shared prefixes: when every example of a micro-batch starts with the same tokens that
+carry no labels (a system prompt, few-shot examples — common in skill finetuning), the
+prefix is computed once per micro-batch instead of once per example: the loss runs it
+as one sequence, keeps its keys and values (with their gradients) and runs the
+remainders, padded, on top of them with positions continuing after the prefix. Every
+trained position sees exactly the context it would see alone, so the loss is the same
+(tests compare it with the padded layout) while far fewer positions are computed.
 """
 
 from __future__ import annotations
@@ -73,8 +81,53 @@ def _pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def collate(items: list[Encoded], pad_id: int, packing: bool, max_len: int) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch: input_ids, labels, position_ids and, unpacked, attention_mask."""
+# A shared prefix shorter than this is not worth a second layout.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_len(items: list[Encoded]) -> int:
+    """Length of the token prefix all ``items`` share and that no trained position needs inside it.
+
+    The position just before an example's first label predicts that label, so it must stay in
+    the example's own part of the row: the prefix ends at least one token before any label.
+    """
+    first = items[0].input_ids
+    n = min(len(e.input_ids) for e in items)
+    common = 0
+    while common < n and all(e.input_ids[common] == first[common] for e in items):
+        common += 1
+    first_label = min(next((j for j, x in enumerate(e.labels) if x != IGNORE), len(e.labels)) for e in items)
+    return max(0, min(common, first_label - 1))
+
+
+def _collate_shared(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in items) - prefix  # the longest remainder
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (examples, width)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), prefix + width), dtype=torch.long)  # keys: prefix, then the remainder
+    mask[:, :prefix] = 1
+    for r, e in enumerate(items):
+        n = len(e.input_ids) - prefix
+        ids[r, :n] = torch.tensor(e.input_ids[prefix:])
+        labels[r, :n] = torch.tensor(e.labels[prefix:])
+        mask[r, prefix:prefix + n] = 1
+    pos = torch.arange(prefix, prefix + width).expand(len(items), width).clone()
+    return {"prefix_ids": torch.tensor([items[0].input_ids[:prefix]]), "input_ids": ids, "labels": labels,
+            "position_ids": pos, "attention_mask": mask}
+
+
+def collate(items: list[Encoded], pad_id: int, packing: bool, max_len: int,
+            share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch: input_ids, labels, position_ids and, unless packed, attention_mask.
+
+    ``share_prefix``: use the shared-prefix layout (module docstring) when the items share one of
+    at least :data:`MIN_SHARED_PREFIX` tokens: ``prefix_ids`` (1, prefix) and the remainders, padded,
+    with position ids continuing after the prefix and an attention_mask over prefix + remainder.
+    """
+    if share_prefix and len(items) > 1:
+        prefix = shared_prefix_len(items)
+        if prefix >= MIN_SHARED_PREFIX:
+            return _collate_shared(items, prefix, pad_id)
     if packing:
         # Rows no longer than the longest example: attention cost stays that of the unpacked batch
         # (it grows with the square of the row length) while the padding goes away.

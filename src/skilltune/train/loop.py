@@ -27,7 +27,8 @@ from skilltune.model.target import ADAPTER_META
 from skilltune.paths import atomic_dir, atomic_write_text
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan, collate, count_label_tokens
-from skilltune.train.loss import CompletionLoss
+from skilltune.train.kernels import install_kernels
+from skilltune.train.loss import CompletionLoss, supports_shared_prefix
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
@@ -90,7 +91,8 @@ def _resolve_run_dir(cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
     return new_run_dir(cfg.train.output_dir, run_name), False
 
 
-def _val_loss(loss_fn, data: PreparedData, cfg: SkilltuneConfig, pad_id: int, device) -> float | None:
+def _val_loss(loss_fn, data: PreparedData, cfg: SkilltuneConfig, pad_id: int, device,
+              share_prefix: bool) -> float | None:
     if not data.val:
         return None
     loss_fn.eval()
@@ -98,8 +100,8 @@ def _val_loss(loss_fn, data: PreparedData, cfg: SkilltuneConfig, pad_id: int, de
     with torch.no_grad():
         for i in range(0, len(data.val), cfg.train.batch_size):
             items = data.val[i:i + cfg.train.batch_size]
-            batch = {k: v.to(device) for k, v in collate(items, pad_id, cfg.train.packing,
-                                                           cfg.train.max_seq_len).items()}
+            batch = {k: v.to(device) for k, v in collate(items, pad_id, cfg.train.packing, cfg.train.max_seq_len,
+                                                           share_prefix).items()}
             total += float(loss_fn(**batch))
             tokens += count_label_tokens(items)
     loss_fn.train()
@@ -166,6 +168,10 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    share_prefix = cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing)
+    kernels, undo_kernels = ({}, lambda: None)
+    if cfg.train.kernels and acc.device.type == "cpu":
+        kernels, undo_kernels = install_kernels(model)
     if acc.is_main_process:
         _check_disk(run_path, model, cfg)
 
@@ -174,7 +180,9 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     eval_every = cfg.train.eval_steps or plan.steps_per_epoch
     trainable, total = trainable_summary(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # The fused AdamW kernel: one pass over all adapter tensors instead of ~10 ops per tensor (38 -> 10 ms a step here).
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=acc.device.type in ("cpu", "cuda"))
     from transformers import get_scheduler
 
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
@@ -184,6 +192,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     loss_fn, optimizer = acc.prepare(loss_fn, optimizer)
 
     loop = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "stopped_early": False, "tokens": 0,
+            "computed_tokens": 0,
             "train_time_s": 0.0}
     if latest is not None:
         loop = ckpt.load_checkpoint(latest, model, optimizer, scheduler)
@@ -203,7 +212,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                 "base_model": {"spec": cfg.model.base, "kind": source.kind, "path": str(source.path),
                                "hash": base_hash},
                 "tokenizer": tok_info.__dict__, "environment": environment(precision),
-                "method": cfg.adapter.method, "world_size": acc.num_processes}, indent=2))
+                "method": cfg.adapter.method, "world_size": acc.num_processes, "kernels": kernels}, indent=2))
         reporter.plan({
             "base model": f"{cfg.model.base} ({source.kind})", "method": cfg.adapter.method,
             "trainable": f"trainable params: {trainable:,} || all params: {total:,} || "
@@ -211,7 +220,9 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             "precision": precision, "processes": acc.num_processes,
             "examples": f"{len(data.train)} train / {len(data.val)} val",
             "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{total_steps} ({plan.steps_per_epoch}/epoch)",
-            "packing": cfg.train.packing, "run dir": str(run_path)})
+            "packing": cfg.train.packing, "shared prefix": share_prefix,
+            "kernels": ", ".join(f"{k} x{n}" for k, n in kernels.items()) or "stock",
+            "run dir": str(run_path)})
     trackers = Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json")) if acc.is_main_process else None
 
     # ---- fit
@@ -236,12 +247,13 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             step_tokens = sum(count_label_tokens([data.train[i] for i in mb]) for mb in all_micro)
             mine = plan.micro_batches(step, acc.process_index)
             step_loss = 0.0
-            seen = 0
+            seen = computed = 0
             for j, mb in enumerate(mine):
                 items = [data.train[i] for i in mb]
                 seen += sum(len(e.input_ids) for e in items)
                 batch = {k: v.to(acc.device) for k, v in collate(items, tokenizer.pad_token_id, cfg.train.packing,
-                                                                 cfg.train.max_seq_len).items()}
+                                                                 cfg.train.max_seq_len, share_prefix).items()}
+                computed += batch["input_ids"].numel()
                 sync = j == len(mine) - 1
                 ctx = acc.no_sync(loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
@@ -252,6 +264,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             if acc.num_processes > 1:
                 step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
                 seen = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum"))
+                computed = int(acc.reduce(torch.tensor(computed, device=acc.device), "sum"))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
             optimizer.step()
             scheduler.step()
@@ -259,11 +272,12 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             dt = time.perf_counter() - t0
             loop["step"] = step = step + 1
             loop["tokens"] += seen
+            loop["computed_tokens"] = loop.get("computed_tokens", 0) + computed
             loop["train_time_s"] += dt
             metrics = {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_s": seen / dt, "epoch": step / plan.steps_per_epoch}
             if step % eval_every == 0 or step == total_steps:
-                val = _val_loss(loss_fn, data, cfg, tokenizer.pad_token_id, acc.device)
+                val = _val_loss(loss_fn, data, cfg, tokenizer.pad_token_id, acc.device, share_prefix)
                 if val is not None:
                     metrics["val_loss"] = val
                     if loop["best_val"] is None or val < loop["best_val"] - 1e-6:
@@ -305,6 +319,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     reporter.finish()
+    undo_kernels()
 
     # ---- finish: the artifact (best validation weights when there was validation), summary, plot
     if loop["best_step"] is not None and (run_path / "best" / "trainable.safetensors").is_file():
@@ -330,6 +345,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             "best_val_loss": loop["best_val"], "best_step": loop["best_step"],
             "train_time_s": round(loop["train_time_s"], 2), "tokens": loop["tokens"],
             "tokens_per_s": round(loop["tokens"] / max(loop["train_time_s"], 1e-9), 1),
+            # positions the model ran: padding adds to them, shared prefixes take away
+            "computed_tokens": loop.get("computed_tokens", 0), "kernels": kernels,
             "trainable_params": trainable, "total_params": total, "precision": precision,
             "world_size": acc.num_processes,
         }

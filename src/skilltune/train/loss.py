@@ -10,6 +10,7 @@ packed, padded, accumulated and data-parallel runs all optimise the same objecti
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,16 @@ class CompletionLoss(torch.nn.Module):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return base.get_decoder(), base.get_output_embeddings()
 
-    def forward(self, input_ids, labels, position_ids, attention_mask=None):
+    def _cache_kwargs(self, decoder) -> dict:
+        """A fresh KV cache for the decoder, under the argument name this transformers version uses."""
+        from transformers import DynamicCache
+
+        if not hasattr(self, "_cache_arg"):
+            params = inspect.signature(decoder.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_arg: DynamicCache(config=decoder.config), "use_cache": True}
+
+    def forward(self, input_ids, labels, position_ids, attention_mask=None, prefix_ids=None):
         decoder, head = self._parts()
         device_type = input_ids.device.type
         with contextlib.ExitStack() as stack:
@@ -38,9 +48,31 @@ class CompletionLoss(torch.nn.Module):
                 # Measured on Sapphire Rapids (bench/NOTES.md): the CPU flash-attention backward is ~4x slower
                 # than the plain math path at these sequence lengths; +27% tokens/s end to end.
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            extra = {"use_cache": False}
+            if prefix_ids is not None:  # a shared prefix (batches.collate): run it once, keep its keys/values
+                extra = self._cache_kwargs(decoder)
+                positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None]
+                decoder(input_ids=prefix_ids, position_ids=positions, **extra)  # fills the cache
+                extra[self._cache_arg].batch_repeat_interleave(input_ids.shape[0])  # differentiable
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state  # (rows, width, hidden)
+                             **extra).last_hidden_state  # (rows, width, hidden)
             targets = labels[:, 1:]  # (rows, width-1): token t predicts t+1
             keep = targets != IGNORE
             logits = head(hidden[:, :-1][keep])  # (n_trained, vocab)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool) -> bool:
+    """Can this model run a shared prefix through a KV cache with gradients (batches.collate)?
+
+    Not with gradient checkpointing (transformers turns the cache off while training with it),
+    and only when every layer attends to the whole context: a sliding-window or chunked layer
+    would drop prefix keys that a long example still needs.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if gradient_checkpointing or config.is_encoder_decoder:
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(t == "full_attention" for t in layer_types) and not getattr(config, "sliding_window", None)
+

@@ -1,0 +1,131 @@
+"""The CPU training kernels compute what the stock transformers/peft paths compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skilltune.config.schema import AdapterConfig
+from skilltune.data.tokenize import IGNORE
+from skilltune.train.kernels import _Attention, attention_bias, install_kernels
+from skilltune.train.loss import CompletionLoss
+from skilltune.train.methods import METHODS
+
+
+def _lora_model(model_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    torch.manual_seed(0)
+    for name, p in base.named_parameters():
+        if "norm" in name:  # norms start at 1.0; other scales catch a kernel that ignores them
+            p.data.normal_(1.0, 0.2)
+    model = METHODS["lora"].wrap(base, AdapterConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            if "lora_B" in name:  # peft starts B at zero; a random B exercises every gradient path
+                p.data.normal_(0, 0.1)
+    return model
+
+
+def _batch(packed: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    if packed:  # row 0 holds two examples (7 + 5 tokens), row 1 one example and padding
+        pos = torch.tensor([list(range(7)) + list(range(5)), list(range(9)) + list(range(3))])
+        labels[1, 9:] = IGNORE
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels[1, 9:] = IGNORE
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(12).expand(2, 12).clone(),
+            "attention_mask": mask}
+
+
+def _loss_and_grads(loss_fn, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(**batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_the_stock_path(tiny_model_dir, packed, dtype):
+    model = _lora_model(tiny_model_dir, dtype)
+    loss_fn = CompletionLoss(model, torch.bfloat16 if dtype == torch.bfloat16 else None)
+    batch = _batch(packed)
+    ref_loss, ref_grads = _loss_and_grads(loss_fn, model, batch)
+
+    counts, undo = install_kernels(model)
+    assert counts == {"lora_linear": 14, "rms_norm": 5, "attention": 2}  # 7 linears x 2 layers; 2x2 + final norm
+    loss, grads = _loss_and_grads(loss_fn, model, batch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    for name, ref in ref_grads.items():
+        got = grads[name]
+        assert ref.abs().max() > 0, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
+        else:  # bf16 rounding differs in order, not in direction
+            cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+            assert cos > 0.99, (name, float(cos))
+
+    undo()  # the stock path is back, bit for bit
+    assert model.get_base_model().config._attn_implementation in ("sdpa", "eager")
+    again, _ = _loss_and_grads(loss_fn, model, batch)
+    assert again == ref_loss
+
+
+def test_lora_kernel_steps_aside_when_the_adapter_is_off_or_merged(tiny_model_dir):
+    model = _lora_model(tiny_model_dir, torch.float32)
+    install_kernels(model)
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            off_again = model(input_ids=ids).logits
+    assert not torch.allclose(on, off)  # the adapter matters (B is random) ...
+    torch.testing.assert_close(merged, on, rtol=1e-4, atol=1e-5)  # ... merged or not
+    torch.testing.assert_close(off_again, off)
+
+
+def test_rms_norm_kernel_leaves_other_norms_alone():
+    class GemmaStyleRMSNorm(torch.nn.Module):  # scales by (1 + weight): F.rms_norm would be wrong
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(16))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)).to(x.dtype)
+
+    model = torch.nn.Sequential(GemmaStyleRMSNorm())
+    counts, _ = install_kernels(model)
+    assert "rms_norm" not in counts
+
+
+def test_attention_kernel_never_returns_nan_for_a_fully_masked_row():
+    q, k, v = (torch.randn(1, 4, 3, 8, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 1, 3, 3)
+    bias[0, 0, 0, :] = torch.finfo(torch.float32).min  # query 0 may attend to nothing
+    out = _Attention.apply(q, k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_(), bias, 8 ** -0.5)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+def test_attention_bias_matches_transformers_causal_padding_mask():
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    bias = attention_bias(batch_size=1, q_length=4, kv_length=4, attention_mask=mask)
+    allowed = bias[0, 0] == 0
+    assert allowed.tolist() == [[True, False, False, False], [True, True, False, False],
+                                [True, True, True, False], [True, True, True, False]]
