@@ -1,13 +1,16 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
-    python bench/run.py [audit] [generate] [train] [trl]     (default: all)
+    python bench/run.py [audit] [generate] [compare]     (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
-- train:    skilltune `train` defaults on the SQL example, LoRA r=16 alpha=32 all-linear, N steps
-- trl:      TRL SFTTrainer with use_cpu=True on the same data and LoRA config, same steps
+- compare:  the same LoRA job three ways, each in its own process (bench/jobs.py): skilltune's
+            defaults, TRL SFTTrainer with use_cpu=True, TRL with the best CPU settings found;
+            tokens/s, training time, peak RSS, final loss, held-out SQL accuracy, MFU
 
-Times vary on a shared machine; compare ratios, and repeat (BENCH_REPEAT=3) for a median.
+Times vary on a shared machine; compare ratios. BENCH_REPEAT=3 repeats each (interleaved) and
+reports medians; BENCH_STEPS=N trains N steps instead of one epoch (quicker, but the held-out
+accuracy then means little). One epoch, once: about 20 minutes here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = int(os.environ.get("BENCH_STEPS", "20"))
+STEPS = int(os.environ.get("BENCH_STEPS", "0"))  # 0: one full epoch (needed for held-out accuracy)
+REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))
 
 
 def bench_audit() -> dict:
@@ -71,82 +75,99 @@ def bench_generate() -> dict:
             "one_at_a_time_s": round(single, 1), "speedup": round(single / batched, 2), "target": ">= 4x"}
 
 
-def bench_train() -> dict:
-    from skilltune.config import load_config
-    from skilltune.train.loop import train
+def bf16_matmul_peak() -> float:
+    """Measured bf16 matmul throughput (TFLOP/s), best of a few 2048^3 products: the MFU denominator."""
+    import torch
 
-    with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(ROOT / "examples/sql/config.yaml",
-                          [f"train.max_steps={STEPS}", f"train.output_dir={d}", "train.eval_steps=100000",
-                           "train.save_steps=100000"])
-        res = train(cfg, run_name="bench")
-    s = res.summary
-    return {"bench": f"skilltune train defaults, {STEPS} steps", "tokens_per_s": s["tokens_per_s"],
-            "seconds": s["train_time_s"], "final_train_loss": round(s["final_train_loss"], 4)}
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(8):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
-def bench_trl() -> dict:
-    """TRL SFTTrainer, use_cpu=True, otherwise its defaults; same LoRA config, data and global batch."""
-    code = f"""
-import json, time, os
-from datasets import Dataset
-from peft import LoraConfig
-from trl import SFTConfig, SFTTrainer
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from skilltune.model.sources import resolve_model
-from skilltune.config import load_config
-cfg = load_config("{ROOT}/examples/sql/config.yaml")
-path = str(resolve_model("embedded:smollm2-135m-instruct").path)
-rows = [json.loads(l) for l in open(cfg.data.train)]
-data = Dataset.from_list([{{"prompt": [{{"role": "system", "content": cfg.data.system_prompt}},
-                                       {{"role": "user", "content": r["prompt"]}}],
-                           "completion": [{{"role": "assistant", "content": r["completion"]}}]}} for r in rows])
-tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path)
-args = SFTConfig(output_dir=os.environ["OUT"], use_cpu=True, max_steps={STEPS}, per_device_train_batch_size=8,
-                 learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no")
-peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-tr = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
-t0 = time.perf_counter(); out = tr.train(); secs = time.perf_counter() - t0
-toks = sum(len(x) for x in tr.train_dataset.select(range(min(len(tr.train_dataset), {STEPS} * 8)))["input_ids"])
-print("RESULT", json.dumps({{"seconds": secs, "tokens": toks, "loss": out.training_loss}}))
-"""
-    with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OUT": d})
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+def linear_params() -> int:
+    """Parameters of the decoder's linear layers (the FLOPs per token are 4x this, forward + backward)."""
+    from skilltune.model.sources import resolve_model
+
+    c = json.loads((resolve_model("embedded:smollm2-135m-instruct").path / "config.json").read_text())
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
+    return c["num_hidden_layers"] * (h * (2 * h + 2 * kv) + 3 * h * c["intermediate_size"])
+
+
+def _job(name: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/jobs.py"), name, str(STEPS)], capture_output=True,
+                          text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
-        return {"bench": "trl SFTTrainer use_cpu=True", "error": (proc.stderr or proc.stdout)[-500:]}
-    r = json.loads(line[6:])
-    return {"bench": f"trl SFTTrainer use_cpu=True, {STEPS} steps", "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
-            "seconds": round(r["seconds"], 1), "final_train_loss": round(r["loss"], 4)}
+        raise RuntimeError(f"{name} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+    return json.loads(line[7:])
 
 
-BENCHES = {"audit": bench_audit, "generate": bench_generate, "train": bench_train, "trl": bench_trl}
+def bench_compare() -> list[dict]:
+    """skilltune defaults vs TRL use_cpu=True vs TRL's best CPU settings: one sitting, median of BENCH_REPEAT."""
+    peak = bf16_matmul_peak()
+    n_linear = linear_params()
+    runs: dict[str, list[dict]] = {name: [] for name in ("skilltune", "trl_default", "trl_best")}
+    for _ in range(REPEAT):
+        for name in runs:  # interleaved, so a noisy spell hits every job
+            runs[name].append(_job(name))
+    rows = []
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        row = {"job": name, "tokens_per_s": round(med["tokens"] / med["seconds"], 1),
+               "train_s": round(med["seconds"], 1), "peak_rss_gb": round(med["peak_rss_gb"], 2),
+               "final_loss": round(med["final_loss"], 4), "heldout_sql_exec": round(med["heldout_acc"], 3)}
+        if "computed_tokens" in med:  # positions the model ran (shared prefixes run once)
+            row["computed_per_s"] = round(med["computed_tokens"] / med["seconds"], 1)
+            row["mfu"] = round(4 * n_linear * med["computed_tokens"] / med["seconds"] / (peak * 1e12), 3)
+        rows.append(row)
+    base = rows[1]["tokens_per_s"]
+    for r in rows:
+        r["vs_trl_default"] = round(r["tokens_per_s"] / base, 2)
+        r["vs_trl_best"] = round(r["tokens_per_s"] / rows[2]["tokens_per_s"], 2)
+    rows.append({"job": f"bf16 matmul peak {peak:.2f} TFLOP/s; MFU = 4 x {n_linear / 1e6:.0f}M linear params x "
+                        "computed tokens/s / peak (attention and the vocabulary projection not counted)"})
+    return rows
+
+
+BENCHES = {"audit": bench_audit, "generate": bench_generate, "compare": bench_compare}
 
 
 def main(argv: list[str]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from skilltune.cli.common import quiet_libraries
-
-    quiet_libraries()
-    names = argv or list(BENCHES)
-    repeat = int(os.environ.get("BENCH_REPEAT", "1"))
-    rows = []
-    for name in names:
-        runs = [BENCHES[name]() for _ in range(repeat)]
-        row = dict(runs[-1])
-        for key in ("tokens_per_s", "seconds", "speedup", "batched_s", "one_at_a_time_s"):
-            if all(key in r for r in runs):
-                row[key] = statistics.median(r[key] for r in runs)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("benchmark", "result", title=f"skilltune benchmarks (median of {repeat})")
-    for r in rows:
-        table.add_row(r.pop("bench"), ", ".join(f"{k}={v}" for k, v in r.items()))
-    Console().print(table)
+    from skilltune.cli.common import quiet_libraries
+
+    quiet_libraries()
+    console = Console()
+    for name in argv or list(BENCHES):
+        if name == "compare":
+            rows = bench_compare()
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            cols = [k for k in rows[0]] + [k for k in ("computed_per_s", "mfu") if k not in rows[0]]
+            table = Table(*cols, title=f"LoRA training, SmolLM2-135M, SQL train split, "
+                                       f"{'1 epoch' if not STEPS else f'{STEPS} steps'}, median of {REPEAT}")
+            for r in rows[:-1]:
+                table.add_row(*[str(r.get(c, "-")) for c in cols])
+            console.print(table)
+            console.print(rows[-1]["job"])
+            continue
+        runs = [BENCHES[name]() for _ in range(REPEAT)]
+        row = dict(runs[-1])
+        for key in ("seconds", "speedup", "batched_s", "one_at_a_time_s", "rows_per_s"):
+            if all(key in r for r in runs):
+                row[key] = statistics.median(r[key] for r in runs)
+        print(json.dumps(row), flush=True)
+        table = Table("benchmark", "result", title=f"median of {REPEAT}")
+        table.add_row(row.pop("bench"), ", ".join(f"{k}={v}" for k, v in row.items()))
+        console.print(table)
 
 
 if __name__ == "__main__":

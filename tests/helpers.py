@@ -58,3 +58,14 @@ SQL_ROWS = [
     {"prompt": "Say hi.", "completion": "hi"},
     {"prompt": "Revenue total.", "completion": "SELECT SUM(amount) FROM orders;"},
 ]
+
+
+def encode_rows(tokenizer, rows, system: str | None = None, train_on_inputs: bool = False):
+    """Encoded training examples from prompt/completion dicts (optionally with a system prompt)."""
+    from skilltune.data.tokenize import encode_example
+    from skilltune.data.types import Example, Turn
+    from skilltune.model.tokenizer import turn_end_token
+
+    head = [Turn("system", system)] if system else []
+    return [encode_example(tokenizer, Example(head + [Turn("user", r["prompt"]), Turn("assistant", r["completion"], True)]),
+                           turn_end_token(tokenizer), train_on_inputs) for r in rows]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+from helpers import SQL_ROWS, cli, encode_rows, write_jsonl, write_yaml
 
 from skilltune.train.methods import METHODS
 from safetensors.torch import load_file
@@ -234,13 +234,10 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
     assert not (run / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, kernels):
+@pytest.mark.parametrize("layout,kernels", [("cache", False), ("cache", True), ("rows", True)])
+def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, layout, kernels):
     from skilltune.config.schema import AdapterConfig, ModelConfig
-    from skilltune.data.tokenize import encode_example
-    from skilltune.data.types import Example, Turn
     from skilltune.model.loading import load_model
-    from skilltune.model.tokenizer import turn_end_token
     from skilltune.train.batches import MIN_SHARED_PREFIX, collate, shared_prefix_len
     from skilltune.train.kernels import install_kernels
     from skilltune.train.loss import CompletionLoss, supports_shared_prefix
@@ -258,9 +255,7 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
     tok = lm.tokenizer
     system = "You are a helpful assistant. Please answer politely and concisely."
     rows = SQL_ROWS[:5] + [{"prompt": "x", "completion": "y " * 30}]
-    items = [encode_example(tok, Example([Turn("system", system), Turn("user", r["prompt"]),
-                                          Turn("assistant", r["completion"], True)]), turn_end_token(tok))
-             for r in rows]
+    items = encode_rows(tok, rows, system)
     prefix = shared_prefix_len(items)
     assert prefix >= MIN_SHARED_PREFIX
     loss_fn = CompletionLoss(model, None)
@@ -271,9 +266,13 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
         loss.backward()
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    shared = collate(items, tok.pad_token_id, True, 512, share_prefix=True)
-    assert shared["prefix_ids"].shape == (1, prefix)
-    assert shared["input_ids"].shape[1] == max(len(e.input_ids) for e in items) - prefix
+    shared = collate(items, tok.pad_token_id, True, 512, share_prefix=layout)
+    rest = max(len(e.input_ids) for e in items) - prefix
+    if layout == "cache":
+        assert shared["prefix_ids"].shape == (1, prefix) and shared["input_ids"].shape == (len(items), rest)
+    else:  # row 0 is the prefix
+        assert shared["input_ids"].shape == (len(items) + 1, max(prefix, rest))
+        assert shared["input_ids"][0, :prefix].tolist() == items[0].input_ids[:prefix]
     ls, gs = loss_and_grads(shared)
     lu, gu = loss_and_grads(collate(items, tok.pad_token_id, False, 512))
     assert ls == pytest.approx(lu, rel=1e-5)
@@ -281,8 +280,21 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
         torch.testing.assert_close(gs[name], gu[name], rtol=1e-4, atol=1e-6, msg=name)
 
     # Training on the inputs puts labels in the prefix: no sharing, the ordinary layout.
-    trained_inputs = [encode_example(tok, Example([Turn("system", system), Turn("user", r["prompt"]),
-                                                   Turn("assistant", r["completion"], True)]), turn_end_token(tok),
-                                     train_on_inputs=True) for r in rows]
+    trained_inputs = encode_rows(tok, rows, system, train_on_inputs=True)
     assert shared_prefix_len(trained_inputs) < MIN_SHARED_PREFIX
-    assert "prefix_ids" not in collate(trained_inputs, tok.pad_token_id, True, 512, share_prefix=True)
+    plain = collate(trained_inputs, tok.pad_token_id, True, 512, share_prefix=layout)
+    assert "prefix_ids" not in plain and "shared_prefix" not in plain
+
+
+def test_rows_layout_refuses_to_run_without_the_attention_kernel(tiny_model_dir):
+    from skilltune.config.schema import ModelConfig
+    from skilltune.model.loading import load_model
+    from skilltune.train.batches import collate
+    from skilltune.train.loss import CompletionLoss
+
+    lm = load_model(ModelConfig(base=str(tiny_model_dir)))
+    items = encode_rows(lm.tokenizer, SQL_ROWS[:3], system="You are a helpful assistant. Please answer politely.")
+    batch = collate(items, lm.tokenizer.pad_token_id, True, 512, share_prefix="rows")
+    assert "shared_prefix" in batch
+    with pytest.raises(RuntimeError, match="attention kernel"):
+        CompletionLoss(lm.model, None)(**batch)

@@ -104,7 +104,7 @@ def _loss(model, tokenizer, examples, batch_size: int = 8) -> float:
     end = turn_end_token(tokenizer)
     enc = [encode_example(tokenizer, ex, end) for ex in examples]
     loss_fn = CompletionLoss(model, None)
-    share = supports_shared_prefix(model, gradient_checkpointing=False)
+    share = "cache" if supports_shared_prefix(model, gradient_checkpointing=False) else None
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(enc), batch_size):

@@ -21,6 +21,8 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -204,10 +206,65 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+@dataclass
+class _SharedPrefix:
+    prefix: int
+    bias_prefix: torch.Tensor  # (1, 1, width, width): row 0 attends causally within the prefix
+    bias_rest: torch.Tensor  # (examples, 1, width, prefix + width): the prefix, then itself causally
+    calls: int = 0
+
+
+_SHARED: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar("skilltune_shared", default=None)
+
+
+@contextlib.contextmanager
+def shared_prefix_attention(prefix: int, attention_mask: torch.Tensor):
+    """Attention for the "rows" shared-prefix layout (batches.py) while the decoder runs in this block.
+
+    ``attention_mask`` (1 + examples, width) marks real tokens: row 0 is the prefix, row k the
+    remainder of example k, which attends to row 0's first ``prefix`` keys and causally to itself.
+    """
+    width = attention_mask.shape[1]
+    real = attention_mask.bool()
+    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+    in_prefix = torch.arange(width, device=real.device) < prefix
+    allowed_prefix = (causal & in_prefix)[None, None]
+    own = causal[None] & real[1:, None, :]  # (examples, queries, keys)
+    allowed_rest = torch.cat([in_prefix[:prefix].expand(own.shape[0], width, prefix), own], dim=2)[:, None]
+    state = _SharedPrefix(prefix, _bias_from_mask(allowed_prefix), _bias_from_mask(allowed_rest))
+    token = _SHARED.set(state)
+    try:
+        yield state
+    finally:
+        _SHARED.reset(token)
+    if state.calls == 0:
+        raise RuntimeError("the shared-prefix layout ran without skilltune's attention kernel; "
+                           "the rows would not have seen the prefix")
+
+
+def _shared_attention(state: _SharedPrefix, query, key, value, scale):
+    p = state.prefix
+    k, v = key.to(query.dtype), value.to(query.dtype)
+    head = _Attention.apply(query[:1], k[:1], v[:1], state.bias_prefix, scale)  # (1, heads, width, head_dim)
+    n = query.shape[0] - 1
+    k_rest = torch.cat([k[:1, :, :p].expand(n, -1, -1, -1), k[1:]], dim=2)  # (examples, kv, prefix+width, d)
+    v_rest = torch.cat([v[:1, :, :p].expand(n, -1, -1, -1), v[1:]], dim=2)
+    rest = _Attention.apply(query[1:], k_rest, v_rest, state.bias_rest, scale)
+    return torch.cat([head, rest], dim=0)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """A transformers attention function (``AttentionInterface``); anything unusual goes to SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    shared = _SHARED.get()
+    if shared is not None:
+        shared.calls += 1
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        with torch.autocast(query.device.type, enabled=False):
+            out = _shared_attention(shared, query, key, value, scale)
+        return out.transpose(1, 2).contiguous(), None
 
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # a custom 4-D mask (shared prefixes)
         attention_mask = _bias_from_mask(attention_mask)

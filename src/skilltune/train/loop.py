@@ -92,7 +92,7 @@ def _resolve_run_dir(cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
 
 
 def _val_loss(loss_fn, data: PreparedData, cfg: SkilltuneConfig, pad_id: int, device,
-              share_prefix: bool) -> float | None:
+              share_prefix: str | None) -> float | None:
     if not data.val:
         return None
     loss_fn.eval()
@@ -168,10 +168,12 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    share_prefix = cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing)
     kernels, undo_kernels = ({}, lambda: None)
     if cfg.train.kernels and acc.device.type == "cpu":
         kernels, undo_kernels = install_kernels(model)
+    share_prefix = None  # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
+    if cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing):
+        share_prefix = "rows" if "attention" in kernels else "cache"
     if acc.is_main_process:
         _check_disk(run_path, model, cfg)
 
@@ -220,7 +222,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             "precision": precision, "processes": acc.num_processes,
             "examples": f"{len(data.train)} train / {len(data.val)} val",
             "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{total_steps} ({plan.steps_per_epoch}/epoch)",
-            "packing": cfg.train.packing, "shared prefix": share_prefix,
+            "packing": cfg.train.packing, "shared prefix": share_prefix or "off",
             "kernels": ", ".join(f"{k} x{n}" for k, n in kernels.items()) or "stock",
             "run dir": str(run_path)})
     trackers = Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json")) if acc.is_main_process else None

@@ -38,7 +38,7 @@ class CompletionLoss(torch.nn.Module):
             self._cache_arg = "cache" if "cache" in params else "past_key_values"
         return {self._cache_arg: DynamicCache(config=decoder.config), "use_cache": True}
 
-    def forward(self, input_ids, labels, position_ids, attention_mask=None, prefix_ids=None):
+    def forward(self, input_ids, labels, position_ids, attention_mask=None, prefix_ids=None, shared_prefix=None):
         decoder, head = self._parts()
         device_type = input_ids.device.type
         with contextlib.ExitStack() as stack:
@@ -49,6 +49,11 @@ class CompletionLoss(torch.nn.Module):
                 # than the plain math path at these sequence lengths; +27% tokens/s end to end.
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             extra = {"use_cache": False}
+            if shared_prefix is not None:  # the one-pass "rows" layout: the prefix is row 0
+                from skilltune.train.kernels import shared_prefix_attention
+
+                stack.enter_context(shared_prefix_attention(int(shared_prefix), attention_mask))
+                attention_mask = None
             if prefix_ids is not None:  # a shared prefix (batches.collate): run it once, keep its keys/values
                 extra = self._cache_kwargs(decoder)
                 positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None]
