@@ -58,6 +58,7 @@ def run_skilltune(steps: int | None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         sets = [f"train.output_dir={d}", "data.val=null", "data.val_split=0", "train.report_to=[]",
                 "train.save_steps=100000"] + ([f"train.max_steps={steps}"] if steps else [])
+        sets += [x for x in os.environ.get("BENCH_SET", "").split() if x]  # extra --set overrides, for ablations
         cfg = load_config(CONFIG, sets)
         res = train(cfg, run_name="bench")
         rss = _peak_rss_gb()

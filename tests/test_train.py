@@ -298,3 +298,23 @@ def test_rows_layout_refuses_to_run_without_the_attention_kernel(tiny_model_dir)
     assert "shared_prefix" in batch
     with pytest.raises(RuntimeError, match="attention kernel"):
         CompletionLoss(lm.model, None)(**batch)
+
+
+def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, tiny_model_dir):
+    system = "You are a helpful assistant. Please answer politely and concisely."
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=1, batch_size=4, max_seq_len=256),
+                      [f"data.system_prompt={system}"])
+    res = train(cfg, run_name="shared")
+    meta = json.loads((res.run_dir / "run.json").read_text())
+    assert meta["kernels"] == {"lora_linear": 14, "rms_norm": 5, "attention": 2}
+    assert meta["share_prefix"] == "rows"
+    s = res.summary
+    assert 0 < s["computed_tokens"] < s["tokens"]  # the system prompt ran once per micro-batch
+    assert s["final_val_loss"] is not None  # validation ran through the same layout
+    off = train(load_config(_config(tmp_path / "off", tiny_model_dir, epochs=1, batch_size=4, max_seq_len=256),
+                            [f"data.system_prompt={system}", "train.kernels=false", "train.share_prefix=false"]),
+                run_name="stock")
+    assert json.loads((off.run_dir / "run.json").read_text())["kernels"] == {}
+    assert off.summary["computed_tokens"] >= off.summary["tokens"]
+    # fp32: the optimised run follows the stock run closely
+    assert s["final_train_loss"] == pytest.approx(off.summary["final_train_loss"], rel=1e-3)

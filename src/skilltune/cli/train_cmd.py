@@ -91,5 +91,8 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
         for key in ("steps", "train_time_s", "tokens_per_s", "final_train_loss", "final_val_loss", "best_val_loss",
                     "best_step", "stopped_early", "artifact", "run_dir"):
             table.add_row(key, str(s.get(key)))
+        if s.get("computed_tokens") and s["computed_tokens"] != s.get("tokens"):
+            table.add_row("positions computed", f"{s['computed_tokens']:,} for {s['tokens']:,} tokens "
+                          "(shared prefixes run once; padding adds)")
         console.print(table)
         console.print(f"next: skilltune eval {result.run_dir} --test TEST.jsonl")

@@ -13,10 +13,11 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
 - ``rms_norm``: ``torch.nn.functional.rms_norm`` (a fused kernel) for RMSNorm modules whose
   output it reproduces (checked on a random input when installing, so a variant such as
   Gemma's ``1 + weight`` is left alone).
-- ``attention``: causal attention with bf16 matmuls, grouped query heads without
-  repeating K/V, an fp32 softmax and a hand-written backward. PyTorch's CPU flash
-  attention backward was 4x slower than its math path, and the math path upcasts and
-  repeats K/V; at training lengths this one was 2.5x faster than the math path.
+- ``attention``: causal attention in fp32 (as PyTorch's CPU math path computes bf16
+  inputs), grouped query heads without repeating K/V, the mask turned into an additive
+  bias once per forward instead of once per layer, and a hand-written backward. PyTorch's
+  CPU flash-attention backward was 4x slower than its math path here. It also runs the
+  one-pass shared-prefix layout (batches.py), where rows attend to row 0's prefix.
 """
 
 from __future__ import annotations
@@ -177,33 +178,39 @@ register_kernel(Kernel("rms_norm", _install_rms_norm))
 # ---- attention -----------------------------------------------------------------------------
 
 class _Attention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v with grouped K/V heads; bf16 matmuls, fp32 softmax."""
+    """softmax(q k^T * scale + bias) v with grouped K/V heads, computed in fp32 whatever the input dtype.
+
+    fp32 like PyTorch's CPU math path (which upcasts bf16): bf16 scores cost held-out accuracy in
+    an A/B on the SQL example (bench/NOTES.md), and attention is a small share of the FLOPs at
+    training lengths.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
         b, h, s, d = q.shape  # (batch, heads, queries, head_dim)
         kv, t = k.shape[1], k.shape[2]  # kv heads, keys
         g = h // kv
-        qg = q.reshape(b, kv, g * s, d)  # the g query heads sharing one K/V head, stacked
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, g, s, t).float()
+        qg = q.reshape(b, kv, g * s, d).float()  # the g query heads sharing one K/V head, stacked
+        kf, vf = k.float(), v.float()
+        scores = torch.matmul(qg, kf.transpose(-1, -2)).view(b, kv, g, s, t)
         scores.mul_(scale).add_(bias[:, :, None])  # bias: (batch, 1, queries, keys) -> every head
-        p = torch.softmax(scores, -1).to(q.dtype).view(b, kv, g * s, t)
-        ctx.save_for_backward(qg, k, v, p)
-        ctx.scale = scale
-        return torch.matmul(p, v).view(b, h, s, d)
+        p = torch.softmax(scores, -1).view(b, kv, g * s, t)
+        ctx.save_for_backward(qg, kf, vf, p)
+        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        return torch.matmul(p, vf).view(b, h, s, d).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qg, k, v, p = ctx.saved_tensors
+        qg, kf, vf, p = ctx.saved_tensors
         b, kv, gs, d = qg.shape
-        dog = do.reshape(b, kv, gs, d)
+        dog = do.reshape(b, kv, gs, d).float()
         dv = torch.matmul(p.transpose(-1, -2), dog)  # (batch, kv, keys, head_dim)
-        dp = torch.matmul(dog, v.transpose(-1, -2)).float()  # (batch, kv, g*queries, keys)
-        pf = p.float()
-        ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True))).mul_(ctx.scale).to(qg.dtype)
-        dq = torch.matmul(ds, k).view(do.shape)
+        dp = torch.matmul(dog, vf.transpose(-1, -2))  # (batch, kv, g*queries, keys)
+        ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale)
+        dq = torch.matmul(ds, kf).view(do.shape)
         dk = torch.matmul(ds.transpose(-1, -2), qg)
-        return dq, dk, dv, None, None
+        dt_q, dt_k, dt_v = ctx.dtypes
+        return dq.to(dt_q), dk.to(dt_k), dv.to(dt_v), None, None
 
 
 @dataclass

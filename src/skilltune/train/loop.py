@@ -214,7 +214,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                 "base_model": {"spec": cfg.model.base, "kind": source.kind, "path": str(source.path),
                                "hash": base_hash},
                 "tokenizer": tok_info.__dict__, "environment": environment(precision),
-                "method": cfg.adapter.method, "world_size": acc.num_processes, "kernels": kernels}, indent=2))
+                "method": cfg.adapter.method, "world_size": acc.num_processes, "kernels": kernels,
+                "share_prefix": share_prefix}, indent=2))
         reporter.plan({
             "base model": f"{cfg.model.base} ({source.kind})", "method": cfg.adapter.method,
             "trainable": f"trainable params: {trainable:,} || all params: {total:,} || "
