@@ -268,7 +268,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                 step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
                 seen = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum"))
                 computed = int(acc.reduce(torch.tensor(computed, device=acc.device), "sum"))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)  # FSDP/DeepSpeed-aware
+            grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
