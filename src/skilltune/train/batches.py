@@ -102,19 +102,26 @@ def shared_prefix_len(items: list[Encoded]) -> int:
     return max(0, min(common, first_label - 1))
 
 
-def _collate_shared_cache(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Two passes: ``prefix_ids`` (1, prefix) first, then the remainders on top of its KV cache."""
-    width = max(len(e.input_ids) for e in items) - prefix  # the longest remainder
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (examples, width)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), prefix + width), dtype=torch.long)  # keys: prefix, then the remainder
-    mask[:, :prefix] = 1
-    for r, e in enumerate(items):
+def _remainders(items: list[Encoded], prefix: int, pad_id: int, width: int, first_row: int):
+    """ids, labels and real-token mask (rows, width) of each item's tokens after ``prefix``, from ``first_row``."""
+    rows = len(items) + first_row
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, e in enumerate(items, start=first_row):
         n = len(e.input_ids) - prefix
         ids[r, :n] = torch.tensor(e.input_ids[prefix:])
         labels[r, :n] = torch.tensor(e.labels[prefix:])
-        mask[r, prefix:prefix + n] = 1
-    pos = torch.arange(prefix, prefix + width).expand(len(items), width).clone()
+        mask[r, :n] = 1
+    positions = torch.arange(prefix, prefix + width).expand(rows, width).clone()  # continuing after the prefix
+    return ids, labels, mask, positions
+
+
+def _collate_shared_cache(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Two passes: ``prefix_ids`` (1, prefix) first, then the remainders on top of its KV cache."""
+    width = max(len(e.input_ids) for e in items) - prefix  # the longest remainder
+    ids, labels, mask, pos = _remainders(items, prefix, pad_id, width, first_row=0)  # (examples, width)
+    mask = torch.cat([torch.ones((len(items), prefix), dtype=torch.long), mask], dim=1)  # keys: prefix, remainder
     return {"prefix_ids": torch.tensor([items[0].input_ids[:prefix]]), "input_ids": ids, "labels": labels,
             "position_ids": pos, "attention_mask": mask}
 
@@ -127,17 +134,9 @@ def _collate_shared_rows(items: list[Encoded], prefix: int, pad_id: int) -> dict
     the fixed cost of a pass (about 0.3 s for SmolLM2 on the CI machine).
     """
     width = max(prefix, max(len(e.input_ids) for e in items) - prefix)
-    ids = torch.full((len(items) + 1, width), pad_id, dtype=torch.long)  # (1 + examples, width)
-    labels = torch.full((len(items) + 1, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items) + 1, width), dtype=torch.long)
+    ids, labels, mask, pos = _remainders(items, prefix, pad_id, width, first_row=1)  # (1 + examples, width)
     ids[0, :prefix] = torch.tensor(items[0].input_ids[:prefix])
     mask[0, :prefix] = 1
-    for r, e in enumerate(items, start=1):
-        n = len(e.input_ids) - prefix
-        ids[r, :n] = torch.tensor(e.input_ids[prefix:])
-        labels[r, :n] = torch.tensor(e.labels[prefix:])
-        mask[r, :n] = 1
-    pos = torch.arange(prefix, prefix + width).expand(len(items) + 1, width).clone()
     pos[0] = torch.arange(width)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask,
             "shared_prefix": torch.tensor(prefix)}

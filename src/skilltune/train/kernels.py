@@ -180,9 +180,9 @@ register_kernel(Kernel("rms_norm", _install_rms_norm))
 class _Attention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with grouped K/V heads, computed in fp32 whatever the input dtype.
 
-    fp32 like PyTorch's CPU math path (which upcasts bf16): bf16 scores cost held-out accuracy in
-    an A/B on the SQL example (bench/NOTES.md), and attention is a small share of the FLOPs at
-    training lengths.
+    fp32 like PyTorch's CPU math path (which upcasts bf16), so the kernel changes speed, not
+    numerics; at training lengths attention is a small share of the FLOPs and fp32 cost no
+    measurable speed here (bench/NOTES.md). Inputs may differ in dtype; gradients come back in each.
     """
 
     @staticmethod
@@ -250,8 +250,7 @@ def shared_prefix_attention(prefix: int, attention_mask: torch.Tensor):
 
 
 def _shared_attention(state: _SharedPrefix, query, key, value, scale):
-    p = state.prefix
-    k, v = key.to(query.dtype), value.to(query.dtype)
+    p, k, v = state.prefix, key, value
     head = _Attention.apply(query[:1], k[:1], v[:1], state.bias_prefix, scale)  # (1, heads, width, head_dim)
     n = query.shape[0] - 1
     k_rest = torch.cat([k[:1, :, :p].expand(n, -1, -1, -1), k[1:]], dim=2)  # (examples, kv, prefix+width, d)
@@ -266,23 +265,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     shared = _SHARED.get()
-    if shared is not None:
-        shared.calls += 1
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        with torch.autocast(query.device.type, enabled=False):
-            out = _shared_attention(shared, query, key, value, scale)
-        return out.transpose(1, 2).contiguous(), None
-
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # a custom 4-D mask (shared prefixes)
-        attention_mask = _bias_from_mask(attention_mask)
-    if ((dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-            or kwargs.get("output_attentions") or query.device.type != "cpu" or attention_mask is None
-            or attention_mask.dtype != torch.float32 or query.shape[1] % key.shape[1]):
+    if shared is None and ((dropout and module.training) or kwargs.get("softcap") is not None
+                           or kwargs.get("s_aux") is not None or kwargs.get("output_attentions")
+                           or query.device.type != "cpu" or attention_mask is None
+                           or attention_mask.dtype != torch.float32 or query.shape[1] % key.shape[1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    with torch.autocast("cpu", enabled=False):
-        out = _Attention.apply(query, key.to(query.dtype), value.to(query.dtype), attention_mask, scale)
+    with torch.autocast(query.device.type, enabled=False):
+        if shared is not None:
+            shared.calls += 1
+            out = _shared_attention(shared, query, key, value, scale)
+        else:
+            out = _Attention.apply(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None  # (batch, queries, heads, head_dim)
 
 

@@ -68,11 +68,12 @@ class CompletionLoss(torch.nn.Module):
 
 
 def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool) -> bool:
-    """Can this model run a shared prefix through a KV cache with gradients (batches.collate)?
+    """Can this model train on a shared-prefix layout (batches.collate, either layout)?
 
-    Not with gradient checkpointing (transformers turns the cache off while training with it),
-    and only when every layer attends to the whole context: a sliding-window or chunked layer
-    would drop prefix keys that a long example still needs.
+    Not with gradient checkpointing (transformers turns the KV cache off while training with it,
+    and its recomputation would run outside the one-pass layout's attention context), and only
+    when every layer attends to the whole context: a sliding-window or chunked layer would drop
+    prefix keys that a long example still needs.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
