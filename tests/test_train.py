@@ -315,6 +315,25 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
                             [f"data.system_prompt={system}", "train.kernels=false", "train.share_prefix=false"]),
                 run_name="stock")
     assert json.loads((off.run_dir / "run.json").read_text())["kernels"] == {}
+    cache = train(load_config(_config(tmp_path / "cache", tiny_model_dir, epochs=1, batch_size=4, max_seq_len=256),
+                              [f"data.system_prompt={system}", "train.kernels=false"]), run_name="cache")
+    assert json.loads((cache.run_dir / "run.json").read_text())["share_prefix"] == "cache"
+    # the two-pass layout computes the prefix once per micro-batch, then the remainders padded to the longest
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.train.batches import StepPlan, collate
+    from skilltune.train.prepare import prepare_data
+
+    ccfg = load_config(cache.run_dir / "config.yaml")
+    tok = load_tokenizer(ccfg.model)[0]
+    data = prepare_data(ccfg, tok)
+    plan = StepPlan(len(data.train), ccfg.train.batch_size, 1, 1, ccfg.train.seed)
+    expected = 0
+    for step in range(cache.summary["steps"]):
+        for mb in plan.micro_batches(step):
+            batch = collate([data.train[i] for i in mb], tok.pad_token_id, True, 256, "cache")
+            expected += batch["input_ids"].numel() + (batch["prefix_ids"].numel() if "prefix_ids" in batch else 0)
+    assert cache.summary["computed_tokens"] == expected
+    assert s["computed_tokens"] >= expected
     assert off.summary["computed_tokens"] >= off.summary["tokens"]
     # fp32: the optimised run follows the stock run closely
     assert s["final_train_loss"] == pytest.approx(off.summary["final_train_loss"], rel=1e-3)

@@ -256,7 +256,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                 seen += sum(len(e.input_ids) for e in items)
                 batch = {k: v.to(acc.device) for k, v in collate(items, tokenizer.pad_token_id, cfg.train.packing,
                                                                  cfg.train.max_seq_len, share_prefix).items()}
-                computed += batch["input_ids"].numel()
+                computed += sum(batch[k].numel() for k in ("input_ids", "prefix_ids") if k in batch)
                 sync = j == len(mine) - 1
                 ctx = acc.no_sync(loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
                 with ctx:
