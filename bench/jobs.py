@@ -5,10 +5,10 @@
 Same model (embedded SmolLM2-135M), data (the SQL example's train split, its system prompt),
 LoRA (r=16, alpha=32, all linear layers, no dropout), global batch (8) and learning rate
 (1e-3, cosine, 5% warm-up); one epoch unless STEPS is given; no validation during training.
-Then the same held-out check for all three: SQL execution accuracy on the test split, greedy,
-with the adapter merged. Prints one line ``RESULT {json}``: dataset tokens trained, training
-seconds, positions computed (skilltune only), peak RSS during training, the mean train loss
-of the last 10 steps, held-out accuracy.
+Then the same held-out check for all three, with the adapter merged: the loss on the val split
+and SQL execution accuracy on the test split (greedy). Prints one line ``RESULT {json}``:
+dataset tokens trained, training seconds, positions computed (skilltune only), peak RSS during
+training, the mean train loss of the last 10 steps, held-out loss and accuracy.
 """
 
 from __future__ import annotations
@@ -31,23 +31,33 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _heldout_accuracy(model, tokenizer, cfg) -> float:
-    """sql_exec on the test split, greedy, merged adapter: the same for every job."""
+def _heldout(model, tokenizer, cfg) -> tuple[float, float]:
+    """The same check for every job, adapter merged, fp32: (mean completion-token loss on the val split,
+    SQL execution accuracy on the test split, greedy; NaN with BENCH_EVAL=0).
+
+    The loss is computed by the same code for all jobs, on examples none of them trained on, so it
+    compares models, not logging: the jobs' last train losses come from different batches (each
+    shuffles its own way) and TRL also counts the newline after the end-of-turn token, which
+    skilltune does not train on.
+    """
     from skilltune.data.reader import load_examples
     from skilltune.data.tokenize import prompt_text
     from skilltune.evaluate.generate import generate
+    from skilltune.evaluate.runner import _loss
     from skilltune.evaluate.sql import sql_exec_score
 
-    if os.environ.get("BENCH_EVAL", "1") == "0":
-        return float("nan")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model = model.float().eval()
+    loss = _loss(model, tokenizer, load_examples(cfg.data.val, system_prompt=cfg.data.system_prompt))
+    if os.environ.get("BENCH_EVAL", "1") == "0":
+        return loss, float("nan")
     exs = load_examples(cfg.data.test, system_prompt=cfg.data.system_prompt)
     prompts = [prompt_text(tokenizer, e) for e in exs]
     refs = [e.turns[-1].content for e in exs]
-    outs = generate(model.float(), tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+    outs = generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                     batch_size=cfg.eval.batch_size)
-    return sum(sql_exec_score(o.text, r, cfg.eval.db) for o, r in zip(outs, refs)) / len(refs)
+    return loss, sum(sql_exec_score(o.text, r, cfg.eval.db) for o, r in zip(outs, refs)) / len(refs)
 
 
 def run_skilltune(steps: int | None) -> dict:
@@ -65,9 +75,10 @@ def run_skilltune(steps: int | None) -> dict:
         s = res.summary
         losses = [json.loads(ln)["train_loss"] for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
         target = load_target(str(res.run_dir))
-        acc = _heldout_accuracy(target.model, target.tokenizer, cfg)
+        heldout_loss, acc = _heldout(target.model, target.tokenizer, load_config(CONFIG))  # cfg has no val split
     return {"tokens": s["tokens"], "seconds": s["train_time_s"], "computed_tokens": s["computed_tokens"],
-            "peak_rss_gb": rss, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "heldout_acc": acc}
+            "peak_rss_gb": rss, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "heldout_loss": heldout_loss,
+            "heldout_acc": acc}
 
 
 def run_trl(steps: int | None, best: bool) -> dict:
@@ -117,9 +128,10 @@ def run_trl(steps: int | None, best: bool) -> dict:
         rss = _peak_rss_gb()
         n_rows = min(len(tr.train_dataset), (steps or 10**9) * BATCH)
         tokens = sum(len(x) for x in tr.train_dataset.select(range(n_rows))["input_ids"])
-        acc = _heldout_accuracy(tr.model, tok, cfg)
+        heldout_loss, acc = _heldout(tr.model, tok, cfg)
     return {"tokens": tokens, "seconds": secs, "peak_rss_gb": rss,
-            "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1), "heldout_acc": acc}
+            "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1), "heldout_loss": heldout_loss,
+            "heldout_acc": acc}
 
 
 JOBS = {"skilltune": lambda s: run_skilltune(s), "trl_default": lambda s: run_trl(s, best=False),

@@ -6,7 +6,7 @@
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
 - compare:  the same LoRA job three ways, each in its own process (bench/jobs.py): skilltune's
             defaults, TRL SFTTrainer with use_cpu=True, TRL with the best CPU settings found;
-            tokens/s, training time, peak RSS, final loss, held-out SQL accuracy, MFU
+            tokens/s, training time, peak RSS, final train loss, held-out loss and SQL accuracy, MFU
 
 Times vary on a shared machine; compare ratios. BENCH_REPEAT=3 repeats each (interleaved) and
 reports medians; BENCH_STEPS=N trains N steps instead of one epoch (quicker, but the held-out
@@ -123,7 +123,8 @@ def bench_compare() -> list[dict]:
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         row = {"job": name, "tokens_per_s": round(med["tokens"] / med["seconds"], 1),
                "train_s": round(med["seconds"], 1), "peak_rss_gb": round(med["peak_rss_gb"], 2),
-               "final_loss": round(med["final_loss"], 4), "heldout_sql_exec": round(med["heldout_acc"], 3)}
+               "final_loss": round(med["final_loss"], 4), "heldout_loss": round(med["heldout_loss"], 4),
+               "heldout_sql_exec": round(med["heldout_acc"], 3)}
         if "computed_tokens" in med:  # positions the model ran (shared prefixes run once)
             row["computed_per_s"] = round(med["computed_tokens"] / med["seconds"], 1)
             row["mfu"] = round(4 * n_linear * med["computed_tokens"] / med["seconds"] / (peak * 1e12), 3)
@@ -148,7 +149,7 @@ def main(argv: list[str]) -> None:
     from skilltune.cli.common import quiet_libraries
 
     quiet_libraries()
-    console = Console()
+    console = Console(width=max(160, Console().width))  # the compare table has 11 columns
     for name in argv or list(BENCHES):
         if name == "compare":
             rows = bench_compare()

@@ -234,7 +234,7 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
     assert not (run / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("layout,kernels", [("cache", False), ("cache", True), ("rows", True)])
+@pytest.mark.parametrize("layout,kernels", [("cache", False), ("cache", True), ("packed", True)])
 def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, layout, kernels):
     from skilltune.config.schema import AdapterConfig, ModelConfig
     from skilltune.model.loading import load_model
@@ -270,9 +270,10 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
     rest = max(len(e.input_ids) for e in items) - prefix
     if layout == "cache":
         assert shared["prefix_ids"].shape == (1, prefix) and shared["input_ids"].shape == (len(items), rest)
-    else:  # row 0 is the prefix
-        assert shared["input_ids"].shape == (len(items) + 1, max(prefix, rest))
+    else:  # one row: the prefix once, then the remainders, no padding
+        assert shared["input_ids"].shape == (1, prefix + sum(len(e.input_ids) - prefix for e in items))
         assert shared["input_ids"][0, :prefix].tolist() == items[0].input_ids[:prefix]
+        assert shared["segments"].tolist() == [len(e.input_ids) - prefix for e in items]
     ls, gs = loss_and_grads(shared)
     lu, gu = loss_and_grads(collate(items, tok.pad_token_id, False, 512))
     assert ls == pytest.approx(lu, rel=1e-5)
@@ -286,7 +287,7 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
     assert "prefix_ids" not in plain and "shared_prefix" not in plain
 
 
-def test_rows_layout_refuses_to_run_without_the_attention_kernel(tiny_model_dir):
+def test_packed_layout_refuses_to_run_without_the_attention_kernel(tiny_model_dir):
     from skilltune.config.schema import ModelConfig
     from skilltune.model.loading import load_model
     from skilltune.train.batches import collate
@@ -294,7 +295,7 @@ def test_rows_layout_refuses_to_run_without_the_attention_kernel(tiny_model_dir)
 
     lm = load_model(ModelConfig(base=str(tiny_model_dir)))
     items = encode_rows(lm.tokenizer, SQL_ROWS[:3], system="You are a helpful assistant. Please answer politely.")
-    batch = collate(items, lm.tokenizer.pad_token_id, True, 512, share_prefix="rows")
+    batch = collate(items, lm.tokenizer.pad_token_id, True, 512, share_prefix="packed")
     assert "shared_prefix" in batch
     with pytest.raises(RuntimeError, match="attention kernel"):
         CompletionLoss(lm.model, None)(**batch)
@@ -307,7 +308,7 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
     res = train(cfg, run_name="shared")
     meta = json.loads((res.run_dir / "run.json").read_text())
     assert meta["kernels"] == {"lora_linear": 14, "rms_norm": 5, "attention": 2}
-    assert meta["share_prefix"] == "rows"
+    assert meta["share_prefix"] == "packed"
     s = res.summary
     assert 0 < s["computed_tokens"] < s["tokens"]  # the system prompt ran once per micro-batch
     assert s["final_val_loss"] is not None  # validation ran through the same layout
@@ -318,7 +319,8 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
     cache = train(load_config(_config(tmp_path / "cache", tiny_model_dir, epochs=1, batch_size=4, max_seq_len=256),
                               [f"data.system_prompt={system}", "train.kernels=false"]), run_name="cache")
     assert json.loads((cache.run_dir / "run.json").read_text())["share_prefix"] == "cache"
-    # the two-pass layout computes the prefix once per micro-batch, then the remainders padded to the longest
+    # the two-pass layout computes the prefix once per micro-batch, then the remainders padded to the
+    # longest; the packed layout the prefix once and the remainders without padding
     from skilltune.model.loading import load_tokenizer
     from skilltune.train.batches import StepPlan, collate
     from skilltune.train.prepare import prepare_data
@@ -327,13 +329,16 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
     tok = load_tokenizer(ccfg.model)[0]
     data = prepare_data(ccfg, tok)
     plan = StepPlan(len(data.train), ccfg.train.batch_size, 1, 1, ccfg.train.seed)
-    expected = 0
+    expected = {"cache": 0, "packed": 0}
     for step in range(cache.summary["steps"]):
         for mb in plan.micro_batches(step):
-            batch = collate([data.train[i] for i in mb], tok.pad_token_id, True, 256, "cache")
-            expected += batch["input_ids"].numel() + (batch["prefix_ids"].numel() if "prefix_ids" in batch else 0)
-    assert cache.summary["computed_tokens"] == expected
-    assert s["computed_tokens"] >= expected
+            items = [data.train[i] for i in mb]
+            for layout in expected:
+                batch = collate(items, tok.pad_token_id, True, 256, layout)
+                expected[layout] += batch["input_ids"].numel() + (batch["prefix_ids"].numel()
+                                                                  if "prefix_ids" in batch else 0)
+    assert cache.summary["computed_tokens"] == expected["cache"]
+    assert s["computed_tokens"] == expected["packed"] < expected["cache"]
     assert off.summary["computed_tokens"] >= off.summary["tokens"]
     # fp32: the optimised run follows the stock run closely
     assert s["final_train_loss"] == pytest.approx(off.summary["final_train_loss"], rel=1e-3)

@@ -16,8 +16,9 @@ carry no labels (a system prompt, few-shot examples — common in skill finetuni
 prefix is computed once per micro-batch instead of once per example, and each example's
 remainder attends to its keys and values (gradients flow back into the prefix), with
 positions continuing after the prefix. Two layouts: "cache" runs the prefix first and the
-remainders on its KV cache (any model); "rows" runs both in one pass, the prefix as row 0,
-through skilltune's attention kernel (kernels.py), which saves a pass. Every
+remainders on its KV cache (any model); "packed" runs both in one pass, as one row of the
+prefix and the remainders back to back, through skilltune's attention kernel (kernels.py),
+which saves a pass and all padding. Every
 trained position sees exactly the context it would see alone, so the loss is the same
 (tests compare it with the padded layout) while far fewer positions are computed.
 """
@@ -102,54 +103,53 @@ def shared_prefix_len(items: list[Encoded]) -> int:
     return max(0, min(common, first_label - 1))
 
 
-def _remainders(items: list[Encoded], prefix: int, pad_id: int, width: int, first_row: int):
-    """ids, labels and real-token mask (rows, width) of each item's tokens after ``prefix``, from ``first_row``."""
-    rows = len(items) + first_row
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    for r, e in enumerate(items, start=first_row):
-        n = len(e.input_ids) - prefix
-        ids[r, :n] = torch.tensor(e.input_ids[prefix:])
-        labels[r, :n] = torch.tensor(e.labels[prefix:])
-        mask[r, :n] = 1
-    positions = torch.arange(prefix, prefix + width).expand(rows, width).clone()  # continuing after the prefix
-    return ids, labels, mask, positions
-
-
 def _collate_shared_cache(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Two passes: ``prefix_ids`` (1, prefix) first, then the remainders on top of its KV cache."""
     width = max(len(e.input_ids) for e in items) - prefix  # the longest remainder
-    ids, labels, mask, pos = _remainders(items, prefix, pad_id, width, first_row=0)  # (examples, width)
-    mask = torch.cat([torch.ones((len(items), prefix), dtype=torch.long), mask], dim=1)  # keys: prefix, remainder
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (examples, width)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), prefix + width), dtype=torch.long)  # keys: the prefix, then the remainder
+    mask[:, :prefix] = 1
+    for r, e in enumerate(items):
+        n = len(e.input_ids) - prefix
+        ids[r, :n] = torch.tensor(e.input_ids[prefix:])
+        labels[r, :n] = torch.tensor(e.labels[prefix:])
+        mask[r, prefix:prefix + n] = 1
+    positions = torch.arange(prefix, prefix + width).expand(len(items), width).clone()  # continuing after the prefix
     return {"prefix_ids": torch.tensor([items[0].input_ids[:prefix]]), "input_ids": ids, "labels": labels,
-            "position_ids": pos, "attention_mask": mask}
+            "position_ids": positions, "attention_mask": mask}
 
 
-def _collate_shared_rows(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """One pass: row 0 holds the prefix, row k the remainder of example k; ``shared_prefix`` = prefix.
+def _collate_shared_packed(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One pass, one row: the prefix, then every example's remainder back to back, no padding.
 
-    Needs skilltune's attention kernel, which lets rows 1.. attend to row 0's first ``prefix``
-    keys in every layer (kernels.shared_prefix_attention). One decoder pass instead of two saves
-    the fixed cost of a pass (about 0.3 s for SmolLM2 on the CI machine).
+    ``shared_prefix`` = prefix and ``segments`` = the remainders' lengths tell skilltune's
+    attention kernel (kernels.shared_prefix_attention) that each remainder attends to the
+    prefix and causally to itself. Linear layers see only real tokens (the SQL demo: 547
+    positions a micro-batch instead of 747 with the prefix as a row of its own), and one
+    pass instead of two saves the fixed cost of a pass (about 0.3 s for SmolLM2 here).
+    The last token of a remainder "predicts" the next remainder's first token, which is
+    never a label (the prefix ends before every label), so no loss crosses examples.
     """
-    width = max(prefix, max(len(e.input_ids) for e in items) - prefix)
-    ids, labels, mask, pos = _remainders(items, prefix, pad_id, width, first_row=1)  # (1 + examples, width)
-    ids[0, :prefix] = torch.tensor(items[0].input_ids[:prefix])
-    mask[0, :prefix] = 1
-    pos[0] = torch.arange(width)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask,
-            "shared_prefix": torch.tensor(prefix)}
+    ids, labels, pos = list(items[0].input_ids[:prefix]), [IGNORE] * prefix, list(range(prefix))
+    for e in items:
+        n = len(e.input_ids) - prefix
+        ids += e.input_ids[prefix:]
+        labels += e.labels[prefix:]
+        pos += range(prefix, prefix + n)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos]),
+            "shared_prefix": torch.tensor(prefix),
+            "segments": torch.tensor([len(e.input_ids) - prefix for e in items])}
 
 
-SHARED_LAYOUTS = {"cache": _collate_shared_cache, "rows": _collate_shared_rows}
+SHARED_LAYOUTS = {"cache": _collate_shared_cache, "packed": _collate_shared_packed}
 
 
 def collate(items: list[Encoded], pad_id: int, packing: bool, max_len: int,
             share_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch: input_ids, labels, position_ids and, unless packed, attention_mask.
 
-    ``share_prefix``: a shared-prefix layout (module docstring; "cache" or "rows", see
+    ``share_prefix``: a shared-prefix layout (module docstring; "cache" or "packed", see
     :data:`SHARED_LAYOUTS`) for items that share a prefix of at least :data:`MIN_SHARED_PREFIX` tokens.
     """
     if share_prefix and len(items) > 1:

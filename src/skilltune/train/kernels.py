@@ -17,7 +17,8 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
   inputs), grouped query heads without repeating K/V, the mask turned into an additive
   bias once per forward instead of once per layer, and a hand-written backward. PyTorch's
   CPU flash-attention backward was 4x slower than its math path here. It also runs the
-  one-pass shared-prefix layout (batches.py), where rows attend to row 0's prefix.
+  packed shared-prefix layout (batches.py): one row of a prefix and the remainders that
+  attend to it.
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ class _LoraLinear(torch.autograd.Function):
         x2, xa, weight, a, b = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
         dxa = (dy2 @ b).mul_(ctx.scale)  # (tokens, r)
-        dx = (dy2 @ weight).addmm_(dxa, a)  # (tokens, in)
+        # the first layer's input comes from the frozen embeddings: no gradient to compute
+        dx = (dy2 @ weight).addmm_(dxa, a).view(ctx.shape) if ctx.needs_input_grad[0] else None  # (tokens, in)
         d_a = (dxa.t() @ x2).float()  # (r, in)
         d_b = (dy2.t() @ xa).float().mul_(ctx.scale)  # (out, r)
-        return dx.view(ctx.shape), None, None, d_a, d_b, None
+        return dx, None, None, d_a, d_b, None
 
 
 def _lora_forward(original):
@@ -177,6 +179,27 @@ register_kernel(Kernel("rms_norm", _install_rms_norm))
 
 # ---- attention -----------------------------------------------------------------------------
 
+def _attend(qg, k, v, bias, scale):
+    """fp32 attention of query groups ``qg`` (b, kv, g*s, d) over ``k``, ``v`` (b, kv, t, d); bias (b, 1, s, t).
+
+    Returns the output (b, kv, g*s, d) and the probabilities (b, kv, g*s, t) the backward needs.
+    """
+    b, kv, gs, _ = qg.shape
+    s, t = bias.shape[-2], k.shape[2]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, gs // s, s, t)
+    scores.mul_(scale).add_(bias[:, :, None])  # every head of a group gets the same bias
+    p = torch.softmax(scores, -1).view(b, kv, gs, t)
+    return torch.matmul(p, v), p
+
+
+def _attend_backward(dog, qg, k, v, p, scale):
+    """Gradients (fp32) of :func:`_attend` for the output gradient ``dog`` (b, kv, g*s, d): dq, dk, dv."""
+    dv = torch.matmul(p.transpose(-1, -2), dog)  # (b, kv, keys, d)
+    dp = torch.matmul(dog, v.transpose(-1, -2))  # (b, kv, g*s, keys)
+    ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(scale)
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), qg), dv
+
+
 class _Attention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) v with grouped K/V heads, computed in fp32 whatever the input dtype.
 
@@ -188,36 +211,32 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
         b, h, s, d = q.shape  # (batch, heads, queries, head_dim)
-        kv, t = k.shape[1], k.shape[2]  # kv heads, keys
-        g = h // kv
-        qg = q.reshape(b, kv, g * s, d).float()  # the g query heads sharing one K/V head, stacked
+        kv = k.shape[1]
+        qg = q.reshape(b, kv, h // kv * s, d).float()  # the query heads sharing one K/V head, stacked
         kf, vf = k.float(), v.float()
-        scores = torch.matmul(qg, kf.transpose(-1, -2)).view(b, kv, g, s, t)
-        scores.mul_(scale).add_(bias[:, :, None])  # bias: (batch, 1, queries, keys) -> every head
-        p = torch.softmax(scores, -1).view(b, kv, g * s, t)
+        out, p = _attend(qg, kf, vf, bias, scale)
         ctx.save_for_backward(qg, kf, vf, p)
         ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
-        return torch.matmul(p, vf).view(b, h, s, d).to(q.dtype)
+        return out.view(b, h, s, d).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         qg, kf, vf, p = ctx.saved_tensors
-        b, kv, gs, d = qg.shape
-        dog = do.reshape(b, kv, gs, d).float()
-        dv = torch.matmul(p.transpose(-1, -2), dog)  # (batch, kv, keys, head_dim)
-        dp = torch.matmul(dog, vf.transpose(-1, -2))  # (batch, kv, g*queries, keys)
-        ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale)
-        dq = torch.matmul(ds, kf).view(do.shape)
-        dk = torch.matmul(ds.transpose(-1, -2), qg)
+        dq, dk, dv = _attend_backward(do.reshape(qg.shape).float(), qg, kf, vf, p, ctx.scale)
         dt_q, dt_k, dt_v = ctx.dtypes
-        return dq.to(dt_q), dk.to(dt_k), dv.to(dt_v), None, None
+        return dq.view(do.shape).to(dt_q), dk.to(dt_k), dv.to(dt_v), None, None
 
 
 @dataclass
 class _SharedPrefix:
-    prefix: int
-    bias_prefix: torch.Tensor  # (1, 1, width, width): row 0 attends causally within the prefix
-    bias_rest: torch.Tensor  # (examples, 1, width, prefix + width): the prefix, then itself causally
+    """Index maps and biases of one packed shared-prefix row (batches.py), shared by every layer."""
+
+    prefix: int  # P: tokens of the shared prefix, at the start of the row
+    lengths: int  # L: the longest remainder; each remainder is gathered into a (L,) slot
+    gather: torch.Tensor  # (segments * L,): row offset after P of each slot's token; padding slots -> the zero row
+    scatter: torch.Tensor  # (tokens after P,): the slot of each token
+    bias_prefix: torch.Tensor  # (1, 1, P, P): the prefix attends causally to itself
+    bias_rest: torch.Tensor  # (segments, 1, L, P + L): a remainder attends to the prefix, then causally to itself
     calls: int = 0
 
 
@@ -225,38 +244,90 @@ _SHARED: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar("
 
 
 @contextlib.contextmanager
-def shared_prefix_attention(prefix: int, attention_mask: torch.Tensor):
-    """Attention for the "rows" shared-prefix layout (batches.py) while the decoder runs in this block.
+def shared_prefix_attention(prefix: int, segments: torch.Tensor):
+    """Attention for the "packed" shared-prefix layout (batches.py) while the decoder runs in this block.
 
-    ``attention_mask`` (1 + examples, width) marks real tokens: row 0 is the prefix, row k the
-    remainder of example k, which attends to row 0's first ``prefix`` keys and causally to itself.
+    The row holds ``prefix`` tokens, then remainders of ``segments`` lengths back to back; each
+    remainder attends to all of the prefix and causally to itself, never to another remainder.
     """
-    width = attention_mask.shape[1]
-    real = attention_mask.bool()
-    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
-    in_prefix = torch.arange(width, device=real.device) < prefix
-    allowed_prefix = (causal & in_prefix)[None, None]
-    own = causal[None] & real[1:, None, :]  # (examples, queries, keys)
-    allowed_rest = torch.cat([in_prefix[:prefix].expand(own.shape[0], width, prefix), own], dim=2)[:, None]
-    state = _SharedPrefix(prefix, _bias_from_mask(allowed_prefix), _bias_from_mask(allowed_rest))
+    lengths = [int(n) for n in segments]
+    width, rest = max(lengths), sum(lengths)
+    slot = torch.arange(width)
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    real = slot[None] < segments[:, None]  # (segments, L)
+    gather = torch.where(real, starts[:, None] + slot[None], rest).reshape(-1)
+    scatter = (torch.arange(len(lengths)) * width)[:, None].add(slot[None])[real]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    own = causal[None] & real[:, None, :]  # (segments, queries, keys)
+    allowed_rest = torch.cat([torch.ones(len(lengths), width, prefix, dtype=torch.bool), own], dim=2)[:, None]
+    allowed_prefix = torch.ones(prefix, prefix, dtype=torch.bool).tril()[None, None]
+    state = _SharedPrefix(prefix, width, gather, scatter, _bias_from_mask(allowed_prefix),
+                          _bias_from_mask(allowed_rest))
     token = _SHARED.set(state)
     try:
         yield state
     finally:
         _SHARED.reset(token)
     if state.calls == 0:
-        raise RuntimeError("the shared-prefix layout ran without skilltune's attention kernel; "
-                           "the rows would not have seen the prefix")
+        raise RuntimeError("the packed shared-prefix layout ran without skilltune's attention kernel; "
+                           "the examples would have attended to each other")
 
 
-def _shared_attention(state: _SharedPrefix, query, key, value, scale):
-    p, k, v = state.prefix, key, value
-    head = _Attention.apply(query[:1], k[:1], v[:1], state.bias_prefix, scale)  # (1, heads, width, head_dim)
-    n = query.shape[0] - 1
-    k_rest = torch.cat([k[:1, :, :p].expand(n, -1, -1, -1), k[1:]], dim=2)  # (examples, kv, prefix+width, d)
-    v_rest = torch.cat([v[:1, :, :p].expand(n, -1, -1, -1), v[1:]], dim=2)
-    rest = _Attention.apply(query[1:], k_rest, v_rest, state.bias_rest, scale)
-    return torch.cat([head, rest], dim=0)
+class _PackedSharedAttention(torch.autograd.Function):
+    """Attention over one packed shared-prefix row, in fp32 like :class:`_Attention`.
+
+    The prefix attends to itself; the remainders are gathered into (segments, L) slots, each
+    attending to the prefix's keys and its own, and scattered back. Slicing, gathering and the
+    summing of the prefix's key gradients over the remainders happen here, not in autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, state: _SharedPrefix, scale):
+        _, h, t, d = q.shape  # (1, heads, tokens, head_dim)
+        kv, p, width = k.shape[1], state.prefix, state.lengths
+        g, segs = h // kv, len(state.gather) // width
+
+        def slots(x):  # (heads, t, d) -> (segments, heads, L, d): the remainders' tokens in their slots
+            x = torch.cat([x[:, p:], x.new_zeros(x.shape[0], 1, d)], dim=1)  # a zero row for the padding slots
+            return x.index_select(1, state.gather).view(x.shape[0], segs, width, d).transpose(0, 1)
+
+        qf, kf, vf = q[0].float(), k[0].float(), v[0].float()
+        q_head = qf[:, :p].reshape(1, kv, g * p, d)
+        k_head, v_head = kf[None, :, :p], vf[None, :, :p]
+        out_head, p_head = _attend(q_head, k_head, v_head, state.bias_prefix, scale)
+        q_rest = slots(qf).reshape(segs, kv, g * width, d)
+        k_rest = torch.cat([k_head.expand(segs, -1, -1, -1), slots(kf)], dim=2)  # (segments, kv, P + L, d)
+        v_rest = torch.cat([v_head.expand(segs, -1, -1, -1), slots(vf)], dim=2)
+        out_rest, p_rest = _attend(q_rest, k_rest, v_rest, state.bias_rest, scale)
+        ctx.save_for_backward(q_head, k_head, v_head, p_head, q_rest, k_rest, v_rest, p_rest)
+        ctx.state, ctx.scale, ctx.dtypes = state, scale, (q.dtype, k.dtype, v.dtype)
+        return _unslot(out_head.view(h, p, d), out_rest.view(segs, h, width, d), state)[None].to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q_head, k_head, v_head, p_head, q_rest, k_rest, v_rest, p_rest = ctx.saved_tensors
+        state, p, width = ctx.state, ctx.state.prefix, ctx.state.lengths
+        _, h, t, d = do.shape
+        segs, kv = q_rest.shape[:2]
+        dof = do[0].float()
+        dq_head, dk_head, dv_head = _attend_backward(dof[:, :p].reshape(q_head.shape), q_head, k_head, v_head,
+                                                     p_head, ctx.scale)
+        do_rest = torch.cat([dof[:, p:], dof.new_zeros(h, 1, d)], dim=1).index_select(1, state.gather)
+        do_rest = do_rest.view(h, segs, width, d).transpose(0, 1).reshape(q_rest.shape)
+        dq_rest, dk_rest, dv_rest = _attend_backward(do_rest, q_rest, k_rest, v_rest, p_rest, ctx.scale)
+        dq = _unslot(dq_head.view(h, p, d), dq_rest.view(segs, h, width, d), state)
+        # the prefix's keys and values got gradients from the prefix and from every remainder
+        dk = _unslot(dk_head[0] + dk_rest[:, :, :p].sum(0), dk_rest[:, :, p:], state)
+        dv = _unslot(dv_head[0] + dv_rest[:, :, :p].sum(0), dv_rest[:, :, p:], state)
+        dt_q, dt_k, dt_v = ctx.dtypes
+        return dq[None].to(dt_q), dk[None].to(dt_k), dv[None].to(dt_v), None, None
+
+
+def _unslot(head: torch.Tensor, slots: torch.Tensor, state: _SharedPrefix) -> torch.Tensor:
+    """(heads, P, d) and (segments, heads, L, d) -> (heads, tokens, d) in the packed row's order."""
+    segs, heads, width, d = slots.shape
+    rest = slots.transpose(0, 1).reshape(heads, segs * width, d).index_select(1, state.scatter)
+    return torch.cat([head, rest], dim=1)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -275,7 +346,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     with torch.autocast(query.device.type, enabled=False):
         if shared is not None:
             shared.calls += 1
-            out = _shared_attention(shared, query, key, value, scale)
+            out = _PackedSharedAttention.apply(query, key, value, shared, scale)
         else:
             out = _Attention.apply(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None  # (batch, queries, heads, head_dim)

@@ -173,7 +173,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         kernels, undo_kernels = install_kernels(model)
     share_prefix = None  # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
     if cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing):
-        share_prefix = "rows" if "attention" in kernels else "cache"
+        share_prefix = "packed" if "attention" in kernels else "cache"
     if acc.is_main_process:
         _check_disk(run_path, model, cfg)
 
