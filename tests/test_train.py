@@ -270,10 +270,15 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
     rest = max(len(e.input_ids) for e in items) - prefix
     if layout == "cache":
         assert shared["prefix_ids"].shape == (1, prefix) and shared["input_ids"].shape == (len(items), rest)
-    else:  # one row: the prefix once, then the remainders, no padding
-        assert shared["input_ids"].shape == (1, prefix + sum(len(e.input_ids) - prefix for e in items))
+    else:  # one row: the prefix once, then the remainders, padded to a multiple of PACKED_ROW_MULTIPLE
+        from skilltune.train.batches import PACKED_ROW_MULTIPLE
+
+        real = prefix + sum(len(e.input_ids) - prefix for e in items)
+        width = shared["input_ids"].shape[1]
+        assert width % PACKED_ROW_MULTIPLE == 0 and real <= width < real + PACKED_ROW_MULTIPLE
         assert shared["input_ids"][0, :prefix].tolist() == items[0].input_ids[:prefix]
-        assert shared["segments"].tolist() == [len(e.input_ids) - prefix for e in items]
+        lengths = [len(e.input_ids) - prefix for e in items]
+        assert shared["segments"].tolist() == lengths[:-1] + [lengths[-1] + width - real]
     ls, gs = loss_and_grads(shared)
     lu, gu = loss_and_grads(collate(items, tok.pad_token_id, False, 512))
     assert ls == pytest.approx(lu, rel=1e-5)
@@ -320,7 +325,7 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
                               [f"data.system_prompt={system}", "train.kernels=false"]), run_name="cache")
     assert json.loads((cache.run_dir / "run.json").read_text())["share_prefix"] == "cache"
     # the two-pass layout computes the prefix once per micro-batch, then the remainders padded to the
-    # longest; the packed layout the prefix once and the remainders without padding
+    # longest; the packed layout the prefix once and the remainders back to back, rounded up to 64
     from skilltune.model.loading import load_tokenizer
     from skilltune.train.batches import StepPlan, collate
     from skilltune.train.prepare import prepare_data
@@ -338,7 +343,7 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
                 expected[layout] += batch["input_ids"].numel() + (batch["prefix_ids"].numel()
                                                                   if "prefix_ids" in batch else 0)
     assert cache.summary["computed_tokens"] == expected["cache"]
-    assert s["computed_tokens"] == expected["packed"] < expected["cache"]
+    assert s["computed_tokens"] == expected["packed"]
     assert off.summary["computed_tokens"] >= off.summary["tokens"]
     # fp32: the optimised run follows the stock run closely
     assert s["final_train_loss"] == pytest.approx(off.summary["final_train_loss"], rel=1e-3)

@@ -120,26 +120,37 @@ def _collate_shared_cache(items: list[Encoded], prefix: int, pad_id: int) -> dic
             "position_ids": positions, "attention_mask": mask}
 
 
+# The packed row's length is rounded up to a multiple of this. Rows of ever-new lengths made
+# glibc's heap fragment: RSS grew by ~45 MB a step (2.66 GB after 30 steps of the SQL demo);
+# with a few recurring lengths it was 2.2-2.3 GB, for ~6% padding (bench/NOTES.md).
+PACKED_ROW_MULTIPLE = 64
+
+
 def _collate_shared_packed(items: list[Encoded], prefix: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """One pass, one row: the prefix, then every example's remainder back to back, no padding.
+    """One pass, one row: the prefix, then every example's remainder back to back.
 
     ``shared_prefix`` = prefix and ``segments`` = the remainders' lengths tell skilltune's
     attention kernel (kernels.shared_prefix_attention) that each remainder attends to the
-    prefix and causally to itself. Linear layers see only real tokens (the SQL demo: 547
-    positions a micro-batch instead of 747 with the prefix as a row of its own), and one
+    prefix and causally to itself. Linear layers see no padding but the row's rounding to
+    :data:`PACKED_ROW_MULTIPLE` (the SQL demo: ~580 positions a micro-batch instead of 747
+    with the prefix as a row of its own and the remainders padded to it), and one
     pass instead of two saves the fixed cost of a pass (about 0.3 s for SmolLM2 here).
     The last token of a remainder "predicts" the next remainder's first token, which is
     never a label (the prefix ends before every label), so no loss crosses examples.
     """
     ids, labels, pos = list(items[0].input_ids[:prefix]), [IGNORE] * prefix, list(range(prefix))
+    segments = [len(e.input_ids) - prefix for e in items]
     for e in items:
-        n = len(e.input_ids) - prefix
         ids += e.input_ids[prefix:]
         labels += e.labels[prefix:]
+    pad = -len(ids) % PACKED_ROW_MULTIPLE
+    segments[-1] += pad  # the padding extends the last remainder; causal attention keeps it out of sight
+    ids += [pad_id] * pad
+    labels += [IGNORE] * pad
+    for n in segments:
         pos += range(prefix, prefix + n)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos]),
-            "shared_prefix": torch.tensor(prefix),
-            "segments": torch.tensor([len(e.input_ids) - prefix for e in items])}
+            "shared_prefix": torch.tensor(prefix), "segments": torch.tensor(segments)}
 
 
 SHARED_LAYOUTS = {"cache": _collate_shared_cache, "packed": _collate_shared_packed}

@@ -105,18 +105,29 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, None, d_a, d_b, None
 
 
+def _plain_adapter(layer, x) -> str | None:
+    """The adapter name when ``layer`` (a peft LoRA Linear) computes plain LoRA on ``x``, else None.
+
+    None sends the call to peft's own forward: adapter off or merged, several adapters, a
+    variant such as DoRA, dropout, a trainable base or LoRA bias, or an input of another dtype.
+    """
+    base, active = layer.base_layer, layer.active_adapters
+    if (layer.disable_adapters or layer.merged or len(active) != 1
+            or active[0] in layer.lora_variant or active[0] not in layer.lora_A
+            or not isinstance(layer.lora_dropout[active[0]], torch.nn.Identity)
+            or x.dtype != base.weight.dtype or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)
+            or getattr(layer, "lora_bias", {}).get(active[0], False)):
+        return None
+    return active[0]
+
+
 def _lora_forward(original):
     def forward(self, x, *args, **kwargs):
-        base = self.base_layer
-        active = self.active_adapters
-        if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-                or active[0] in self.lora_variant or active[0] not in self.lora_A
-                or not isinstance(self.lora_dropout[active[0]], torch.nn.Identity)
-                or x.dtype != base.weight.dtype or base.weight.requires_grad
-                or (base.bias is not None and base.bias.requires_grad)
-                or getattr(self, "lora_bias", {}).get(active[0], False)):
+        name = None if (args or kwargs) else _plain_adapter(self, x)
+        if name is None:
             return original(x, *args, **kwargs)
-        name = active[0]
+        base = self.base_layer
         with torch.autocast(x.device.type, enabled=False):
             return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.scaling[name])
