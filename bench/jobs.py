@@ -9,6 +9,10 @@ Then the same held-out check for all three, with the adapter merged: the loss on
 and SQL execution accuracy on the test split (greedy). Prints one line ``RESULT {json}``:
 dataset tokens trained, training seconds, positions computed (skilltune only), peak RSS during
 training, the mean train loss of the last 10 steps, held-out loss and accuracy.
+
+Environment: BENCH_SEED (default 42) seeds every job; BENCH_EVAL=0 skips the generation
+(the held-out loss is still computed); BENCH_SET adds `--set` overrides to the skilltune job;
+TRL_BEST / TRL_ATTN change the TRL "best" settings.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples/sql/config.yaml"
 LR, BATCH, WARMUP = 1e-3, 8, 0.05
+SEED = int(os.environ.get("BENCH_SEED", "42"))  # data order and LoRA initialisation, for every job
 
 
 def _peak_rss_gb() -> float:
@@ -68,7 +73,7 @@ def run_skilltune(steps: int | None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         sets = [f"train.output_dir={d}", "data.val=null", "data.val_split=0", "train.report_to=[]",
                 "train.save_steps=100000"] + ([f"train.max_steps={steps}"] if steps else [])
-        sets += [x for x in os.environ.get("BENCH_SET", "").split() if x]  # extra --set overrides, for ablations
+        sets += [f"train.seed={SEED}"] + [x for x in os.environ.get("BENCH_SET", "").split() if x]  # + ablations
         cfg = load_config(CONFIG, sets)
         res = train(cfg, run_name="bench")
         rss = _peak_rss_gb()
@@ -118,7 +123,7 @@ def run_trl(steps: int | None, best: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         args = SFTConfig(output_dir=d, use_cpu=True, num_train_epochs=1, max_steps=steps or -1,
                          per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="cosine",
-                         warmup_steps=int(WARMUP * (steps or math.ceil(len(rows) / BATCH))), report_to=[], logging_steps=1, save_strategy="no", seed=42, **extra)
+                         warmup_steps=int(WARMUP * (steps or math.ceil(len(rows) / BATCH))), report_to=[], logging_steps=1, save_strategy="no", seed=SEED, **extra)
         peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
         tr = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
                         callbacks=[Losses()])

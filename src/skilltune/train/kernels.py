@@ -294,7 +294,7 @@ class _PackedSharedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, state: _SharedPrefix, scale):
-        _, h, t, d = q.shape  # (1, heads, tokens, head_dim)
+        h, d = q.shape[1], q.shape[3]  # q: (1, heads, tokens, head_dim)
         kv, p, width = k.shape[1], state.prefix, state.lengths
         g, segs = h // kv, len(state.gather) // width
 
@@ -318,8 +318,7 @@ class _PackedSharedAttention(torch.autograd.Function):
     def backward(ctx, do):
         q_head, k_head, v_head, p_head, q_rest, k_rest, v_rest, p_rest = ctx.saved_tensors
         state, p, width = ctx.state, ctx.state.prefix, ctx.state.lengths
-        _, h, t, d = do.shape
-        segs, kv = q_rest.shape[:2]
+        h, d, segs = do.shape[1], do.shape[3], q_rest.shape[0]
         dof = do[0].float()
         dq_head, dk_head, dv_head = _attend_backward(dof[:, :p].reshape(q_head.shape), q_head, k_head, v_head,
                                                      p_head, ctx.scale)
