@@ -243,7 +243,7 @@ class _SharedPrefix:
     """Index maps and biases of one packed shared-prefix row (batches.py), shared by every layer."""
 
     prefix: int  # P: tokens of the shared prefix, at the start of the row
-    lengths: int  # L: the longest remainder; each remainder is gathered into a (L,) slot
+    width: int  # L: the longest remainder; each remainder is gathered into a (L,) slot
     gather: torch.Tensor  # (segments * L,): row offset after P of each slot's token; padding slots -> the zero row
     scatter: torch.Tensor  # (tokens after P,): the slot of each token
     bias_prefix: torch.Tensor  # (1, 1, P, P): the prefix attends causally to itself
@@ -295,7 +295,7 @@ class _PackedSharedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, state: _SharedPrefix, scale):
         h, d = q.shape[1], q.shape[3]  # q: (1, heads, tokens, head_dim)
-        kv, p, width = k.shape[1], state.prefix, state.lengths
+        kv, p, width = k.shape[1], state.prefix, state.width
         g, segs = h // kv, len(state.gather) // width
 
         def slots(x):  # (heads, t, d) -> (segments, heads, L, d): the remainders' tokens in their slots
@@ -317,7 +317,7 @@ class _PackedSharedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q_head, k_head, v_head, p_head, q_rest, k_rest, v_rest, p_rest = ctx.saved_tensors
-        state, p, width = ctx.state, ctx.state.prefix, ctx.state.lengths
+        state, p, width = ctx.state, ctx.state.prefix, ctx.state.width
         h, d, segs = do.shape[1], do.shape[3], q_rest.shape[0]
         dof = do[0].float()
         dq_head, dk_head, dv_head = _attend_backward(dof[:, :p].reshape(q_head.shape), q_head, k_head, v_head,
