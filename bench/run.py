@@ -6,11 +6,12 @@
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
 - compare:  the same LoRA job three ways, each in its own process (bench/jobs.py): skilltune's
             defaults, TRL SFTTrainer with use_cpu=True, TRL with the best CPU settings found;
-            tokens/s, training time, peak RSS, final train loss, held-out loss and SQL accuracy, MFU
+            tokens/s, training time, peak RSS, final train loss, held-out loss and SQL accuracy, MFU.
+            skilltune's job runs before, between and after the TRL jobs (median of the three)
 
 Times vary on a shared machine; compare ratios. BENCH_REPEAT=3 repeats each (interleaved) and
 reports medians; BENCH_STEPS=N trains N steps instead of one epoch (quicker, but the held-out
-accuracy then means little). One epoch, once: about 20 minutes here.
+accuracy then means little). One epoch, once: about 30 minutes here.
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ def _job(name: str) -> dict:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
-    return json.loads(line[7:])
+    res = json.loads(line[7:])
+    print(f"  {name}: {res['tokens'] / res['seconds']:.1f} tokens/s, held-out loss {res['heldout_loss']:.4f}",
+          file=sys.stderr, flush=True)
+    return res
 
 
 def bench_compare() -> list[dict]:
@@ -116,7 +120,9 @@ def bench_compare() -> list[dict]:
     n_linear = linear_params()
     runs: dict[str, list[dict]] = {name: [] for name in ("skilltune", "trl_default", "trl_best")}
     for _ in range(REPEAT):
-        for name in runs:  # interleaved, so a noisy spell hits every job
+        # interleaved, so a noisy spell hits every job; skilltune's job (4-5x shorter) runs before and
+        # after each TRL job, so its median spans the same spells as theirs
+        for name in ("skilltune", "trl_default", "skilltune", "trl_best", "skilltune"):
             runs[name].append(_job(name))
     rows = []
     for name, rs in runs.items():

@@ -129,3 +129,68 @@ def test_attention_bias_matches_transformers_causal_padding_mask():
     allowed = bias[0, 0] == 0
     assert allowed.tolist() == [[True, False, False, False], [True, True, False, False],
                                 [True, True, True, False], [True, True, True, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_cross_entropy_matches_the_stock_loss(monkeypatch, dtype):
+    from skilltune.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "_rows_per_block", lambda vocab: 3)  # several blocks and a short last one
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=g).to(dtype)
+    weight = torch.randn(500, 16, generator=g).to(dtype)
+    targets = torch.randint(0, 500, (10,), generator=g)
+
+    def run(fused: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            loss = loss_mod._HeadCrossEntropy.apply(h, w, targets)
+        else:
+            loss = torch.nn.functional.cross_entropy((h @ w.t()).float(), targets, reduction="sum")
+        (loss * 0.5).backward()  # an upstream gradient other than 1
+        return loss.detach(), h.grad.float(), w.grad.float()
+
+    ref, got = run(False), run(True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, **tol)
+
+
+def test_completion_loss_takes_the_fused_head_only_where_it_computes_the_same(tiny_model_dir):
+    from skilltune.train.loss import _plain_head
+
+    model = _lora_model(tiny_model_dir, torch.bfloat16)
+    head = model.get_base_model().get_output_embeddings()
+    h = torch.randn(2, head.in_features, dtype=torch.bfloat16)
+    assert _plain_head(head, h)
+    assert not _plain_head(head, h.float())  # the stock path casts; so does autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _plain_head(head, h)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not _plain_head(head, h)
+    assert not _plain_head(torch.nn.Linear(4, 8, dtype=torch.bfloat16), h[:, :4])  # a bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_llamas_norm_and_its_gradients(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from skilltune.train.kernels import _RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    norm.weight.data = (1 + 0.2 * torch.randn(64, generator=g)).to(dtype)
+    x0 = torch.randn(3, 5, 64, generator=g).to(dtype)
+    dy = torch.randn(3, 5, 64, generator=g).to(dtype)
+
+    def run(kernel: bool):
+        x, w = x0.clone().requires_grad_(), norm.weight
+        w.grad = None
+        y = _RMSNorm.apply(x, w, 1e-5) if kernel else norm(x)
+        y.backward(dy)
+        return y.detach().float(), x.grad.float(), w.grad.float()
+
+    ref, got = run(False), run(True)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
+    for r, o in zip(ref, got):  # output, input gradient, weight gradient (full finetuning trains it)
+        torch.testing.assert_close(o, r, **tol)

@@ -278,7 +278,8 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
         assert width % PACKED_ROW_MULTIPLE == 0 and real <= width < real + PACKED_ROW_MULTIPLE
         assert shared["input_ids"][0, :prefix].tolist() == items[0].input_ids[:prefix]
         lengths = [len(e.input_ids) - prefix for e in items]
-        assert shared["segments"].tolist() == lengths[:-1] + [lengths[-1] + width - real]
+        assert shared["segments"].tolist() == lengths  # the padding after them belongs to no remainder
+        assert shared["labels"][0, real:].eq(-100).all() and width > real  # this batch has padding to keep out
     ls, gs = loss_and_grads(shared)
     lu, gu = loss_and_grads(collate(items, tok.pad_token_id, False, 512))
     assert ls == pytest.approx(lu, rel=1e-5)

@@ -96,23 +96,14 @@ def _prompts(tokenizer, examples) -> list[str]:
     return [prompt_text(tokenizer, ex) for ex in examples]
 
 
-def _loss(model, tokenizer, examples, batch_size: int = 8) -> float:
-    """Mean completion-token loss of ``examples`` (teacher forced)."""
-    from skilltune.train.batches import collate, count_label_tokens
-    from skilltune.train.loss import CompletionLoss, supports_shared_prefix
+def _loss(model, tokenizer, examples, batch_size: int = 8) -> float | None:
+    """Mean completion-token loss of ``examples`` (teacher forced; None for none)."""
+    from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_prefix
 
     end = turn_end_token(tokenizer)
-    enc = [encode_example(tokenizer, ex, end) for ex in examples]
-    loss_fn = CompletionLoss(model, None)
     share = "cache" if supports_shared_prefix(model, gradient_checkpointing=False) else None
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(enc), batch_size):
-            items = enc[i:i + batch_size]
-            batch = collate(items, tokenizer.pad_token_id, True, 1 << 30, share)
-            total += float(loss_fn(**{k: v.to(model.device) for k, v in batch.items()}))
-            n += count_label_tokens(items)
-    return total / max(n, 1)
+    return mean_loss(CompletionLoss(model, None), [encode_example(tokenizer, ex, end) for ex in examples],
+                     tokenizer.pad_token_id, batch_size, share_prefix=share, device=model.device)
 
 
 def _score(metrics: list[Metric], outputs: list[str], refs: list[str], ctx: dict) -> dict[str, list[float]]:

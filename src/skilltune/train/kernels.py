@@ -10,9 +10,10 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
   layer. peft casts every LoRA input to the fp32 adapter dtype and autocast casts it back,
   then scales and adds in separate passes; here the frozen bf16 base and the adapter run
   as three matmuls forward and five backward, with no activation-sized casts or adds.
-- ``rms_norm``: ``torch.nn.functional.rms_norm`` (a fused kernel) for RMSNorm modules whose
-  output it reproduces (checked on a random input when installing, so a variant such as
-  Gemma's ``1 + weight`` is left alone).
+- ``rms_norm``: Llama's RMSNorm as one autograd function (:class:`_RMSNorm`: an fp32-accumulating
+  norm forward, a one-formula backward; PyTorch's CPU ``rms_norm`` is a composite of small ops)
+  for RMSNorm modules whose output it reproduces (checked on a random input when installing,
+  so a variant such as Gemma's ``1 + weight`` is left alone).
 - ``attention``: causal attention in fp32 (as PyTorch's CPU math path computes bf16
   inputs), grouped query heads without repeating K/V, the mask turned into an additive
   bias once per forward instead of once per layer, and a hand-written backward. PyTorch's
@@ -150,22 +151,50 @@ register_kernel(Kernel("lora_linear", _install_lora))
 
 # ---- rms_norm ------------------------------------------------------------------------------
 
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` (Llama's RMSNorm) with a hand-written backward.
+
+    PyTorch's CPU ``rms_norm`` is a composite of ~8 ops forward and autograd's ~12 backward; here
+    the mean square is one fp32-accumulating norm over the bf16 input and the backward is one
+    formula, and the frozen norm weight (LoRA) gets no gradient computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
+        rstd = ms.add_(eps).rsqrt_()  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).to(x.dtype).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:  # d/dx of w * x * rstd(x): rstd * (g - x * rstd^2 * mean(g * x)), g = dy * w
+            g = dy.to(torch.float32, copy=True).mul_(weight)  # a copy: never write into the incoming gradient
+            c = torch.linalg.vecdot(g, x.float(), dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            dx = g.mul_(rstd).sub_(x * c).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dweight = (dy * (x * rstd).to(x.dtype)).sum_to_size(weight.shape)
+        return dx, dweight, None
+
+
 def _norm_forward(original):
     def forward(self, x):
         if x.dtype != self.weight.dtype:
             return original(x)
-        return F.rms_norm(x, self.weight.shape, self.weight, self._skilltune_eps)
+        return _RMSNorm.apply(x, self.weight, self._skilltune_eps)
 
     return forward
 
 
 def _reproduces(module, eps: float) -> bool:
-    """Does F.rms_norm give this module's output on a random input?"""
+    """Does the kernel give this module's output on a random input?"""
     w = module.weight
     x = torch.randn(4, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     with torch.no_grad():
         ref = module(x)
-        ours = F.rms_norm(x, w.shape, w, eps)
+        ours = _RMSNorm.apply(x, w, eps)
     return ref.shape == ours.shape and ref.dtype == ours.dtype and torch.allclose(ref, ours, rtol=2e-2, atol=2e-2)
 
 
@@ -244,8 +273,9 @@ class _SharedPrefix:
 
     prefix: int  # P: tokens of the shared prefix, at the start of the row
     width: int  # L: the longest remainder; each remainder is gathered into a (L,) slot
-    gather: torch.Tensor  # (segments * L,): row offset after P of each slot's token; padding slots -> the zero row
-    scatter: torch.Tensor  # (tokens after P,): the slot of each token
+    gather: torch.Tensor  # (segments * L,): row offset after P of each slot's token; empty slots -> a zero row
+    scatter: torch.Tensor  # (remainder tokens,): the slot of each remainder token
+    padding: int  # tokens after the last remainder, attending to nothing (zero output and gradients)
     bias_prefix: torch.Tensor  # (1, 1, P, P): the prefix attends causally to itself
     bias_rest: torch.Tensor  # (segments, 1, L, P + L): a remainder attends to the prefix, then causally to itself
     calls: int = 0
@@ -255,24 +285,28 @@ _SHARED: contextvars.ContextVar[_SharedPrefix | None] = contextvars.ContextVar("
 
 
 @contextlib.contextmanager
-def shared_prefix_attention(prefix: int, segments: torch.Tensor):
+def shared_prefix_attention(prefix: int, segments: torch.Tensor, row: int):
     """Attention for the "packed" shared-prefix layout (batches.py) while the decoder runs in this block.
 
-    The row holds ``prefix`` tokens, then remainders of ``segments`` lengths back to back; each
-    remainder attends to all of the prefix and causally to itself, never to another remainder.
+    The row of ``row`` tokens holds ``prefix`` tokens, then remainders of ``segments`` lengths back
+    to back, then padding; each remainder attends to all of the prefix and causally to itself,
+    never to another remainder. The padding attends to nothing, gets zeros, and no one sees it.
     """
     lengths = [int(n) for n in segments]
-    width, rest = max(lengths), sum(lengths)
+    width, rest = max(lengths), row - prefix  # rest: tokens after the prefix, padding included
+    if rest < sum(lengths):
+        raise ValueError(f"a packed row of {row} tokens cannot hold a prefix of {prefix} and remainders of "
+                         f"{sum(lengths)} tokens")
     slot = torch.arange(width)
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
     real = slot[None] < segments[:, None]  # (segments, L)
-    gather = torch.where(real, starts[:, None] + slot[None], rest).reshape(-1)
+    gather = torch.where(real, starts[:, None] + slot[None], rest).reshape(-1)  # index `rest`: the zero row
     scatter = (torch.arange(len(lengths)) * width)[:, None].add(slot[None])[real]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     own = causal[None] & real[:, None, :]  # (segments, queries, keys)
     allowed_rest = torch.cat([torch.ones(len(lengths), width, prefix, dtype=torch.bool), own], dim=2)[:, None]
     allowed_prefix = torch.ones(prefix, prefix, dtype=torch.bool).tril()[None, None]
-    state = _SharedPrefix(prefix, width, gather, scatter, _bias_from_mask(allowed_prefix),
+    state = _SharedPrefix(prefix, width, gather, scatter, rest - sum(lengths), _bias_from_mask(allowed_prefix),
                           _bias_from_mask(allowed_rest))
     token = _SHARED.set(state)
     try:
@@ -334,10 +368,11 @@ class _PackedSharedAttention(torch.autograd.Function):
 
 
 def _unslot(head: torch.Tensor, slots: torch.Tensor, state: _SharedPrefix) -> torch.Tensor:
-    """(heads, P, d) and (segments, heads, L, d) -> (heads, tokens, d) in the packed row's order."""
+    """(heads, P, d) and (segments, heads, L, d) -> (heads, tokens, d) in the packed row's order (padding: 0)."""
     segs, heads, width, d = slots.shape
     rest = slots.transpose(0, 1).reshape(heads, segs * width, d).index_select(1, state.scatter)
-    return torch.cat([head, rest], dim=1)
+    parts = [head, rest] + ([rest.new_zeros(heads, state.padding, d)] if state.padding else [])
+    return torch.cat(parts, dim=1)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,

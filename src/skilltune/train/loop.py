@@ -28,7 +28,7 @@ from skilltune.paths import atomic_dir, atomic_write_text
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan, collate, count_label_tokens
 from skilltune.train.kernels import install_kernels
-from skilltune.train.loss import CompletionLoss, supports_shared_prefix
+from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_prefix
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
@@ -89,23 +89,6 @@ def _resolve_run_dir(cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
                                 hint="pass --run-dir RUN_DIR, or drop --resume to start a new run")
         return found, True
     return new_run_dir(cfg.train.output_dir, run_name), False
-
-
-def _val_loss(loss_fn, data: PreparedData, cfg: SkilltuneConfig, pad_id: int, device,
-              share_prefix: str | None) -> float | None:
-    if not data.val:
-        return None
-    loss_fn.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(data.val), cfg.train.batch_size):
-            items = data.val[i:i + cfg.train.batch_size]
-            batch = {k: v.to(device) for k, v in collate(items, pad_id, cfg.train.packing, cfg.train.max_seq_len,
-                                                           share_prefix).items()}
-            total += float(loss_fn(**batch))
-            tokens += count_label_tokens(items)
-    loss_fn.train()
-    return total / max(tokens, 1)
 
 
 def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run_dir: str | Path | None = None,
@@ -281,7 +264,9 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             metrics = {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens_per_s": seen / dt, "epoch": step / plan.steps_per_epoch}
             if step % eval_every == 0 or step == total_steps:
-                val = _val_loss(loss_fn, data, cfg, tokenizer.pad_token_id, acc.device, share_prefix)
+                val = mean_loss(loss_fn, data.val, tokenizer.pad_token_id, cfg.train.batch_size,
+                                packing=cfg.train.packing, max_len=cfg.train.max_seq_len, share_prefix=share_prefix,
+                                device=acc.device)
                 if val is not None:
                     metrics["val_loss"] = val
                     if loop["best_val"] is None or val < loop["best_val"] - 1e-6:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from skilltune.data.tokenize import IGNORE
+from skilltune.data.tokenize import IGNORE, Encoded
+from skilltune.train.batches import collate, count_label_tokens
 
 
 class CompletionLoss(torch.nn.Module):
@@ -53,7 +54,7 @@ class CompletionLoss(torch.nn.Module):
             if shared_prefix is not None:  # the one-pass "packed" layout: the prefix, then the remainders
                 from skilltune.train.kernels import shared_prefix_attention
 
-                stack.enter_context(shared_prefix_attention(int(shared_prefix), segments.cpu()))
+                stack.enter_context(shared_prefix_attention(int(shared_prefix), segments.cpu(), input_ids.shape[1]))
             if prefix_ids is not None:  # a shared prefix (batches.collate): run it once, keep its keys/values
                 extra = self._cache_kwargs(decoder)
                 positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None]
@@ -63,8 +64,83 @@ class CompletionLoss(torch.nn.Module):
                              **extra).last_hidden_state  # (rows, width, hidden)
             targets = labels[:, 1:]  # (rows, width-1): token t predicts t+1
             keep = targets != IGNORE
-            logits = head(hidden[:, :-1][keep])  # (n_trained, vocab)
+            trained = hidden[:, :-1][keep]  # (n_trained, hidden)
+            if _plain_head(head, trained):
+                with torch.autocast(device_type, enabled=False):  # its dtypes already are autocast's
+                    return _HeadCrossEntropy.apply(trained, head.weight, targets[keep])
+            logits = head(trained)  # (n_trained, vocab)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def _plain_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """Can :class:`_HeadCrossEntropy` stand in for ``head`` on ``hidden``? A bias-free ``nn.Linear`` (not
+    one a library has wrapped) whose weight has the input's dtype and, under autocast, autocast's."""
+    device = hidden.device.type
+    dtype = head.weight.dtype if type(head) is torch.nn.Linear else None
+    return (dtype == hidden.dtype and head.bias is None
+            and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == dtype))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy((h @ W^T).float(), targets, reduction="sum")`` without its fp32 copies of the logits.
+
+    The stock path casts the (tokens, vocab) logits to fp32, takes log-softmax, and in the backward
+    fills a zero tensor of that size, scatters, and casts back: five passes over a ~60 MB tensor
+    for SmolLM2's 49k vocabulary. Here the logits stay in the matmul's dtype and the fp32 work runs
+    over blocks of rows small enough to stay in cache: a log-sum-exp forward, one softmax pass
+    backward. Same arithmetic (fp32 softmax of the same logits); measured in bench/NOTES.md.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        logits = hidden @ weight.t()  # (n, vocab), in the model's dtype
+        rows = _rows_per_block(logits.shape[1])
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for i in range(0, logits.shape[0], rows):
+            lse[i:i + rows] = torch.logsumexp(logits[i:i + rows].float(), dim=-1)
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(hidden, weight, logits, lse, targets)
+        return (lse - picked).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, logits, lse, targets = ctx.saved_tensors
+        rows = _rows_per_block(logits.shape[1])
+        dlogits = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], rows):
+            block = logits[i:i + rows].to(torch.float32, copy=True).sub_(lse[i:i + rows, None]).exp_()  # softmax
+            block[torch.arange(block.shape[0], device=block.device), targets[i:i + rows]] -= 1
+            dlogits[i:i + rows] = block.mul_(grad)
+        dhidden = dlogits @ weight if ctx.needs_input_grad[0] else None
+        dweight = dlogits.t() @ hidden if ctx.needs_input_grad[1] else None
+        return dhidden, dweight, None
+
+
+def _rows_per_block(vocab: int) -> int:
+    """Rows of logits per fp32 block: ~1 MB, which measured fastest on this CPU (bench/NOTES.md)."""
+    return max(1, 2**18 // vocab)
+
+
+def mean_loss(loss_fn: CompletionLoss, items: list[Encoded], pad_id: int, batch_size: int, *, packing: bool = True,
+              max_len: int = 1 << 30, share_prefix: str | None = None, device=None) -> float | None:
+    """Mean loss per trained token of ``items``, teacher forced, without gradients (None for no items).
+
+    Validation during training and the evaluation's overfitting check both use it, in
+    micro-batches of ``batch_size`` laid out like training batches (``collate``).
+    """
+    if not items:
+        return None
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(items), batch_size):
+                batch = collate(items[i:i + batch_size], pad_id, packing, max_len, share_prefix)
+                total += float(loss_fn(**{k: v.to(device) for k, v in batch.items()}))
+    finally:
+        loss_fn.train(was_training)
+    return total / max(count_label_tokens(items), 1)
 
 
 def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool) -> bool:
