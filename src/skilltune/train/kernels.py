@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 ATTENTION_NAME = "skilltune_cpu"
 

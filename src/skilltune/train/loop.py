@@ -32,7 +32,7 @@ from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_pref
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
-from skilltune.train.prepare import PreparedData, prepare_data
+from skilltune.train.prepare import prepare_data
 from skilltune.train.rundir import (environment, file_fingerprint, latest_run_dir, model_fingerprint,
                                     new_run_dir, plot_losses)
 from skilltune.train.trackers import Trackers
