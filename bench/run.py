@@ -1,9 +1,11 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
-    python bench/run.py [audit] [generate] [compare]     (default: all; `make bench`)
+    python bench/run.py [audit] [generate] [step] [matmul] [compare]     (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
+- step:     where a default training step's time goes, by category, with the matmuls' TFLOP/s (bench/step.py)
+- matmul:   the decoder's matmul shapes at 1 and 2 threads against a 2048^3 product (bench/step.py)
 - compare:  the same LoRA job three ways, each in its own process (bench/jobs.py): skilltune's
             defaults, TRL SFTTrainer with use_cpu=True, TRL with the best CPU settings found;
             tokens/s, training time, peak RSS, final train loss, held-out loss and SQL accuracy, MFU.
@@ -27,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from step import _model_config, bench_matmul, bench_step  # noqa: E402
 STEPS = int(os.environ.get("BENCH_STEPS", "0"))  # 0: one full epoch (needed for held-out accuracy)
 REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))
 
@@ -95,9 +100,7 @@ def bf16_matmul_peak() -> float:
 
 def linear_params() -> int:
     """Parameters of the decoder's linear layers (the FLOPs per token are 4x this, forward + backward)."""
-    from skilltune.model.sources import resolve_model
-
-    c = json.loads((resolve_model("embedded:smollm2-135m-instruct").path / "config.json").read_text())
+    c = _model_config()
     h, kv = c["hidden_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
     return c["num_hidden_layers"] * (h * (2 * h + 2 * kv) + 3 * h * c["intermediate_size"])
 
@@ -144,7 +147,10 @@ def bench_compare() -> list[dict]:
     return rows
 
 
-BENCHES = {"audit": bench_audit, "generate": bench_generate, "compare": bench_compare}
+BENCHES = {"audit": bench_audit, "generate": bench_generate, "step": bench_step, "matmul": bench_matmul,
+           "compare": bench_compare}
+TITLES = {"step": "one default training step (SQL example), own time of its ops by category, mean of 3 steps",
+          "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)"}
 
 
 def main(argv: list[str]) -> None:
@@ -168,6 +174,15 @@ def main(argv: list[str]) -> None:
                 table.add_row(*[str(r.get(c, "-")) for c in cols])
             console.print(table)
             console.print(rows[-1]["job"])
+            continue
+        if name in TITLES:  # one table of rows
+            rows = BENCHES[name]()
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            table = Table(*rows[0], title=TITLES[name])
+            for r in rows:
+                table.add_row(*[str(r.get(c, "")) for c in rows[0]])
+            console.print(table)
             continue
         runs = [BENCHES[name]() for _ in range(REPEAT)]
         row = dict(runs[-1])

@@ -7,7 +7,8 @@ import torch
 
 from skilltune.config.schema import AdapterConfig
 from skilltune.data.tokenize import IGNORE
-from skilltune.train.kernels import _Attention, attention_bias, install_kernels
+from skilltune.train.kernels import (_Attention, _PackedSharedAttention, attention_bias, install_kernels,
+                                     shared_prefix_attention)
 from skilltune.train.loss import CompletionLoss
 from skilltune.train.methods import METHODS
 
@@ -80,6 +81,43 @@ def test_kernels_match_the_stock_path(tiny_model_dir, packed, dtype):
     assert again == ref_loss
 
 
+def test_sibling_lora_layers_run_as_one_function_with_the_same_result(tiny_model_dir):
+    model = _lora_model(tiny_model_dir, torch.float32)
+    loss_fn = CompletionLoss(model, None)
+    batch = _batch(packed=True)
+    _, undo = install_kernels(model)
+    layer = model.get_base_model().model.layers[0]
+    group = layer.self_attn.q_proj._skilltune_siblings
+    assert group.members == [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+    assert layer.mlp.up_proj._skilltune_siblings.members == [layer.mlp.gate_proj, layer.mlp.up_proj]
+    assert "_skilltune_siblings" not in layer.self_attn.o_proj.__dict__
+    grouped_loss, grouped = _loss_and_grads(loss_fn, model, batch)
+
+    siblings = {m: m.__dict__.pop("_skilltune_siblings") for m in model.modules()
+                if "_skilltune_siblings" in m.__dict__}
+    alone_loss, alone = _loss_and_grads(loss_fn, model, batch)  # each linear on its own
+    assert grouped_loss == pytest.approx(alone_loss, rel=1e-6)
+    for name, ref in alone.items():
+        torch.testing.assert_close(grouped[name], ref, rtol=1e-4, atol=1e-6, msg=name)  # fp32 summation order
+
+    # A sibling's kept output serves only the very same, unmodified input.
+    for m, g in siblings.items():
+        m._skilltune_siblings = g
+    attn = layer.self_attn
+    x, other = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        expected_k = attn.k_proj.base_layer(other) + attn.k_proj.scaling["default"] * attn.k_proj.lora_B["default"](
+            attn.k_proj.lora_A["default"](other))
+        attn.q_proj(x)
+        torch.testing.assert_close(attn.k_proj(other), expected_k)  # another tensor: computed, not taken
+        attn.q_proj(x)
+        x.mul_(2)  # changed in place after the group ran
+        torch.testing.assert_close(attn.v_proj(x), attn.v_proj.base_layer(x) + attn.v_proj.scaling["default"]
+                                   * attn.v_proj.lora_B["default"](attn.v_proj.lora_A["default"](x)))
+    undo()
+    assert not any("_skilltune_siblings" in m.__dict__ for m in model.modules())
+
+
 def test_lora_kernel_steps_aside_when_the_adapter_is_off_or_merged(tiny_model_dir):
     model = _lora_model(tiny_model_dir, torch.float32)
     install_kernels(model)
@@ -121,6 +159,36 @@ def test_attention_kernel_never_returns_nan_for_a_fully_masked_row():
     out = _Attention.apply(q, k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_(), bias, 8 ** -0.5)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+def _attention_out_and_grads(kind, q, k, v, dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    if kind == "plain":
+        mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+        bias = attention_bias(batch_size=q.shape[0], q_length=q.shape[2], kv_length=q.shape[2], attention_mask=mask)
+        out = _Attention.apply(q, k, v, bias, 16 ** -0.5)
+    else:  # a prefix of 10, remainders of 7, 5 and 9, 1 position of padding
+        with shared_prefix_attention(10, torch.tensor([7, 5, 9]), 32) as state:
+            state.calls += 1
+            out = _PackedSharedAttention.apply(q, k, v, state, 16 ** -0.5)
+    (out.float() * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+    return [t.detach().float() for t in (out, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+def test_bf16_attention_errs_about_as_much_as_rounding_its_inputs(kind):
+    """bf16 products with an fp32 softmax: against fp32, the error is of the order that rounding q, k, v
+    to bf16 alone causes (an fp32 kernel on rounded inputs), not a new kind of error."""
+    g = torch.Generator().manual_seed(0)
+    batch = 2 if kind == "plain" else 1
+    q = torch.randn(batch, 6, 32, 16, generator=g) * 2
+    k, v = torch.randn(batch, 2, 32, 16, generator=g) * 2, torch.randn(batch, 2, 32, 16, generator=g)
+    ref = _attention_out_and_grads(kind, q, k, v, torch.float32)
+    rounded = _attention_out_and_grads(kind, *(t.bfloat16().float() for t in (q, k, v)), torch.float32)
+    bf16 = _attention_out_and_grads(kind, q, k, v, torch.bfloat16)
+    for name, r, a, b in zip(("output", "dq", "dk", "dv"), ref, rounded, bf16):
+        err_rounded, err_bf16 = float((a - r).norm() / r.norm()), float((b - r).norm() / r.norm())
+        assert err_bf16 < 0.02 and err_bf16 < 2.5 * err_rounded, (name, err_bf16, err_rounded)
 
 
 def test_attention_bias_matches_transformers_causal_padding_mask():

@@ -14,8 +14,8 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
   norm forward, a one-formula backward; PyTorch's CPU ``rms_norm`` is a composite of small ops)
   for RMSNorm modules whose output it reproduces (checked on a random input when installing,
   so a variant such as Gemma's ``1 + weight`` is left alone).
-- ``attention``: causal attention in fp32 (as PyTorch's CPU math path computes bf16
-  inputs), grouped query heads without repeating K/V, the mask turned into an additive
+- ``attention``: causal attention with its two products in the inputs' dtype and the softmax
+  in fp32 (flash attention's precision split), grouped query heads without repeating K/V, the mask turned into an additive
   bias once per forward instead of once per layer, and a hand-written backward. PyTorch's
   CPU flash-attention backward was 4x slower than its math path here. It also runs the
   packed shared-prefix layout (batches.py): one row of a prefix and the remainders that
@@ -122,11 +122,102 @@ def _plain_adapter(layer, x) -> str | None:
     return active[0]
 
 
+class _LoraSiblings(torch.autograd.Function):
+    """Sibling LoRA linears that read one input (q, k, v; gate, up) as one function.
+
+    Per sibling ``y_i = x W_i^T + s_i (x A_i^T) B_i^T`` as in :class:`_LoraLinear` (bias-free), but
+    the rank-r products that read ``x`` run once for all siblings (``x [A_1; A_2; ...]^T`` forward,
+    ``dxa^T x`` and ``dxa [A_1; ...]`` backward), and the siblings' input gradients are accumulated
+    into one tensor instead of autograd adding one per sibling.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales, *tensors):  # tensors: weight, lora_a, lora_b of each sibling
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+        weights = tensors[0::3]
+        a_all = torch.cat([a.to(x.dtype) for a in tensors[1::3]])  # (siblings * r, in)
+        bs = [b.to(x.dtype) for b in tensors[2::3]]  # (out_i, r)
+        xa = x2 @ a_all.t()  # (tokens, siblings * r)
+        outs, start = [], 0
+        for w, b, scale in zip(weights, bs, scales):
+            y = x2 @ w.t()
+            y.addmm_(xa[:, start:start + b.shape[1]], b.t(), alpha=scale)
+            start += b.shape[1]
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+        ctx.save_for_backward(x2, xa, a_all, *weights, *bs)
+        ctx.scales, ctx.shape = scales, shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, xa, a_all, *rest = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, bs = rest[:n], rest[n:]
+        dx, dxas, grads, start = None, [], [], 0
+        for dy, w, b, scale in zip(dys, weights, bs, ctx.scales):
+            dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out_i)
+            dxas.append((dy2 @ b).mul_(scale))  # (tokens, r)
+            d_b = (dy2.t() @ xa[:, start:start + b.shape[1]]).float().mul_(scale)  # (out_i, r)
+            start += b.shape[1]
+            if ctx.needs_input_grad[0]:
+                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+            grads.append(d_b)
+        dxa = torch.cat(dxas, dim=1)  # (tokens, siblings * r)
+        d_as = (dxa.t() @ x2).float().split([b.shape[1] for b in bs])
+        if dx is not None:
+            dx = dx.addmm_(dxa, a_all).view(ctx.shape)
+        out = [dx, None]
+        for d_a, d_b in zip(d_as, grads):
+            out += [None, d_a, d_b]
+        return tuple(out)
+
+
+# Sibling linears of one parent that transformers calls in this order on the same input.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SiblingGroup:
+    """The LoRA linears of one SIBLINGS entry; the first one's call computes all and keeps the others'
+    outputs for their calls, used only on the very same, unmodified input tensor."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.pending: dict[int, torch.Tensor] = {}
+        self.input: torch.Tensor | None = None
+        self.version = -1
+
+    def compute(self, x, name: str):
+        if any(_plain_adapter(m, x) != name for m in self.members[1:]):
+            return None
+        scales = tuple(m.scaling[name] for m in self.members)
+        tensors = [t for m in self.members
+                   for t in (m.base_layer.weight, m.lora_A[name].weight, m.lora_B[name].weight)]
+        with torch.autocast(x.device.type, enabled=False):
+            outs = _LoraSiblings.apply(x, scales, *tensors)
+        self.pending = {id(m): y for m, y in zip(self.members[1:], outs[1:])}
+        self.input, self.version = x, x._version
+        return outs[0]
+
+    def take(self, module, x):
+        if self.input is not x or x._version != self.version:
+            return None
+        out = self.pending.pop(id(module), None)
+        if not self.pending:
+            self.input = None
+        return out
+
+
 def _lora_forward(original):
     def forward(self, x, *args, **kwargs):
         name = None if (args or kwargs) else _plain_adapter(self, x)
         if name is None:
             return original(x, *args, **kwargs)
+        group = self.__dict__.get("_skilltune_siblings")
+        if group is not None:
+            out = group.compute(x, name) if group.members[0] is self else group.take(self, x)
+            if out is not None:
+                return out
         base = self.base_layer
         with torch.autocast(x.device.type, enabled=False):
             return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight,
@@ -142,7 +233,25 @@ def _install_lora(model) -> tuple[int, Callable[[], None]]:
         return 0, lambda: None
     mods = [m for m in model.modules()
             if isinstance(m, LoraLinear) and type(m.get_base_layer()) is torch.nn.Linear]
-    return len(mods), _swap_forward(mods, _lora_forward)
+    taken = {id(m) for m in mods}
+    groups = []
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(id(m) in taken and m.base_layer.bias is None for m in members):
+                groups.append(_SiblingGroup(members))
+    for group in groups:
+        for m in group.members:
+            m._skilltune_siblings = group
+    undo_forward = _swap_forward(mods, _lora_forward)
+
+    def undo() -> None:
+        undo_forward()
+        for group in groups:
+            for m in group.members:
+                m.__dict__.pop("_skilltune_siblings", None)
+
+    return len(mods), undo
 
 
 register_kernel(Kernel("lora_linear", _install_lora))
@@ -219,40 +328,53 @@ register_kernel(Kernel("rms_norm", _install_rms_norm))
 # ---- attention -----------------------------------------------------------------------------
 
 def _attend(qg, k, v, bias, scale):
-    """fp32 attention of query groups ``qg`` (b, kv, g*s, d) over ``k``, ``v`` (b, kv, t, d); bias (b, 1, s, t).
+    """Attention of query groups ``qg`` (b, kv, g*s, d) over ``k``, ``v`` (b, kv, t, d); bias (b, 1, s, t).
 
-    Returns the output (b, kv, g*s, d) and the probabilities (b, kv, g*s, t) the backward needs.
+    The two products run in the inputs' dtype (bf16 on AMX accumulates in fp32 inside), the scale,
+    bias and softmax in fp32: the precision split of flash attention. Returns the output
+    (b, kv, g*s, d) and the fp32 probabilities (b, kv, g*s, t) the backward needs.
     """
     b, kv, gs, _ = qg.shape
     s, t = bias.shape[-2], k.shape[2]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, gs // s, s, t)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, gs // s, s, t).float()
     scores.mul_(scale).add_(bias[:, :, None])  # every head of a group gets the same bias
     p = torch.softmax(scores, -1).view(b, kv, gs, t)
-    return torch.matmul(p, v), p
+    return torch.matmul(p.to(qg.dtype), v), p
 
 
 def _attend_backward(dog, qg, k, v, p, scale):
-    """Gradients (fp32) of :func:`_attend` for the output gradient ``dog`` (b, kv, g*s, d): dq, dk, dv."""
-    dv = torch.matmul(p.transpose(-1, -2), dog)  # (b, kv, keys, d)
-    dp = torch.matmul(dog, v.transpose(-1, -2))  # (b, kv, g*s, keys)
-    ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(scale)
+    """Gradients of :func:`_attend` for the output gradient ``dog`` (b, kv, g*s, d): dq, dk, dv, in dog's dtype.
+
+    Products in that dtype, the softmax gradient in fp32.
+    """
+    dv = torch.matmul(p.to(dog.dtype).transpose(-1, -2), dog)  # (b, kv, keys, d)
+    dp = torch.matmul(dog, v.transpose(-1, -2)).float()  # (b, kv, g*s, keys)
+    ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(scale).to(dog.dtype)
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), qg), dv
 
 
-class _Attention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v with grouped K/V heads, computed in fp32 whatever the input dtype.
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
-    fp32 like PyTorch's CPU math path (which upcasts bf16), so the kernel changes speed, not
-    numerics; at training lengths attention is a small share of the FLOPs and fp32 cost no
-    measurable speed here (bench/NOTES.md). Inputs may differ in dtype; gradients come back in each.
+
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v with grouped K/V heads: products in the inputs' dtype, softmax in fp32.
+
+    bf16 products with an fp32 softmax, as flash attention computes; with bf16 inputs this was
+    +8% tokens/s over an all-fp32 kernel (PyTorch's CPU math path upcasts to fp32), and its loss
+    and gradients differ from fp32's by what bf16 rounding elsewhere already does (bench/NOTES.md).
+    Inputs may differ in dtype (the promoted one is used); gradients come back in each.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
         b, h, s, d = q.shape  # (batch, heads, queries, head_dim)
-        kv = k.shape[1]
-        qg = q.reshape(b, kv, h // kv * s, d).float()  # the query heads sharing one K/V head, stacked
-        kf, vf = k.float(), v.float()
+        kv, dtype = k.shape[1], _compute_dtype(q, k, v)
+        qg = q.reshape(b, kv, h // kv * s, d).to(dtype)  # the query heads sharing one K/V head, stacked
+        kf, vf = k.to(dtype), v.to(dtype)
         out, p = _attend(qg, kf, vf, bias, scale)
         ctx.save_for_backward(qg, kf, vf, p)
         ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
@@ -261,7 +383,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qg, kf, vf, p = ctx.saved_tensors
-        dq, dk, dv = _attend_backward(do.reshape(qg.shape).float(), qg, kf, vf, p, ctx.scale)
+        dq, dk, dv = _attend_backward(do.reshape(qg.shape).to(qg.dtype), qg, kf, vf, p, ctx.scale)
         dt_q, dt_k, dt_v = ctx.dtypes
         return dq.view(do.shape).to(dt_q), dk.to(dt_k), dv.to(dt_v), None, None
 
@@ -318,7 +440,7 @@ def shared_prefix_attention(prefix: int, segments: torch.Tensor, row: int):
 
 
 class _PackedSharedAttention(torch.autograd.Function):
-    """Attention over one packed shared-prefix row, in fp32 like :class:`_Attention`.
+    """Attention over one packed shared-prefix row, in the precision of :class:`_Attention`.
 
     The prefix attends to itself; the remainders are gathered into (segments, L) slots, each
     attending to the prefix's keys and its own, and scattered back. Slicing, gathering and the
@@ -335,7 +457,8 @@ class _PackedSharedAttention(torch.autograd.Function):
             x = torch.cat([x[:, p:], x.new_zeros(x.shape[0], 1, d)], dim=1)  # a zero row for the padding slots
             return x.index_select(1, state.gather).view(x.shape[0], segs, width, d).transpose(0, 1)
 
-        qf, kf, vf = q[0].float(), k[0].float(), v[0].float()
+        dtype = _compute_dtype(q, k, v)
+        qf, kf, vf = q[0].to(dtype), k[0].to(dtype), v[0].to(dtype)
         q_head = qf[:, :p].reshape(1, kv, g * p, d)
         k_head, v_head = kf[None, :, :p], vf[None, :, :p]
         out_head, p_head = _attend(q_head, k_head, v_head, state.bias_prefix, scale)
@@ -352,16 +475,18 @@ class _PackedSharedAttention(torch.autograd.Function):
         q_head, k_head, v_head, p_head, q_rest, k_rest, v_rest, p_rest = ctx.saved_tensors
         state, p, width = ctx.state, ctx.state.prefix, ctx.state.width
         h, d, segs = do.shape[1], do.shape[3], q_rest.shape[0]
-        dof = do[0].float()
+        dof = do[0].to(q_head.dtype)
         dq_head, dk_head, dv_head = _attend_backward(dof[:, :p].reshape(q_head.shape), q_head, k_head, v_head,
                                                      p_head, ctx.scale)
         do_rest = torch.cat([dof[:, p:], dof.new_zeros(h, 1, d)], dim=1).index_select(1, state.gather)
         do_rest = do_rest.view(h, segs, width, d).transpose(0, 1).reshape(q_rest.shape)
         dq_rest, dk_rest, dv_rest = _attend_backward(do_rest, q_rest, k_rest, v_rest, p_rest, ctx.scale)
         dq = _unslot(dq_head.view(h, p, d), dq_rest.view(segs, h, width, d), state)
-        # the prefix's keys and values got gradients from the prefix and from every remainder
-        dk = _unslot(dk_head[0] + dk_rest[:, :, :p].sum(0), dk_rest[:, :, p:], state)
-        dv = _unslot(dv_head[0] + dv_rest[:, :, :p].sum(0), dv_rest[:, :, p:], state)
+        # the prefix's keys and values got gradients from the prefix and from every remainder (summed in fp32)
+        dk_prefix = (dk_head[0].float() + dk_rest[:, :, :p].float().sum(0)).to(dof.dtype)
+        dv_prefix = (dv_head[0].float() + dv_rest[:, :, :p].float().sum(0)).to(dof.dtype)
+        dk = _unslot(dk_prefix, dk_rest[:, :, p:], state)
+        dv = _unslot(dv_prefix, dv_rest[:, :, p:], state)
         dt_q, dt_k, dt_v = ctx.dtypes
         return dq[None].to(dt_q), dk[None].to(dt_k), dv[None].to(dt_v), None, None
 
