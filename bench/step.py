@@ -89,8 +89,8 @@ def bench_step() -> list[dict]:
             prof.step()
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(CONFIG, [f"train.output_dir={d}", "data.val=null", "data.val_split=0",
-                                   "train.report_to=[]", f"train.max_steps={warmup + active}", "train.save_steps=100000"])
+        cfg = load_config(CONFIG, [f"train.output_dir={d}", "data.val=null", "data.val_split=0", "train.report_to=[]",
+                                   f"train.max_steps={warmup + active}", "train.save_steps=100000"])
         with prof:
             res = train(cfg, run_name="bench-step", reporter=StepMarks())
         positions = res.summary["computed_tokens"]
@@ -127,8 +127,10 @@ def bench_matmul(tokens: int = 576, layers: int = 30, reps: int = 5) -> list[dic
     h, inter = c["hidden_size"], c["intermediate_size"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
     shapes = {f"q, o forward ({h}->{h})": (h, h, "fwd"), f"k, v forward ({h}->{kv})": (h, kv, "fwd"),
-              f"gate, up forward ({h}->{inter})": (h, inter, "fwd"), f"down forward ({inter}->{h})": (inter, h, "fwd"),
-              f"gate, up input grad ({inter}->{h})": (h, inter, "bwd"), f"down input grad ({h}->{inter})": (inter, h, "bwd")}
+              f"gate, up forward ({h}->{inter})": (h, inter, "fwd"),
+              f"down forward ({inter}->{h})": (inter, h, "fwd"),
+              f"gate, up input grad ({inter}->{h})": (h, inter, "bwd"),
+              f"down input grad ({h}->{inter})": (inter, h, "bwd")}
     threads = torch.get_num_threads()
     cases = {}
     for label, (n_in, n_out, kind) in shapes.items():

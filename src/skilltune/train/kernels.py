@@ -10,16 +10,19 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
   layer. peft casts every LoRA input to the fp32 adapter dtype and autocast casts it back,
   then scales and adds in separate passes; here the frozen bf16 base and the adapter run
   as three matmuls forward and five backward, with no activation-sized casts or adds.
+  Sibling layers that read the same input (q/k/v, gate/up) run as one function
+  (:class:`_LoraSiblings`): their rank-r products share the input's passes and their input
+  gradients accumulate into one tensor.
 - ``rms_norm``: Llama's RMSNorm as one autograd function (:class:`_RMSNorm`: an fp32-accumulating
   norm forward, a one-formula backward; PyTorch's CPU ``rms_norm`` is a composite of small ops)
   for RMSNorm modules whose output it reproduces (checked on a random input when installing,
   so a variant such as Gemma's ``1 + weight`` is left alone).
 - ``attention``: causal attention with its two products in the inputs' dtype and the softmax
-  in fp32 (flash attention's precision split), grouped query heads without repeating K/V, the mask turned into an additive
-  bias once per forward instead of once per layer, and a hand-written backward. PyTorch's
-  CPU flash-attention backward was 4x slower than its math path here. It also runs the
-  packed shared-prefix layout (batches.py): one row of a prefix and the remainders that
-  attend to it.
+  in fp32 (flash attention's precision split), grouped query heads without repeating K/V, the
+  mask turned into an additive bias once per forward instead of once per layer, and a
+  hand-written backward. PyTorch's CPU flash-attention backward was 4x slower than its math
+  path here. It also runs the packed shared-prefix layout (batches.py): one row of a prefix
+  and the remainders that attend to it.
 """
 
 from __future__ import annotations
