@@ -10,9 +10,9 @@ compare losses and gradients with the stock path. Measured gains are in bench/NO
   layer. peft casts every LoRA input to the fp32 adapter dtype and autocast casts it back,
   then scales and adds in separate passes; here the frozen bf16 base and the adapter run
   as three matmuls forward and five backward, with no activation-sized casts or adds.
-  Sibling layers that read the same input (q/k/v, gate/up) run as one function
-  (:class:`_LoraSiblings`): their rank-r products share the input's passes and their input
-  gradients accumulate into one tensor.
+  Sibling layers that read the same input (q/k/v, gate/up) run as one call of the same
+  function (:class:`_LoraLinears`): their rank-r products share the input's passes and their
+  input gradients accumulate into one tensor.
 - ``rms_norm``: Llama's RMSNorm as one autograd function (:class:`_RMSNorm`: an fp32-accumulating
   norm forward, a one-formula backward; PyTorch's CPU ``rms_norm`` is a composite of small ops)
   for RMSNorm modules whose output it reproduces (checked on a random input when installing,
@@ -81,33 +81,6 @@ def _swap_forward(modules: list[torch.nn.Module], make: Callable) -> Callable[[]
 
 # ---- lora_linear ---------------------------------------------------------------------------
 
-class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + scale * (x A^T) B^T with W frozen; A, B trained (kept fp32, computed in x's dtype)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (tokens, in)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r): tiny casts
-        xa = x2 @ a.t()  # (tokens, r)
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (tokens, out)
-        y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scale, ctx.shape = scale, shape
-        return y.view(*shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, weight, a, b = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
-        dxa = (dy2 @ b).mul_(ctx.scale)  # (tokens, r)
-        # the first layer's input comes from the frozen embeddings: no gradient to compute
-        dx = (dy2 @ weight).addmm_(dxa, a).view(ctx.shape) if ctx.needs_input_grad[0] else None  # (tokens, in)
-        d_a = (dxa.t() @ x2).float()  # (r, in)
-        d_b = (dy2.t() @ xa).float().mul_(ctx.scale)  # (out, r)
-        return dx, None, None, d_a, d_b, None
-
-
 def _plain_adapter(layer, x) -> str | None:
     """The adapter name when ``layer`` (a peft LoRA Linear) computes plain LoRA on ``x``, else None.
 
@@ -125,26 +98,27 @@ def _plain_adapter(layer, x) -> str | None:
     return active[0]
 
 
-class _LoraSiblings(torch.autograd.Function):
-    """Sibling LoRA linears that read one input (q, k, v; gate, up) as one function.
+class _LoraLinears(torch.autograd.Function):
+    """LoRA linears that read one input ``x``: one layer, or siblings such as q, k, v (gate, up).
 
-    Per sibling ``y_i = x W_i^T + s_i (x A_i^T) B_i^T`` as in :class:`_LoraLinear` (bias-free), but
-    the rank-r products that read ``x`` run once for all siblings (``x [A_1; A_2; ...]^T`` forward,
-    ``dxa^T x`` and ``dxa [A_1; ...]`` backward), and the siblings' input gradients are accumulated
+    Per layer ``y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` with W_i, b_i frozen and A_i, B_i trained
+    (kept fp32, computed in x's dtype): three matmuls forward and five backward, no activation-sized
+    casts or adds. The rank-r products that read ``x`` run once for all layers (``x [A_1; A_2; ...]^T``
+    forward, ``dxa^T x`` and ``dxa [A_1; ...]`` backward), and the layers' input gradients accumulate
     into one tensor instead of autograd adding one per sibling.
     """
 
     @staticmethod
-    def forward(ctx, x, scales, *tensors):  # tensors: weight, lora_a, lora_b of each sibling
+    def forward(ctx, x, scales, *tensors):  # tensors: weight, bias (or None), lora_a, lora_b of each layer
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, in)
-        weights = tensors[0::3]
-        a_all = torch.cat([a.to(x.dtype) for a in tensors[1::3]])  # (siblings * r, in)
-        bs = [b.to(x.dtype) for b in tensors[2::3]]  # (out_i, r)
-        xa = x2 @ a_all.t()  # (tokens, siblings * r)
+        weights, biases = tensors[0::4], tensors[1::4]
+        a_all = torch.cat([a.to(x.dtype) for a in tensors[2::4]])  # (layers * r, in): tiny casts
+        bs = [b.to(x.dtype) for b in tensors[3::4]]  # (out_i, r)
+        xa = x2 @ a_all.t()  # (tokens, layers * r)
         outs, start = [], 0
-        for w, b, scale in zip(weights, bs, scales):
-            y = x2 @ w.t()
+        for w, bias, b, scale in zip(weights, biases, bs, scales):
+            y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()  # (tokens, out_i)
             y.addmm_(xa[:, start:start + b.shape[1]], b.t(), alpha=scale)
             start += b.shape[1]
             outs.append(y.view(*shape[:-1], y.shape[-1]))
@@ -157,22 +131,22 @@ class _LoraSiblings(torch.autograd.Function):
         x2, xa, a_all, *rest = ctx.saved_tensors
         n = len(ctx.scales)
         weights, bs = rest[:n], rest[n:]
-        dx, dxas, grads, start = None, [], [], 0
+        dx, dxas, d_bs, start = None, [], [], 0
         for dy, w, b, scale in zip(dys, weights, bs, ctx.scales):
             dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out_i)
             dxas.append((dy2 @ b).mul_(scale))  # (tokens, r)
-            d_b = (dy2.t() @ xa[:, start:start + b.shape[1]]).float().mul_(scale)  # (out_i, r)
+            d_bs.append((dy2.t() @ xa[:, start:start + b.shape[1]]).float().mul_(scale))  # (out_i, r)
             start += b.shape[1]
+            # the first layer's input comes from the frozen embeddings: no gradient to compute
             if ctx.needs_input_grad[0]:
                 dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
-            grads.append(d_b)
-        dxa = torch.cat(dxas, dim=1)  # (tokens, siblings * r)
-        d_as = (dxa.t() @ x2).float().split([b.shape[1] for b in bs])
+        dxa = torch.cat(dxas, dim=1)  # (tokens, layers * r)
+        d_as = (dxa.t() @ x2).float().split([b.shape[1] for b in bs])  # (r, in) each
         if dx is not None:
             dx = dx.addmm_(dxa, a_all).view(ctx.shape)
         out = [dx, None]
-        for d_a, d_b in zip(d_as, grads):
-            out += [None, d_a, d_b]
+        for d_a, d_b in zip(d_as, d_bs):
+            out += [None, None, d_a, d_b]
         return tuple(out)
 
 
@@ -193,11 +167,8 @@ class _SiblingGroup:
     def compute(self, x, name: str):
         if any(_plain_adapter(m, x) != name for m in self.members[1:]):
             return None
-        scales = tuple(m.scaling[name] for m in self.members)
-        tensors = [t for m in self.members
-                   for t in (m.base_layer.weight, m.lora_A[name].weight, m.lora_B[name].weight)]
         with torch.autocast(x.device.type, enabled=False):
-            outs = _LoraSiblings.apply(x, scales, *tensors)
+            outs = _LoraLinears.apply(x, *_lora_args(self.members, name))
         self.pending = {id(m): y for m, y in zip(self.members[1:], outs[1:])}
         self.input, self.version = x, x._version
         return outs[0]
@@ -211,6 +182,13 @@ class _SiblingGroup:
         return out
 
 
+def _lora_args(layers: list, name: str) -> list:
+    """The arguments after ``x`` of :class:`_LoraLinears` for peft LoRA ``layers`` and adapter ``name``."""
+    return [tuple(m.scaling[name] for m in layers)] + [
+        t for m in layers
+        for t in (m.base_layer.weight, m.base_layer.bias, m.lora_A[name].weight, m.lora_B[name].weight)]
+
+
 def _lora_forward(original):
     def forward(self, x, *args, **kwargs):
         name = None if (args or kwargs) else _plain_adapter(self, x)
@@ -221,10 +199,8 @@ def _lora_forward(original):
             out = group.compute(x, name) if group.members[0] is self else group.take(self, x)
             if out is not None:
                 return out
-        base = self.base_layer
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight,
-                                     self.lora_B[name].weight, self.scaling[name])
+            return _LoraLinears.apply(x, *_lora_args([self], name))[0]
 
     return forward
 
