@@ -97,14 +97,16 @@ def test_sql_valid_and_unknown_metrics():
     assert m("sql_valid", "SELECT FROM WHERE", "") == 0.0
     with pytest.raises(ConfigError, match="unknown metric 'nope'"):
         resolve_metrics(["nope"])
-    names = [x.name for x in resolve_metrics(["sql_exec", "tests.helpers:write_jsonl"])]
+    names = [x.name for x in resolve_metrics(["sql_exec", "tests.helpers:write_jsonl"], allow_code=True)]
     assert names[:2] == ["sql_exec", "sql_valid"]
 
 
 def test_user_metric_from_module(tmp_path, monkeypatch):
     (tmp_path / "mymetrics.py").write_text("def length_ok(pred, ref, ctx):\n    return float(len(pred) <= len(ref))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    [metric] = resolve_metrics(["mymetrics:length_ok"])
+    with pytest.raises(ConfigError, match="allow-code-metrics"):  # a config naming code is not enough
+        resolve_metrics(["mymetrics:length_ok"])
+    [metric] = resolve_metrics(["mymetrics:length_ok"], allow_code=True)
     assert metric.score("ab", "abc", {}) == 1.0
 
 

@@ -80,7 +80,7 @@ def test_evidence_turns_rows_to_pass_and_fail(run_dir):
 def test_all_pass_exits_zero(run_dir, tmp_path):
     from skilltune.data.audit.run import AuditReport
     from skilltune.data.records import record_audit, record_spotcheck
-    from skilltune.train.rundir import file_fingerprint
+    from skilltune.paths import file_fingerprint
 
     reg = Registry()
     train_file = json.loads((run_dir / "run.json").read_text())["identity"]["data"]["train"]["path"]

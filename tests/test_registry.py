@@ -148,4 +148,6 @@ def test_eval_accepts_a_registry_version(two_runs):
     Registry().add(two_runs[0], "ev")
     Registry().promote("ev@v1")
     plan = plan_eval("ev@production", "x.jsonl", None, None, None)
-    assert plan.run_dir == two_runs[0] and plan.target == str(two_runs[0])
+    # the verified checkout from the store, never the run directory (which may have changed since)
+    assert plan.run_dir is None and plan.version == "ev@v1" and plan.target == str(Registry().materialize("ev@v1"))
+    assert plan.recorded_run_dir == str(two_runs[0].resolve())

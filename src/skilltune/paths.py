@@ -11,10 +11,49 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """The skilltune home: ``$SKILLTUNE_HOME`` or ``~/.cache/skilltune``."""
+    """The skilltune home: ``$SKILLTUNE_HOME`` or ``~/.cache/skilltune``, private to its owner (0700).
+
+    It holds request logs (prompts and outputs), rater links and the registry, so other
+    users of the machine get no access; a home owned by someone else is left as it is.
+    """
     root = Path(os.environ.get("SKILLTUNE_HOME") or Path.home() / ".cache" / "skilltune")
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)
     return root
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) as a folder only its owner can enter (0700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Make sure ``path`` exists and only its owner can read or write it (0600).
+
+    Called before SQLite opens a database: SQLite gives its ``-wal``/``-shm`` files the
+    database file's mode, so they are private too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o600)
+    return path
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a ``sqlite:///FILE`` URL (None for other databases and in-memory SQLite)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix):].split("?", 1)[0])
 
 
 def models_cache() -> Path:
@@ -34,6 +73,11 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     update_hash(h, path)
     return h.hexdigest()
+
+
+def file_fingerprint(path: str | Path, rows: int | None = None) -> dict:
+    """What identifies a data file in run records and evidence: its path, sha256 and row count."""
+    return {"path": str(path), "sha256": sha256_file(Path(path)), "rows": rows}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,7 +19,13 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
           out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
           set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
           forgetting: bool = typer.Option(True, "--forgetting/--no-forgetting",
-                                          help="Run the general-skills suite on base and tuned.")) -> None:
+                                          help="Run the general-skills suite on base and tuned."),
+          allow_code_metrics: bool = typer.Option(False, "--allow-code-metrics",
+                                                  help="Let 'module:function' names in eval.metrics import and run "
+                                                       "that Python code (off: built-in and installed plug-in "
+                                                       "metrics only)."),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                 help="Run modelling code shipped with the base model.")) -> None:
     """Compare the finetuned model with its base on the same prompts and write report.html/.md/results.json.
 
     Example: skilltune eval runs/sql-20261128-120000 --test examples/sql/data/test.jsonl --metrics sql_exec
@@ -27,9 +33,17 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     quiet_libraries()
     from skilltune.evaluate.runner import evaluate, plan_eval
 
-    plan = plan_eval(target, test, baseline, metrics, db, set_, forgetting)
-    out_dir = out or ((plan.run_dir / "eval") if plan.run_dir else Path("eval-report"))
-    results = evaluate(plan, out_dir, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    plan = plan_eval(target, test, baseline, metrics, db, set_, forgetting, trust_remote_code)
+    default_out = (plan.run_dir / "eval") if plan.run_dir else Path(
+        f"eval-{plan.version.replace('@', '-')}" if plan.version else "eval-report")
+    out_dir = out or default_out
+    results = evaluate(plan, out_dir, progress=lambda m: console.print(f"[dim]{m}[/dim]"),
+                       allow_code_metrics=allow_code_metrics)
+    if plan.version:  # the checklist reads a version's evaluation from the registry
+        from skilltune.registry.api import Registry
+
+        Registry().attach_metrics(plan.version, "eval", results)
+        console.print(f"recorded with {plan.version} in the registry")
     table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
     for name, m in results["metrics"].items():
         lo, hi = m["delta_ci95"]

@@ -6,32 +6,39 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from skilltune.cli.common import console, quiet_libraries
 
 
-def generate(model: str = typer.Argument(..., help="A base model spec, a run directory or an adapter directory."),
+def generate(model: str = typer.Argument(..., help="A base model spec, a run or adapter directory, or a registry "
+                                                   "version (NAME@vN, NAME@alias)."),
              prompts: list[str] = typer.Argument(..., help="One or more user messages."),
-             system: Optional[str] = typer.Option(None, help="System prompt."),
+             system: Optional[str] = typer.Option(None, help="System prompt (default: the one the model was "
+                                                             "trained with, if any)."),
              max_new_tokens: int = typer.Option(128, help="Generation budget."),
-             temperature: float = typer.Option(0.0, help="0 = greedy.")) -> None:
+             temperature: float = typer.Option(0.0, help="0 = greedy."),
+             base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "
+                                                                     "(its hash must match the adapter's record)."),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                    help="Run modelling code shipped with the base model.")) -> None:
     """Answer PROMPTS with MODEL using its chat template (batched).
 
     Example: skilltune generate embedded:smollm2-135m-instruct "What is LoRA?"
     """
     quiet_libraries()
+    from dataclasses import replace
+
     from skilltune.evaluate.generate import generate as run_generate
-    from skilltune.model.target import load_target
+    from skilltune.model.target import load_target, training_system_prompt
+    from skilltune.registry.api import resolve_spec
 
-    target = load_target(model)
+    spec, policy = resolve_spec(model, trust_remote_code)
+    if base:
+        policy = replace(policy, base=base)
+    target = load_target(spec, policy=policy)
     if system is None and target.adapter_dir is not None:  # answer the way the model was trained to be asked
-        import json
-        from pathlib import Path
-
-        run = Path(json.loads((target.adapter_dir / "skilltune_adapter.json").read_text()).get("run", ""))
-        if (run / "config.yaml").is_file():
-            from skilltune.config.load import load_config
-
-            system = load_config(run / "config.yaml").data.system_prompt
+        system = training_system_prompt(target.adapter_dir)
     rendered = []
     for p in prompts:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
@@ -39,5 +46,5 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run dir
     outs = run_generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
                         temperature=temperature)
     for p, out in zip(prompts, outs):
-        console.print(f"[bold cyan]user[/bold cyan]: {p}", highlight=False)
-        console.print(f"[bold green]{target.label}[/bold green]: {out.text}", highlight=False, markup=False)
+        console.print(f"[bold cyan]user[/bold cyan]: {escape(p)}", highlight=False)
+        console.print(f"[bold green]{escape(target.label)}[/bold green]: {escape(out.text)}", highlight=False)

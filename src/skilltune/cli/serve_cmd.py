@@ -21,6 +21,14 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
           queue_size: int = typer.Option(64, "--queue-size"),
           no_log: bool = typer.Option(False, "--no-request-log", help="Do not record requests."),
           no_redact: bool = typer.Option(False, "--no-redact", help="Keep PII in the request log."),
+          allow_unauthenticated: bool = typer.Option(
+              False, "--allow-unauthenticated",
+              help="Serve on a non-loopback address without an API key (refused otherwise)."),
+          allowed_host: Optional[list[str]] = typer.Option(
+              None, "--allowed-host", help="Host header to accept (repeatable; default: loopback names when "
+                                           "serving on loopback, any otherwise)."),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                 help="Run modelling code shipped with the base model."),
           url: Optional[str] = typer.Option(None, "--registry-url")) -> None:
     """Serve a registry version with an OpenAI-compatible API; follows the alias for hot rollback.
 
@@ -54,18 +62,24 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
         if not key:
             raise SkilltuneError(f"--api-key-env {api_key_env}: that environment variable is empty or unset",
                                  hint=f"export {api_key_env}=... first")
+    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback
+
+    if not key and not is_loopback(host) and not allow_unauthenticated:
+        raise SkilltuneError(f"--host {host} makes the server reachable from other machines, and no API key is set",
+                             hint="set one: export SKILLTUNE_API_KEY=...; add --api-key-env SKILLTUNE_API_KEY "
+                                  "(or pass --allow-unauthenticated if a proxy in front authenticates)")
     import uvicorn
 
     from skilltune.serve.app import create_app
-    from skilltune.serve.server import build_state
 
     cfg = ServeConfig(host=host, port=port, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                       log_requests=not no_log, redact_pii=not no_redact)
-    state = build_state(ref, cfg, key, registry)
+    state = build_state(ref, cfg, key, registry, trust_remote_code=trust_remote_code)
     console.print(f"serving {state.engine.current.version} as '{state.name}' on http://{host}:{port}/v1 "
                   f"(auth {'on' if key else 'off'}; following {ref})")
     try:
-        uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(state, allowed_hosts_for(host, allowed_host)), host=host, port=port,
+                    log_level="warning")
     finally:
         state.stop()
 

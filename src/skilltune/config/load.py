@@ -115,6 +115,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         source = str(path)
         data = _resolve_paths(_read_yaml(path), path.parent.resolve())
+    return config_from_dict(data, overrides, source)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None,
+                     source: str | None = None) -> SkilltuneConfig:
+    """Validate a config mapping (e.g. one the registry kept) with ``--set`` overrides applied."""
     extra = _resolve_paths(parse_overrides(overrides), Path.cwd())
     return validate(_merge(data, extra), source=source)
 

@@ -56,6 +56,9 @@ def _jsonl_rows(path: Path, report: ReadReport) -> Iterator[tuple[int, object]]:
             except json.JSONDecodeError as exc:
                 yield lineno, RowProblem(str(path), lineno, None,
                                          f"invalid JSON at column {exc.colno}: {exc.msg}", "invalid_json")
+            except RecursionError:
+                yield lineno, RowProblem(str(path), lineno, None, "JSON nested too deeply to be a data row",
+                                         "invalid_json")
     if crlf:
         report.notes.append(f"{path}: {crlf} lines end in CRLF (Windows line ends; read fine)")
     if blank:
@@ -67,6 +70,9 @@ def _json_array_rows(path: Path, report: ReadReport) -> Iterator[tuple[int, obje
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a valid JSON file ({exc})", hint="use JSONL (one object per line)") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be data rows",
+                        hint="use JSONL with one flat object per row") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -75,20 +81,43 @@ def _json_array_rows(path: Path, report: ReadReport) -> Iterator[tuple[int, obje
     yield from enumerate(data, start=1)
 
 
+# One CSV field may hold a long document; the csv module's default limit (128 KiB) would stop a
+# legitimate file, no limit would let one malformed quote swallow the whole file into memory.
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
+
+
 def _csv_rows(path: Path, report: ReadReport) -> Iterator[tuple[int, object]]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
-            yield i, dict(row)
+        reader = csv.DictReader(fh)
+        row_no = 1  # line 1 is the header
+        try:
+            for row in reader:
+                row_no += 1
+                yield row_no, dict(row)
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({exc}; fields may be at most "
+                            f"{CSV_FIELD_LIMIT // 2**20} MiB)",
+                            hint="check the quoting near that line, or convert the file to JSONL") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {exc.start} of a read block)",
+                            hint="re-save the file as UTF-8") from None
 
 
 def _parquet_rows(path: Path, report: ReadReport) -> Iterator[tuple[int, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     line = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            line += 1
-            yield line, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                line += 1
+                yield line, row
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: unreadable Parquet after row {line} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                        hint="the file is truncated or not Parquet; write it again, or convert it to JSONL") from None
 
 
 _READERS = {".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".json": _json_array_rows,

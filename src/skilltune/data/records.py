@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from skilltune.paths import atomic_write_text, home
+from skilltune.paths import atomic_write_text, file_fingerprint, home
 
 
 def _dir(kind: str) -> Path:
@@ -23,8 +23,6 @@ def record_audit(report) -> Path:
 
 
 def record_spotcheck(file: str, reviewer: str, flagged: str, lines: list[int]) -> Path:
-    from skilltune.train.rundir import file_fingerprint
-
     fp = file_fingerprint(file)
     path = _dir("spotchecks") / f"{fp['sha256']}.json"
     atomic_write_text(path, json.dumps({"file": file, "sha256": fp["sha256"], "reviewer": reviewer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -67,7 +68,10 @@ def _parse_json(text: str):
     fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
     if fence:
         text = fence.group(1).strip()
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:  # model output such as "[[[[...]]]]" 100k deep: invalid, not a crash
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _json_valid(pred: str, ref: str, ctx: dict) -> float:
@@ -153,14 +157,24 @@ def _entry_point_metrics() -> None:
             register_metric(obj if isinstance(obj, Metric) else Metric(ep.name, obj, description=f"plug-in {ep.value}"))
 
 
-def resolve_metrics(names: list[str]) -> list[Metric]:
-    """Metric objects for ``names`` (built-in, entry-point plug-ins, or ``module:function``), companions included."""
+def resolve_metrics(names: list[str], allow_code: bool = False) -> list[Metric]:
+    """Metric objects for ``names`` (built-in, entry-point plug-ins, or ``module:function``), companions included.
+
+    A ``module:function`` name imports and runs Python code named by a config file, so it
+    is loaded only with the operator's consent (``allow_code``: ``--allow-code-metrics``
+    or ``SKILLTUNE_ALLOW_CODE_METRICS=1``); installed plug-ins were chosen by whoever
+    installed them and need none.
+    """
+    allow_code = allow_code or os.environ.get("SKILLTUNE_ALLOW_CODE_METRICS") == "1"
     if any(n not in METRICS and ":" not in n for n in names):
         _entry_point_metrics()
     out: list[Metric] = []
     problems = []
     for name in names:
-        if ":" in name:
+        if ":" in name and not allow_code:
+            problems.append(f"eval.metrics: '{name}' would import and run Python code named by the config; "
+                            "pass --allow-code-metrics (or set SKILLTUNE_ALLOW_CODE_METRICS=1) if you trust it")
+        elif ":" in name:
             mod, _, fn = name.partition(":")
             try:
                 func = getattr(importlib.import_module(mod), fn)

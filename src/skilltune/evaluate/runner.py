@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from skilltune.config.load import load_config
+from skilltune.config.load import config_from_dict, load_config
 from skilltune.config.schema import EvalConfig, SkilltuneConfig
 from skilltune.data.reader import load_examples
 from skilltune.data.tokenize import encode_example, prompt_text
@@ -24,7 +24,7 @@ from skilltune.errors import SkilltuneError
 from skilltune.evaluate.generate import generate
 from skilltune.evaluate.metrics import Metric, resolve_metrics
 from skilltune.evaluate.stats import bootstrap_delta, percentile
-from skilltune.model.target import Target, find_artifact, load_target
+from skilltune.model.target import LoadPolicy, Target, artifact_run_dir, find_artifact, load_target
 from skilltune.model.tokenizer import turn_end_token
 from skilltune.paths import atomic_write_text
 
@@ -42,34 +42,56 @@ class EvalPlan:
     val_file: str | None
     baseline: str | None  # None: the adapter switched off
     forgetting: bool = True
+    policy: LoadPolicy = field(default_factory=LoadPolicy)  # how the target's base is loaded
+    version: str | None = None  # NAME@vN when a registry version is evaluated
+    recorded_run_dir: str | None = None  # the run the evaluated artifact came from (for results.json)
+
+
+def _registry_plan(ref: str, overrides: list[str] | None, trust_remote_code: bool) -> tuple[Path, SkilltuneConfig,
+                                                                                              LoadPolicy, str, str]:
+    """A registry version: its verified checkout from the store, with the config the registry kept.
+
+    The run directory it came from is never read: it may have changed (or been
+    replaced) since the version was registered.
+    """
+    from skilltune.registry.api import Registry, base_load_policy
+
+    registry = Registry()
+    v = registry.get(ref)
+    version = f"{v.name}@v{v.number}"
+    artifact = registry.materialize(version)
+    run_config = v.lineage.get("run_config")
+    if run_config is None:
+        raise EvalError(f"{version} was registered by an older skilltune that kept no copy of its config, so "
+                        "its test set and metrics are unknown",
+                        hint=f"re-register the run (skilltune registry add RUN_DIR --name {v.name}), or evaluate "
+                             "the run directory itself")
+    cfg = config_from_dict(run_config, overrides, source=f"the registry's config of {version}")
+    return artifact, cfg, base_load_policy(v.lineage, trust_remote_code), version, v.lineage.get("run_dir")
+
+
+def _is_registry_ref(target: str) -> bool:
+    return not Path(target).exists() and "@" in target and not target.startswith("embedded:")
 
 
 def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list[str] | None,
-              db: str | None, overrides: list[str] | None = None, forgetting: bool = True) -> EvalPlan:
-    """Work out what to evaluate from a run directory, an adapter directory or a model spec."""
+              db: str | None, overrides: list[str] | None = None, forgetting: bool = True,
+              trust_remote_code: bool = False) -> EvalPlan:
+    """Work out what to evaluate from a registry version, a run directory, an adapter directory or a model spec."""
     path = Path(target)
-    run_dir = None
-    if not path.exists() and "@" in target and not target.startswith("embedded:"):
-        from skilltune.registry.api import Registry
-
-        v = Registry().get(target)  # a registry version: evaluate its verified artifact, with its run's config
-        if Path(v.lineage.get("run_dir", "")).is_dir():
-            path = Path(v.lineage["run_dir"])
-        else:
-            path = Registry().materialize(target)
+    run_dir = version = recorded = None
+    policy = LoadPolicy(trust_remote_code=trust_remote_code)
+    if _is_registry_ref(target):
+        path, cfg, policy, version, recorded = _registry_plan(target, overrides, trust_remote_code)
         target = str(path)
-    if path.is_dir() and (path / "run.json").is_file():
+    elif path.is_dir() and (path / "run.json").is_file():
         run_dir = path
+        recorded = str(path.resolve())
         cfg = load_config(path / "config.yaml", overrides)
     else:
         artifact = find_artifact(path) if path.is_dir() else None
-        if artifact is not None:
-            meta = json.loads((artifact / "skilltune_adapter.json").read_text())
-            run = Path(meta.get("run", ""))
-            cfg = load_config(run / "config.yaml", overrides) if (run / "config.yaml").is_file() else load_config(
-                None, overrides)
-        else:
-            cfg = load_config(None, overrides)
+        run = artifact_run_dir(artifact) if artifact is not None else None  # only the run it lies in
+        cfg = load_config(run / "config.yaml" if run and (run / "config.yaml").is_file() else None, overrides)
     if metrics:
         cfg.eval.metrics = metrics
     if db:
@@ -77,7 +99,8 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
     test_file = test or cfg.data.test
     if not test_file:
         raise EvalError("no test set: pass --test FILE (or set data.test in the run's config)")
-    return EvalPlan(target, run_dir, cfg, test_file, cfg.data.val if run_dir else None, baseline, forgetting)
+    val_file = cfg.data.val if (run_dir or version) else None
+    return EvalPlan(target, run_dir, cfg, test_file, val_file, baseline, forgetting, policy, version, recorded)
 
 
 def overfitting_check(metric: str, val: float, test: float, val_loss: float, test_loss: float,
@@ -120,17 +143,20 @@ def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int
     return out
 
 
-def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
-    """Run the evaluation in ``plan`` and write the report files into ``out_dir``."""
+def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: bool = False) -> dict:
+    """Run the evaluation in ``plan`` and write the report files into ``out_dir``.
+
+    ``allow_code_metrics``: the operator's consent to import ``module:function`` metrics named in the config.
+    """
     ecfg = plan.cfg.eval
-    metrics = resolve_metrics(ecfg.metrics)
+    metrics = resolve_metrics(ecfg.metrics, allow_code=allow_code_metrics)
     ctx = {"db": ecfg.db}
     if any(m.name == "sql_exec" for m in metrics) and not (ecfg.db and Path(ecfg.db).is_file()):
         raise EvalError(f"sql_exec needs the SQLite database; eval.db = {ecfg.db!r} does not exist",
                         hint="pass --db FILE")
     examples = load_examples(plan.test_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
     refs = [ex.completion for ex in examples]
-    target = load_target(plan.target)
+    target = load_target(plan.target, policy=plan.policy)
     prompts = _prompts(target.tokenizer, examples)
     say = progress or (lambda msg: None)
 
@@ -156,7 +182,8 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
         base_label = f"{target.base_spec} (adapter off)"
     else:
         base_spec = plan.baseline or target.base_spec
-        base_target = load_target(base_spec) if base_spec != plan.target else target
+        base_target = (load_target(base_spec, policy=LoadPolicy(trust_remote_code=plan.policy.trust_remote_code))
+                       if base_spec != plan.target else target)
         base_gens, base_wall = run("base", base_target)
         base_general = forgetting.run_suite(base_target) if plan.forgetting else None
         base_label = base_spec
@@ -219,7 +246,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None) -> dict:
     worst = sorted(rows, key=lambda r: r["tuned"][primary])[:10]
 
     results = {
-        "target": plan.target, "run_dir": str(plan.run_dir.resolve()) if plan.run_dir else None, "baseline": base_label,
+        "target": plan.version or plan.target, "run_dir": plan.recorded_run_dir, "baseline": base_label,
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
         "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -1,7 +1,8 @@
 """SQL execution accuracy, compared the way Spider's test-suite evaluation does.
 
-Prediction and reference run against a SQLite file opened **read-only** (a generated
-``DROP TABLE`` fails instead of harming the database) with a per-query time limit
+Prediction and reference run against a SQLite file opened **read-only**, with an
+authorizer that allows reads alone (a generated ``DROP TABLE``, ``ATTACH DATABASE`` or
+``VACUUM INTO`` fails instead of touching any file) and a per-query time limit
 (an endless query is cut off and counts as wrong). Result sets compare as bags:
 row order matters only when the reference has ORDER BY, column order never does.
 """
@@ -19,10 +20,28 @@ class QueryFailed(Exception):
     pass
 
 
+# What a model-written query may do: read. Read-only mode alone still lets ATTACH DATABASE and
+# VACUUM INTO create files anywhere the process can write; the authorizer refuses every action
+# that is not a read, and the attached-database limit of 0 closes ATTACH a second way.
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+# Functions that read nothing but can load code or touch files are refused by name.
+_DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+
+
+def _authorize(action: int, arg1, arg2, dbname, source) -> int:
+    if action not in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _DENIED_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
 def _connect(db: str | Path) -> sqlite3.Connection:
     uri = f"file:{Path(db).resolve()}?mode=ro"
     con = sqlite3.connect(uri, uri=True, check_same_thread=False)
     con.execute("PRAGMA query_only = ON")
+    con.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    con.set_authorizer(_authorize)
     return con
 
 

@@ -35,11 +35,12 @@ def load_tokenizer(cfg: ModelConfig, source: ResolvedModel | None = None):
     return tokenizer, info, source
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **extra) -> LoadedModel:
-    """Resolve, load and prepare ``cfg.base`` (model + tokenizer)."""
+def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, source: ResolvedModel | None = None,
+               **extra) -> LoadedModel:
+    """Resolve (unless ``source`` is given), load and prepare ``cfg.base`` (model + tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer, info, source = load_tokenizer(cfg)
+    tokenizer, info, source = load_tokenizer(cfg, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source.path),
@@ -55,6 +56,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **extra) ->
                 hint="convert the weights to safetensors, or set model.allow_pickle: true if you trust the source",
             ) from None
         raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from None
+    except ValueError as exc:  # e.g. the folder asks for remote code and trust_remote_code is off
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {source.path}: {first}",
+                             hint="if it needs its own modelling code and you trust its author, pass "
+                                  "--trust-remote-code (or set model.trust_remote_code: true for training)") from None
     if info.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = info.pad_token_id

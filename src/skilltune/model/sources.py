@@ -8,15 +8,20 @@ that is not cached fails at once with what to pass instead.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from skilltune.errors import ModelLoadError
-from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache, sha256_file
+from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache, sha256_file, update_hash
+
+log = logging.getLogger(__name__)
+CACHE_MARKER = "skilltune.json"  # written last into a converted cache entry
 
 
 @dataclass(frozen=True)
@@ -69,18 +74,36 @@ def embedded_gguf_path(model: EmbeddedModel) -> Path:
     return path
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CACHE_MARKER}
+
+
+def _cache_entry_intact(entry: Path) -> bool:
+    """Whether a converted cache entry still holds exactly the files it was written with."""
+    try:
+        recorded = json.loads((entry / CACHE_MARKER).read_text()).get("files")
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and bool(recorded) and recorded == _file_hashes(entry)
+
+
 def dequantize_gguf(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF file once into a cached safetensors model directory.
 
     The cache entry is keyed by the file's sha256 and written atomically (temp dir +
     rename): a conversion killed half-way leaves only a ``.tmp-*`` folder, removed
-    by the next run, never a half cache. The cached copy carries no quantization
-    config, so the HF Trainer and peft treat it as a plain model.
+    by the next run, never a half cache. Its marker records every written file's
+    sha256, checked each time the entry is used: a corrupted or altered cache (which
+    would silently change answers) is converted again. The cached copy carries no
+    quantization config, so the HF Trainer and peft treat it as a plain model.
     """
     digest = sha256_file(gguf)
     final = models_cache() / f"{name}-{digest[:16]}"
-    if (final / "skilltune.json").is_file():
-        return final
+    if (final / CACHE_MARKER).is_file():
+        if _cache_entry_intact(final):
+            return final
+        log.warning("the converted model cache %s does not match its recorded hashes; converting %s again",
+                    final, gguf.name)
     clean_stale_temp_dirs(final.parent, final.name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,10 +117,25 @@ def dequantize_gguf(gguf: Path, name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # The completion marker is written last: its presence means the entry is whole.
-        (tmp / "skilltune.json").write_text(
-            json.dumps({"source": str(gguf), "sha256": digest, "name": name}, indent=2)
-        )
+        (tmp / CACHE_MARKER).write_text(json.dumps({"source": str(gguf), "sha256": digest, "name": name,
+                                                    "files": _file_hashes(tmp)}, indent=2))
     return final
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the model's config and weight files (names and contents).
+
+    A converted embedded/GGUF model is named by its source file's hash (its converted
+    files are checked against the marker whenever the cache entry is used).
+    """
+    meta = Path(path) / CACHE_MARKER
+    if meta.is_file():
+        return "gguf:" + json.loads(meta.read_text())["sha256"]
+    h = hashlib.sha256()
+    for f in sorted(list(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]):
+        h.update(f.name.encode())
+        update_hash(h, f)
+    return h.hexdigest()
 
 
 def _embedded(spec: str, revision: str | None) -> ResolvedModel:

@@ -107,5 +107,5 @@ def _is_json(text: str) -> bool:
     try:
         json.loads(text)
         return True
-    except (json.JSONDecodeError, ValueError):
+    except (json.JSONDecodeError, ValueError, RecursionError):
         return False

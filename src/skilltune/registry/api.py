@@ -17,8 +17,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 from skilltune import __version__
+from skilltune.config.load import load_config
 from skilltune.errors import SkilltuneError
-from skilltune.model.target import ADAPTER_META, find_artifact
+from skilltune.model.target import find_artifact, read_adapter_meta
 from skilltune.paths import home
 from skilltune.registry.db import Alias, AliasEvent, Version, make_session_factory
 from skilltune.registry.store import ArtifactStore
@@ -28,12 +29,80 @@ class RegistryError(SkilltuneError):
     pass
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+_VERSION_TAG = re.compile(r"v\d+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def validate_name(name: str) -> str:
+    """A model name: 1-100 of letters, digits, '.', '_' and '-', starting with a letter or digit."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise RegistryError(f"invalid model name {name!r}",
+                            hint="use 1-100 letters, digits, '.', '_' and '-', starting with a letter or digit "
+                                 "(no '@', spaces or control characters)")
+    return name
+
+
+def validate_alias(alias: str) -> str:
+    """An alias: a letter, then letters, digits, '.', '_' or '-'; never ``latest`` or ``vN``.
+
+    ``latest`` and ``v3`` are how a reference names versions, so an alias of that name
+    could be set but never read back.
+    """
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
+        raise RegistryError(f"invalid alias {alias!r}",
+                            hint="use 1-64 letters, digits, '.', '_' and '-', starting with a letter "
+                                 "(e.g. production, staging)")
+    if alias == "latest" or _VERSION_TAG.fullmatch(alias):
+        raise RegistryError(f"alias {alias!r} is reserved: 'latest' and 'vN' already name versions",
+                            hint="choose another alias, e.g. production or staging")
+    return alias
+
+
+def clean_text(text: str) -> str:
+    """A note or reason with control characters (ANSI escapes, CR) removed: it is printed to terminals."""
+    return _CONTROL.sub("", text or "")
+
+
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """``name@v3`` -> (name, "v3"); ``name@production`` -> (name, "production"); ``name`` -> (name, None)."""
     name, _, tag = ref.partition("@")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise RegistryError(f"invalid model name {name!r}", hint="use letters, digits, '.', '_' and '-'")
+    validate_name(name)
+    if tag and tag != "latest" and not _VERSION_TAG.fullmatch(tag) and not _ALIAS.fullmatch(tag):
+        raise RegistryError(f"invalid reference {ref!r}: {tag!r} is neither a version (v3), 'latest' nor an alias",
+                            hint="write NAME, NAME@vN, NAME@latest or NAME@ALIAS")
     return name, (tag or None)
+
+
+def base_load_policy(lineage: dict, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """How to load a registered version's base: the model and hash its lineage recorded at ``registry add``.
+
+    The registry's record, not the artifact's own metadata, names the base; the
+    operator's flags alone decide about remote code and pickle.
+    """
+    from skilltune.model.target import LoadPolicy
+
+    base = lineage.get("base_model") or {}
+    spec = base.get("spec")
+    if base.get("kind") in ("local", "gguf") and base.get("path") and Path(base["path"]).exists():
+        spec = base["path"]
+    return LoadPolicy(base=spec, base_hash=base.get("hash"), trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle)
+
+
+def resolve_spec(spec: str, trust_remote_code: bool = False):
+    """``spec`` as (a loadable spec, how to load it): a registry reference becomes its verified checkout.
+
+    Anything that exists on disk or names an embedded model is taken as it is.
+    """
+    from skilltune.model.target import LoadPolicy
+
+    if Path(spec).exists() or "@" not in spec or spec.startswith("embedded:"):
+        return spec, LoadPolicy(trust_remote_code=trust_remote_code)
+    registry = Registry()
+    v = registry.get(spec)
+    return str(registry.materialize(f"{v.name}@v{v.number}")), base_load_policy(v.lineage, trust_remote_code)
 
 
 def _git_commit() -> str | None:
@@ -102,7 +171,8 @@ class Registry:
     # ------------------------------------------------------------------ writes
     def add(self, run_dir: str | Path, name: str, note: str = "") -> Version:
         """Register the artifact of ``run_dir`` as the next version of ``name``."""
-        parse_ref(name)
+        validate_name(name)
+        note = clean_text(note)
         run_dir = Path(run_dir)
         artifact = find_artifact(run_dir)
         if artifact is None or not (run_dir / "run.json").is_file():
@@ -110,24 +180,28 @@ class Registry:
                                 hint="pass the run directory printed at the end of `skilltune train`")
         run = json.loads((run_dir / "run.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-        meta = json.loads((artifact / ADAPTER_META).read_text())
+        meta = read_adapter_meta(artifact)
+        run_config = None
+        if (run_dir / "config.yaml").is_file():  # the whole config (eval and serve too), kept with the version
+            run_config = load_config(run_dir / "config.yaml").model_dump(mode="json")
         metrics = {}
         if (run_dir / "eval" / "results.json").is_file():
             metrics["eval"] = json.loads((run_dir / "eval" / "results.json").read_text())
         manifest = self.store.put_dir(artifact)
         lineage = {
-            "run_dir": str(run_dir.resolve()), "base_model": run["base_model"], "method": meta["method"],
+            "run_dir": str(run_dir.resolve()), "base_model": run["base_model"], "method": meta.method,
             "adapter_config": json.loads((artifact / "adapter_config.json").read_text())
             if (artifact / "adapter_config.json").is_file() else None,
             "data": run["identity"]["data"], "config": run["identity"]["config"], "tokenizer": run["tokenizer"],
             "final_train_loss": summary.get("final_train_loss"), "final_val_loss": summary.get("final_val_loss"),
             "best_val_loss": summary.get("best_val_loss"), "environment": run["environment"],
             "skilltune_version": __version__, "git_commit": _git_commit(), "artifact_kind": artifact.name,
+            "run_config": run_config,
         }
         with self.tx() as s:
             last = s.scalars(select(Version.number).where(Version.name == name)
                              .order_by(Version.number.desc())).first() or 0
-            v = Version(name=name, number=last + 1, note=note, method=meta["method"], manifest=manifest,
+            v = Version(name=name, number=last + 1, note=note, method=meta.method, manifest=manifest,
                         lineage=lineage, metrics=metrics)
             s.add(v)
         return v
@@ -139,6 +213,8 @@ class Registry:
 
     def promote(self, ref: str, alias: str = "production", reason: str = "", who: str | None = None) -> Version:
         name, tag = parse_ref(ref)
+        validate_alias(alias)
+        reason = clean_text(reason)
         with self.tx() as s:
             v = self._version(s, name, tag)
             a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
@@ -148,7 +224,7 @@ class Registry:
             else:
                 s.add(Alias(name=name, alias=alias, version_id=v.id))
             s.add(AliasEvent(name=name, alias=alias, action="promote", from_number=prev, to_number=v.number,
-                             who=who or getpass.getuser(), reason=reason))
+                             who=clean_text(who or getpass.getuser()), reason=reason))
         return v
 
     def _stack(self, s, name: str, alias: str) -> list[int]:
@@ -165,7 +241,9 @@ class Registry:
     def rollback(self, name: str, alias: str = "production", reason: str = "", who: str | None = None,
                  dry_run: bool = False) -> tuple[int, int]:
         """Move ``alias`` back to the version it pointed at before; returns (from, to)."""
-        parse_ref(name)
+        validate_name(name)
+        validate_alias(alias)
+        reason = clean_text(reason)
         with self.tx() as s:
             stack = self._stack(s, name, alias)
             a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
@@ -181,7 +259,7 @@ class Registry:
             if not dry_run:
                 a.version_id = v.id
             s.add(AliasEvent(name=name, alias=alias, action="rollback-dry-run" if dry_run else "rollback",
-                             from_number=current, to_number=target, who=who or getpass.getuser(), reason=reason))
+                             from_number=current, to_number=target, who=clean_text(who or getpass.getuser()), reason=reason))
         return current, target
 
     def delete(self, ref: str) -> None:

@@ -11,6 +11,8 @@ import datetime as dt
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from skilltune.paths import private_file, sqlite_file
+
 
 class Base(DeclarativeBase):
     pass
@@ -60,6 +62,9 @@ class AliasEvent(Base):
 
 
 def make_session_factory(url: str):
+    db_file = sqlite_file(url)
+    if db_file is not None:
+        private_file(db_file)  # prompts, lineage and who promoted what: owner-only (0600)
     engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")

@@ -1,4 +1,8 @@
-"""Export a registered version: the peft adapter as is, or LoRA merged into a plain HF model directory."""
+"""Export a registered version: the peft adapter as is, or LoRA merged into a plain HF model directory.
+
+Both start from the registry's verified checkout (never a run directory); the merge
+loads the base the registry's lineage names, checked against its recorded hash.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +12,30 @@ from pathlib import Path
 
 import torch
 
-from skilltune.model.target import ADAPTER_META
+from skilltune.model.target import ADAPTER_META, load_target, read_adapter_meta
 from skilltune.paths import atomic_dir
-from skilltune.registry.api import Registry, RegistryError
+from skilltune.registry.api import Registry, RegistryError, base_load_policy
 
 
-def export(registry: Registry, ref: str, out: Path, merged: bool) -> Path:
+def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_code: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} exists and is not empty", hint="choose a new folder")
-    src = registry.materialize(ref)
-    meta = json.loads((src / ADAPTER_META).read_text())
+    v = registry.get(ref)
+    src = registry.materialize(f"{v.name}@v{v.number}")
+    meta = read_adapter_meta(src)
     with atomic_dir(out) as tmp:
-        if not merged or meta["method"] == "full":
+        if not merged or meta.method == "full":
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         else:
-            from peft import PeftModel
-            from transformers import AutoTokenizer
-
-            from skilltune.config.schema import ModelConfig
-            from skilltune.model.loading import load_model
-
-            base = load_model(ModelConfig(**meta["model"]), dtype=torch.float32).model
-            model = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
-            tokenizer = AutoTokenizer.from_pretrained(str(src))
+            target = load_target(str(src), torch.float32, base_load_policy(v.lineage, trust_remote_code))
+            model = target.model.merge_and_unload()
+            tokenizer = target.tokenizer
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "skilltune_export.json").write_text(json.dumps({"from": ref, "merged": True, **meta}, indent=2))
+            record = json.loads((src / ADAPTER_META).read_text())
+            (tmp / "skilltune_export.json").write_text(json.dumps({"from": f"{v.name}@v{v.number}", "merged": True,
+                                                                  **record}, indent=2))
     return out

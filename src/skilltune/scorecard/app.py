@@ -17,6 +17,7 @@ from jinja2 import Environment
 from sqlalchemy import select
 
 from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study
+from skilltune.scorecard.study import token_hash
 
 _ENV = Environment(autoescape=True)
 
@@ -69,6 +70,18 @@ _DONE = _ENV.from_string("""<!doctype html><meta charset="utf-8"><title>done</ti
 <p id="finished">All {{ total }} items are judged. You can still <a href="/r/{{ token }}/items/{{ first }}">revisit them</a>.</p>""")
 
 
+# The rater's token is in the URL: no Referer may carry it to another site, no other site may frame the
+# page (clickjacking), and only the page's own inline script and style run.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
 def csrf_for(secret: str, token: str) -> str:
     return hmac.new(secret.encode(), token.encode(), hashlib.sha256).hexdigest()
 
@@ -80,11 +93,18 @@ def _forbidden(msg: str = "forbidden: unknown rater link or bad form token") -> 
 def create_app(Session, study_name: str) -> FastAPI:
     app = FastAPI(title="skilltune scorecard", docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
     def _rater(s, token: str):
         if not token:
             return None, None
+        digest = token_hash(token)
         for r in s.scalars(select(Rater)).all():  # constant-time compare against every rater of the study
-            if hmac.compare_digest(r.token.encode(), token.encode()):
+            if hmac.compare_digest(r.token.encode(), digest.encode()):
                 study = s.get(Study, r.study_id)
                 if study.name == study_name:
                     return r, study

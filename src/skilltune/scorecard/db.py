@@ -7,6 +7,8 @@ import datetime as dt
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from skilltune.paths import private_file, sqlite_file
+
 
 class Base(DeclarativeBase):
     pass
@@ -46,7 +48,7 @@ class Rater(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     name: Mapped[str] = mapped_column(String(100))
-    token: Mapped[str] = mapped_column(String(64), unique=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the rater's link token, never the token
 
 
 class Assignment(Base):
@@ -75,6 +77,9 @@ class Judgement(Base):
 
 
 def session_factory(url: str):
+    db_file = sqlite_file(url)
+    if db_file is not None:
+        private_file(db_file)  # rater link hashes and the CSRF secret: owner-only (0600)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if url.startswith("sqlite")
                            else {})
     Base.metadata.create_all(engine)

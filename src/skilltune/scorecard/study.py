@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,11 @@ DEFAULT_GATES = {"min_mean": 4.0, "no_critical_in": ["factual_accuracy", "safety
 
 class StudyError(SkilltuneError):
     pass
+
+
+def token_hash(token: str) -> str:
+    """What the database keeps of a rater's link token: its sha256 (a leaked database opens no link)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def default_url() -> str:
@@ -94,7 +100,7 @@ def create_study(eval_dir: str | Path, name: str, criteria: list, mode: str = "a
         rater_rows = []
         for rname in raters:
             tok = secrets.token_urlsafe(24)
-            rr = Rater(study_id=study.id, name=rname, token=tok)
+            rr = Rater(study_id=study.id, name=rname, token=token_hash(tok))  # the link itself is never stored
             s.add(rr)
             rater_rows.append(rr)
             tokens[rname] = tok
@@ -131,11 +137,21 @@ def export_rows(name: str, url: str | None = None) -> list[dict]:
         return out
 
 
+def csv_cell(value):
+    """A cell a spreadsheet shows as text: a leading ``= + - @`` (or tab/CR) would make it a formula.
+
+    OWASP's advice for CSV injection: prefix such cells with a single quote. Numbers stay numbers.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "scores": json.dumps(r["scores"])})
+            w.writerow({k: csv_cell(v) for k, v in {**r, "scores": json.dumps(r["scores"])}.items()})
     return buf.getvalue()

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from skilltune.serve.engine import Engine, QueueFull
 
@@ -37,15 +38,23 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
                         status_code=status, headers=headers)
 
 
+class TextPart(BaseModel):
+    """One content part; only text is served (an image or audio part is a 422 naming the field)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -69,8 +78,24 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
 
 
-def create_app(state) -> FastAPI:
-    """``state`` is a :class:`skilltune.serve.server.ServerState` (engine, name, settings, log, metrics)."""
+def route_label(app: FastAPI, scope) -> str:
+    """The route template a request matches (``/v1/models``), or ``unmatched``.
+
+    Metrics are labelled with this, never the raw path: a client sending random paths
+    would otherwise grow ``/metrics`` without bound (one series per path).
+    """
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
+def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """``state`` is a :class:`skilltune.serve.server.ServerState` (engine, name, settings, log, metrics).
+
+    ``allowed_hosts``: the ``Host`` header values accepted (DNS-rebinding protection); None accepts any.
+    """
     app = FastAPI(title="skilltune", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -92,24 +117,29 @@ def create_app(state) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # a bug of ours: no details, no paths
-        state.metrics.errors.labels(route=request.url.path).inc()
+        # This handler runs outside the middleware below, so it counts the failure itself.
+        route = route_label(app, request.scope)
+        state.metrics.requests.labels(route=route, status="500").inc()
+        state.metrics.errors.labels(route=route).inc()
         return _error(500, "internal server error", "server_error")
 
     @app.middleware("http")
     async def _auth_and_metrics(request: Request, call_next):
         t0 = time.perf_counter()
+        route = route_label(app, request.scope)
         if state.api_key and request.url.path != "/health":
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                state.metrics.requests.labels(route=request.url.path, status="401").inc()
+                state.metrics.requests.labels(route=route, status="401").inc()
+                state.metrics.errors.labels(route=route).inc()
                 return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error",
                               code="invalid_api_key")
         response = await call_next(request)
-        state.metrics.requests.labels(route=request.url.path, status=str(response.status_code)).inc()
-        state.metrics.latency.labels(route=request.url.path).observe(time.perf_counter() - t0)
+        state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        state.metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
         if response.status_code >= 400:
-            state.metrics.errors.labels(route=request.url.path).inc()
+            state.metrics.errors.labels(route=route).inc()
         if "x-skilltune-version" not in response.headers:  # generation routes set the version that answered
             response.headers["X-Skilltune-Version"] = state.engine.current.version
         return response
@@ -235,4 +265,8 @@ def create_app(state) -> FastAPI:
         return PlainTextResponse(generate_latest(state.metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
+    if allowed_hosts is not None:  # added last, so it runs first: a foreign Host header never reaches a route
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     return app

@@ -9,6 +9,7 @@ between batches: a batch in flight finishes on the model it started with.
 from __future__ import annotations
 
 import queue
+from collections import deque
 import threading
 import time
 from concurrent.futures import Future
@@ -42,6 +43,7 @@ class Engine:
         self.current = loaded
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
+        self._held: deque[Job] = deque()  # taken from the queue for a later batch (another temperature)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.worker = threading.Thread(target=self._run, name="skilltune-generate", daemon=True)
@@ -53,25 +55,39 @@ class Engine:
 
     def submit(self, prompt: str, max_tokens: int, temperature: float) -> Future:
         job = Job(prompt, max_tokens, temperature)
+        if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
+            raise QueueFull
         try:
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
         return job.future
 
+    def _next_job(self, timeout: float) -> Job:
+        """The oldest held-back job, else the next queued one (raises ``queue.Empty``)."""
+        if self._held:
+            return self._held.popleft()
+        return self.queue.get(timeout=timeout)
+
     def _take_batch(self) -> list[Job]:
-        first = self.queue.get(timeout=0.1)
-        batch = [first]
+        """Jobs that share a sampling temperature, oldest first.
+
+        A job with another temperature is held back here for a later batch, never put
+        back into the queue: the worker is the queue's only consumer, so a blocking put
+        on a full queue would wait for itself forever.
+        """
+        first = self._next_job(timeout=0.1)
+        batch, other = [first], []
         deadline = time.monotonic() + 0.01  # a short window lets concurrent requests join
         while len(batch) < self.max_batch:
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._next_job(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if job.temperature != first.temperature:
-                self.queue.put(job)  # different sampling: next batch
+            (batch if job.temperature == first.temperature else other).append(job)
+            if len(other) >= self.max_batch:
                 break
-            batch.append(job)
+        self._held.extendleft(reversed(other))
         return batch
 
     def _run(self) -> None:

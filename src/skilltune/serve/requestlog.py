@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from skilltune.data.pii import redact
+from skilltune.paths import private_file
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY, ts REAL, version TEXT, route TEXT, prompt TEXT, output TEXT,
@@ -29,6 +30,7 @@ class RequestLog:
         self._open()
 
     def _open(self) -> None:
+        private_file(self.path)  # prompts and outputs: owner-only (0600), like its -wal/-shm files
         self.con = sqlite3.connect(self.path, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute(_SCHEMA)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skilltune.config.schema import ServeConfig
-from skilltune.registry.api import Registry, parse_ref
+from skilltune.registry.api import Registry, base_load_policy, parse_ref
 from skilltune.serve.engine import Engine, Loaded
 from skilltune.serve.requestlog import RequestLog
 
@@ -32,13 +32,17 @@ class Metrics:
                              registry=self.registry)
 
 
-def load_version(registry: Registry, ref: str) -> Loaded:
-    """Load a registry version (verified against its sha256 manifest) with its training system prompt."""
+def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) -> Loaded:
+    """Load a registry version (verified against its sha256 manifest) with its training system prompt.
+
+    The base model is the one the registry's lineage names, checked against its hash;
+    nothing in the artifact can switch on remote code (only the operator's flag can).
+    """
     from skilltune.model.target import load_target
 
     v = registry.get(ref)
     artifact = registry.materialize(f"{v.name}@v{v.number}")
-    target = load_target(str(artifact))
+    target = load_target(str(artifact), policy=base_load_policy(v.lineage, trust_remote_code))
     system = (v.lineage.get("config", {}).get("data") or {}).get("system_prompt")
     return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system)
 
@@ -57,6 +61,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
     poll_s: float = 1.0
+    trust_remote_code: bool = False  # the operator's flag, used for every version the alias moves to
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def accepted_names(self) -> set[str]:
@@ -70,7 +75,7 @@ class ServerState:
                 v = self.registry.get(self.ref)
                 wanted = f"{v.name}@v{v.number}"
                 if wanted != self.engine.current.version:
-                    loaded = load_version(self.registry, wanted)
+                    loaded = load_version(self.registry, wanted, self.trust_remote_code)
                     old = self.engine.current.version
                     self.engine.swap(loaded)
                     self.metrics.version.labels(name=self.name, version=old).set(0)
@@ -86,18 +91,18 @@ class ServerState:
 
 
 def build_state(ref: str, cfg: ServeConfig, api_key: str | None, registry: Registry | None = None,
-                log_path: Path | None = None, poll_s: float = 1.0) -> ServerState:
+                log_path: Path | None = None, poll_s: float = 1.0, trust_remote_code: bool = False) -> ServerState:
     from skilltune.paths import home
 
     registry = registry or Registry()
     name, _ = parse_ref(ref)
-    loaded = load_version(registry, ref)
+    loaded = load_version(registry, ref, trust_remote_code)
     engine = Engine(loaded, queue_size=cfg.queue_size)
     log = None
     if cfg.log_requests:
         log = RequestLog(log_path or home() / "serving" / f"{name}.requests.db", redact_pii=cfg.redact_pii)
     state = ServerState(name, ref, registry, engine, api_key, cfg.max_tokens_limit, cfg.request_timeout_s, log,
-                        poll_s=poll_s)
+                        poll_s=poll_s, trust_remote_code=trust_remote_code)
     state.metrics.version.labels(name=name, version=loaded.version).set(1)
     registry.attach_metrics(loaded.version, "monitoring", {
         "request_log": cfg.log_requests, "redact_pii": cfg.redact_pii,
@@ -105,6 +110,26 @@ def build_state(ref: str, cfg: ServeConfig, api_key: str | None, registry: Regis
         "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
     threading.Thread(target=state.follow_alias, name="skilltune-alias-watch", daemon=True).start()
     return state
+
+
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def allowed_hosts_for(host: str, extra: list[str] | None = None) -> list[str] | None:
+    """The Host headers to accept: a loopback server accepts loopback names only (a web page that
+    rebinds its DNS name to 127.0.0.1 cannot reach it); a public one accepts ``extra`` or any."""
+    if extra:
+        return list(extra)
+    return LOOPBACK_HOSTS + [host] if is_loopback(host) else None
 
 
 def vllm_command(registry: Registry, ref: str, host: str, port: int) -> list[str]:

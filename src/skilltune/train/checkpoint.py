@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from skilltune.errors import TrainingError
 from skilltune.paths import atomic_dir, clean_stale_temp_dirs
 
 MARKER = "COMPLETE"
@@ -69,10 +70,32 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.glob("step-*") if (p / MARKER).is_file())
 
 
+def _load_state(path: Path) -> dict:
+    """Optimizer, scheduler and RNG state without unpickling code.
+
+    ``weights_only=True`` restricts torch's unpickler to tensors and plain containers
+    (dicts, lists, tuples, numbers, strings), which is all this file holds; a crafted
+    ``state.pt`` that asks for anything else (``os.system``, any class) is refused, not run.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"{path} is not a checkpoint state this version can load safely ({first[:300]})",
+                            hint="it may be damaged or crafted; resume from an earlier checkpoint (delete this "
+                                 "one) or start a new run") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise TrainingError(f"{path} does not hold optimizer, scheduler and RNG state",
+                            hint="resume from an earlier checkpoint (delete this one) or start a new run")
+    return state
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    state = torch.load(path / "state.pt", weights_only=False)  # our own file, written above
+    state = _load_state(path / "state.pt")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

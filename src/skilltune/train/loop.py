@@ -23,8 +23,9 @@ from skilltune.config.load import dump_config
 from skilltune.config.schema import SkilltuneConfig
 from skilltune.errors import TrainingError
 from skilltune.model.loading import load_model, load_tokenizer
+from skilltune.model.sources import model_fingerprint
 from skilltune.model.target import ADAPTER_META
-from skilltune.paths import atomic_dir, atomic_write_text
+from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan, collate, count_label_tokens
 from skilltune.train.kernels import install_kernels
@@ -33,8 +34,7 @@ from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
 from skilltune.train.prepare import prepare_data
-from skilltune.train.rundir import (environment, file_fingerprint, latest_run_dir, model_fingerprint,
-                                    new_run_dir, plot_losses)
+from skilltune.train.rundir import environment, latest_run_dir, new_run_dir, plot_losses
 from skilltune.train.trackers import Trackers
 
 # Config fields that may change between a run and its resume without changing the result.
@@ -141,7 +141,7 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     # Adapter methods keep the frozen base in the compute dtype (no per-step weight casts) and
     # the trainable weights in fp32; full finetuning keeps fp32 master weights under autocast.
     base_dtype = autocast_dtype if (method.is_adapter and autocast_dtype is not None) else torch.float32
-    loaded = load_model(cfg.model, dtype=base_dtype, **method.load_kwargs(cfg.adapter))
+    loaded = load_model(cfg.model, dtype=base_dtype, source=source, **method.load_kwargs(cfg.adapter))
     torch.manual_seed(cfg.train.seed)  # LoRA init is seeded: same config, same adapter
     model = method.wrap(loaded.model, cfg.adapter)
     for p in model.parameters():
@@ -323,7 +323,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             tokenizer.save_pretrained(tmp)
             (tmp / ADAPTER_META).write_text(json.dumps({
                 "method": cfg.adapter.method, "model": cfg.model.model_dump(mode="json"),
-                "base_hash": base_hash, "tokenizer": tok_info.__dict__, "run": str(run_path)}, indent=2))
+                "base_hash": base_hash, "tokenizer": tok_info.__dict__, "run": str(run_path.resolve()),
+                "system_prompt": cfg.data.system_prompt}, indent=2))
         last = {}
         for line in (run_path / "metrics.jsonl").read_text().splitlines():
             last.update(json.loads(line))

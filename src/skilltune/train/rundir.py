@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -11,23 +10,6 @@ from pathlib import Path
 import torch
 
 from skilltune import __version__
-from skilltune.paths import sha256_file, update_hash
-
-
-def file_fingerprint(path: str | Path, rows: int | None = None) -> dict:
-    return {"path": str(path), "sha256": sha256_file(Path(path)), "rows": rows}
-
-
-def model_fingerprint(path: Path) -> str:
-    """sha256 over the model's config and weight files (names and contents)."""
-    meta = path / "skilltune.json"
-    if meta.is_file():  # converted embedded/GGUF models record the source file's hash
-        return "gguf:" + json.loads(meta.read_text())["sha256"]
-    h = hashlib.sha256()
-    for f in sorted(list(path.glob("*.safetensors")) + [path / "config.json"]):
-        h.update(f.name.encode())
-        update_hash(h, f)
-    return h.hexdigest()
 
 
 def environment(precision: str) -> dict:

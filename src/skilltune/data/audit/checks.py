@@ -237,7 +237,7 @@ def check_volume(ctx: AuditContext) -> CheckResult:
 def _json_obj(text: str):
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, ValueError):
+    except (json.JSONDecodeError, ValueError, RecursionError):
         return None
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from skilltune.data.audit.base import CHECKS, FAIL, WARN, AuditContext, CheckResult
 from skilltune.data.reader import read_file
+from skilltune.paths import file_fingerprint
 
 
 @dataclass
@@ -41,7 +42,6 @@ def audit_file(path: str, test: str | None = None, tokenizer=None, max_seq_len: 
                near_dup_threshold: float = 0.85, fmt: str = "auto", columns=None) -> AuditReport:
     """Audit ``path`` (never modified) with every registered check."""
     from skilltune.model.tokenizer import turn_end_token
-    from skilltune.train.rundir import file_fingerprint
 
     t0 = time.perf_counter()
     report = read_file(path, fmt, columns)
