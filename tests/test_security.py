@@ -513,3 +513,18 @@ def test_server_threads_survive_a_burst_of_bad_requests(app_client):
     for t in threads:
         t.join()
     assert errors == [] and client.get("/health").status_code == 200
+
+
+def test_rater_tokens_stored_by_older_versions_are_hashed_on_open(tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from skilltune.scorecard.db import Rater, session_factory, token_hash
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    session_factory(url)  # today's tables
+    with create_engine(url).begin() as con:  # a row as an older skilltune wrote it: the token itself
+        con.execute(text("INSERT INTO studies (id, name, mode, criteria, gates, source, run_dir, secret, created) "
+                         "VALUES (1, 's', 'ab', '[]', '{}', '', '', 'sec', '2026-01-01')"))
+        con.execute(text("INSERT INTO raters (study_id, name, token) VALUES (1, 'bob', 'plain-old-token-32-chars-long-xx')"))
+    with session_factory(url)() as s:
+        assert [r.token for r in s.query(Rater).all()] == [token_hash("plain-old-token-32-chars-long-xx")]

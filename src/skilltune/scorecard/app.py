@@ -16,8 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment
 from sqlalchemy import select
 
-from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study
-from skilltune.scorecard.study import token_hash
+from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study, token_hash
 
 _ENV = Environment(autoescape=True)
 

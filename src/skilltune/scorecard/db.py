@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -12,6 +13,11 @@ from skilltune.paths import private_file, sqlite_file
 
 class Base(DeclarativeBase):
     pass
+
+
+def token_hash(token: str) -> str:
+    """What the database keeps of a rater's link token: its sha256 (a leaked database opens no link)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _now() -> dt.datetime:
@@ -83,4 +89,17 @@ def session_factory(url: str):
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if url.startswith("sqlite")
                            else {})
     Base.metadata.create_all(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    _hash_legacy_tokens(Session)
+    return Session
+
+
+def _hash_legacy_tokens(Session) -> None:
+    """Studies made before tokens were hashed stored the link token itself: replace it by its sha256.
+
+    The raters' links keep working (the app hashes what a link carries); the database no longer opens them.
+    """
+    with Session() as s, s.begin():
+        for rater in s.query(Rater).all():
+            if len(rater.token) != 64 or any(c not in "0123456789abcdef" for c in rater.token):
+                rater.token = token_hash(rater.token)

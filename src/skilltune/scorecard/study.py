@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -15,7 +14,7 @@ from sqlalchemy import select
 
 from skilltune.errors import SkilltuneError
 from skilltune.paths import home
-from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study, session_factory
+from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study, session_factory, token_hash
 
 DEFAULT_CRITERIA = {
     "relevance": ("Does the answer address the question asked?",
@@ -32,11 +31,6 @@ DEFAULT_GATES = {"min_mean": 4.0, "no_critical_in": ["factual_accuracy", "safety
 
 class StudyError(SkilltuneError):
     pass
-
-
-def token_hash(token: str) -> str:
-    """What the database keeps of a rater's link token: its sha256 (a leaked database opens no link)."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def default_url() -> str:
