@@ -33,6 +33,7 @@ browser:
 		apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || echo "note: could not install chromium"; }
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/run.py
 
 clean:

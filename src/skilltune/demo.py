@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from skilltune.errors import SkilltuneError
+from skilltune.progress import SILENT, Stages
 
 
 @dataclass
@@ -26,14 +27,27 @@ class DemoResult:
     report: Path | None = None
 
 
+def example_roots() -> list[Path]:
+    """Where examples are looked for: ./examples, the source checkout, then the installed copy
+    (``<prefix>/share/skilltune/examples``, shipped in the wheel)."""
+    import site
+    import sys
+
+    roots = [Path.cwd() / "examples", Path(__file__).resolve().parents[2] / "examples"]
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, site.getuserbase()]):
+        roots.append(Path(prefix) / "share" / "skilltune" / "examples")
+    return roots
+
+
 def find_example(name: str = "sql") -> Path:
-    """The example folder: ./examples/NAME, or the one in the source checkout skilltune runs from."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        cand = root / "examples" / name
-        if (cand / "config.yaml").is_file():
-            return cand
-    raise SkilltuneError(f"cannot find examples/{name}/config.yaml",
-                         hint="run the demo from the skilltune checkout (where `make demo` lives)")
+    """The example folder NAME (its config.yaml and data), from the first root that has it."""
+    roots = example_roots()
+    for root in roots:
+        if (root / name / "config.yaml").is_file():
+            return root / name
+    raise SkilltuneError(f"cannot find the '{name}' example; looked in: {', '.join(str(r) for r in roots)}",
+                         hint="reinstall skilltune (the wheel ships the examples under share/skilltune/examples), "
+                              "or run from a skilltune checkout")
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
@@ -45,7 +59,7 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = None, name: str = "sql-demo",
              stage: Callable[[str], None] = lambda s: None, say: Callable[[str], None] = lambda s: None,
-             reporter=None) -> DemoResult:
+             reporter=None, stages: Stages = SILENT) -> DemoResult:
     from skilltune.config import load_config
     from skilltune.data.audit import audit_file
     from skilltune.data.records import record_audit
@@ -101,7 +115,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
         f"val loss {s.get('best_val_loss') or float('nan'):.4f}")
 
     plan = plan_eval(str(result.run_dir), None, None, None, None, extra)
-    res.eval_results = timed("eval", lambda: evaluate(plan, result.run_dir / "eval", progress=say))
+    res.eval_results = timed("eval", lambda: evaluate(plan, result.run_dir / "eval", stages))
     res.report = result.run_dir / "eval" / "report.html"
 
     def register():

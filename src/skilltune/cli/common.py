@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 from rich.console import Console
+
+from skilltune.progress import Stages
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,9 +34,64 @@ def quiet_libraries() -> None:
         pass
 
 
+def plain(line: str) -> None:
+    """One line, exactly as given: no markup, no highlighting and no wrapping (greppable in logs)."""
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+class ConsoleStages(Stages):
+    """Stages on the console: a live bar with rate and ETA on a terminal; on a pipe or CI log one line
+    when a stage starts, a ``done/total`` line every ``every_s`` seconds, and one when it ends."""
+
+    def __init__(self, out: Console | None = None, every_s: float = 10.0):
+        self.out = out or console
+        self.every_s = every_s
+
+    @contextlib.contextmanager
+    def stage(self, label: str, total: int | None = None):
+        if self.out.is_terminal:
+            yield from self._bar(label, total)
+        else:
+            yield from self._lines(label, total)
+
+    def _bar(self, label: str, total: int | None):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total:
+            columns += [BarColumn(), MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, TimeElapsedColumn(), console=self.out) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def _lines(self, label: str, total: int | None):
+        t0 = last = time.perf_counter()
+        done = 0
+        self.out.print(f"{label}" + (f" ({total})" if total else "") + " ...", highlight=False, markup=False, soft_wrap=True)
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, last
+            done += n
+            now = time.perf_counter()
+            if now - last >= self.every_s:
+                last = now
+                rate = done / max(now - t0, 1e-9)
+                eta = f", ETA {(total - done) / rate:.0f} s" if total and rate > 0 else ""
+                self.out.print(f"  {label}: {done}/{total or '?'} ({rate:.2f}/s{eta})", highlight=False, soft_wrap=True,
+                               markup=False)
+
+        yield advance
+        self.out.print(f"  {label}: done" + (f" {done}/{total}" if total else "")
+                       + f" in {time.perf_counter() - t0:.1f} s", highlight=False, markup=False, soft_wrap=True)
+
+    def message(self, text: str) -> None:
+        self.out.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import console, quiet_libraries
+from skilltune.cli.common import ConsoleStages, console, plain, quiet_libraries
 from skilltune.errors import DataError
 
 app = typer.Typer(help="Audit, clean, split and mix training data.\n\nExample: skilltune data audit train.jsonl",
@@ -49,7 +50,16 @@ def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Pa
         tokenizer = load_tokenizer(ModelConfig(base=model))[0]
     rep = audit_file(str(file), str(test) if test else None, tokenizer, max_seq_len, near_dup)
     record_audit(rep)
-    if fmt == "table":
+    if fmt == "table" and not console.is_terminal:  # pipes, CI logs, editors: one greppable line per finding
+        for r in rep.results:
+            plain(f"{file}: {r.name}: {r.status}: {r.summary}")
+            for f in r.findings:  # "a:1 = a:2" (duplicates, leakage): the first place leads, the rest follow
+                first, *others = re.split(r" (?:=|<->) ", f.where)
+                plain(f"{first}: {r.name}: {f.message}" + (f" (with {', '.join(others)})" if others else ""))
+            if r.status != "PASS" and r.fix:
+                plain(f"{file}: {r.name}: fix: {r.fix}")
+        plain(f"{file}: {rep.errors} error(s), {rep.warnings} warning(s) in {rep.seconds:.1f} s")
+    elif fmt == "table":
         table = Table("check", "status", "count", "summary", "first examples", title=f"data audit: {file}")
         for r in rep.results:
             first = "\n".join(f"{f.where}: {f.message}"[:110] for f in r.findings[:3])
@@ -141,7 +151,7 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
     quiet_libraries()
     from skilltune.data.replay import replay
 
-    count = replay(model, dst, n, max_new_tokens, seed)
+    count = replay(model, dst, n, max_new_tokens, seed, stages=ConsoleStages())
     console.print(f"wrote {count} general examples answered by {model} -> {dst}")
 
 

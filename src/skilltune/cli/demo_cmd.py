@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import SET_HELP, console, quiet_libraries
+from skilltune.cli.common import SET_HELP, ConsoleStages, console, quiet_libraries
 
 
 def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small subsets (a first look, tests)."),
@@ -28,7 +28,7 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small
     res = run_demo(workdir, quick, set_, name,
                    stage=lambda s: console.rule(f"[bold]{s}"),
                    say=lambda m: console.print(m, highlight=False, markup=False),
-                   reporter=RichReporter())
+                   reporter=RichReporter(), stages=ConsoleStages())
     total = time.perf_counter() - t0
     ev = res.eval_results
     table = Table("metric", "base", "finetuned", "delta", title=f"held-out test ({ev['n_examples']} questions)")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import SET_HELP, console, quiet_libraries
+from skilltune.cli.common import SET_HELP, ConsoleStages, console, plain, quiet_libraries
 
 
 def eval_(target: str = typer.Argument(..., help="A run directory, an adapter directory or a model spec."),
@@ -37,18 +37,23 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     default_out = (plan.run_dir / "eval") if plan.run_dir else Path(
         f"eval-{plan.version.replace('@', '-')}" if plan.version else "eval-report")
     out_dir = out or default_out
-    results = evaluate(plan, out_dir, progress=lambda m: console.print(f"[dim]{m}[/dim]"),
-                       allow_code_metrics=allow_code_metrics)
+    results = evaluate(plan, out_dir, ConsoleStages(), allow_code_metrics=allow_code_metrics)
     if plan.version:  # the checklist reads a version's evaluation from the registry
         from skilltune.registry.api import Registry
 
         Registry().attach_metrics(plan.version, "eval", results)
         console.print(f"recorded with {plan.version} in the registry")
-    table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
-    for name, m in results["metrics"].items():
-        lo, hi = m["delta_ci95"]
-        table.add_row(name, f"{m['base']:.3f}", f"{m['tuned']:.3f}", f"{m['delta']:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]")
-    console.print(table)
+    if console.is_terminal:
+        table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
+        for name, m in results["metrics"].items():
+            lo, hi = m["delta_ci95"]
+            table.add_row(name, f"{m['base']:.3f}", f"{m['tuned']:.3f}", f"{m['delta']:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]")
+        console.print(table)
+    else:
+        for name, m in results["metrics"].items():
+            lo, hi = m["delta_ci95"]
+            plain(f"eval: {name}: base {m['base']:.3f} -> finetuned {m['tuned']:.3f} ({m['delta']:+.3f}, 95% CI "
+                  f"[{lo:+.3f}, {hi:+.3f}], {results['n_examples']} examples)")
     o = results.get("overfitting")
     if o:
         console.print(f"overfitting: val {o['val']:.3f} vs test {o['test']:.3f} -> "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from skilltune import __version__
 from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, readiness_cmd,
@@ -21,7 +22,7 @@ app = typer.Typer(
     "Start with: skilltune demo   (the whole workflow on the embedded SmolLM2 model)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 # Grouped by workflow stage in --help: data -> train -> evaluate -> ship -> readiness.
 app.command("demo", rich_help_panel="Start here")(demo_cmd.demo)
@@ -52,14 +53,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """skilltune: data -> train -> evaluate -> register -> serve -> readiness."""
 
 
+# Typer vendors its own copy of click, so ``click.ClickException`` is not the class its parser raises:
+# take the base class from typer's own exception hierarchy instead.
+CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="skilltune", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except SkilltuneError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[yellow]what to do:[/yellow] {exc.hint}", highlight=False)
+            err_console.print(f"[yellow]what to do:[/yellow] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -69,13 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except CLICK_EXCEPTION as exc:  # usage errors: the usage line, the error, a "did you mean"; exit 2
+        exc.show()
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import console
+from skilltune.cli.common import console, plain
 
 _COLOR = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}
 
@@ -33,7 +32,11 @@ def checklist(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
         audit_warn = [r for r in rows if r.item == "Data quality verified" and "warning(s)" in r.evidence
                       and "0 warning(s)" not in r.evidence]
         ok = ok and not audit_warn
-    if fmt == "table":
+    if fmt == "table" and not console.is_terminal:
+        for r in rows:
+            plain(f"{v.name}@v{v.number}: {r.item}: {r.status}: {r.evidence}" + (f" (fix: {r.fix})" if r.fix else ""))
+        plain(f"{v.name}@v{v.number}: {sum(r.status == PASS for r in rows)}/{len(rows)} items pass")
+    elif fmt == "table":
         table = Table("#", "item", "status", "evidence", "fix", title=f"production readiness: {v.name}@v{v.number}")
         for i, r in enumerate(rows, 1):
             table.add_row(str(i), r.item, f"[{_COLOR[r.status]}]{r.status}[/]", r.evidence, r.fix)
@@ -46,12 +49,10 @@ def checklist(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
         elif fmt == "md":
             text = render_markdown(v, rows)
         else:
-            body = "".join(f"<tr><td>{html.escape(r.item)}</td><td style='color:{_COLOR[r.status]}'><b>{r.status}"
-                           f"</b></td><td>{html.escape(r.evidence)}</td><td><code>{html.escape(r.fix)}</code></td></tr>"
-                           for r in rows)
-            text = (f"<!doctype html><meta charset='utf-8'><title>readiness</title><h1>Production readiness: "
-                    f"{html.escape(v.name)}@v{v.number}</h1><table border=1 cellpadding=4><tr><th>item</th>"
-                    f"<th>status</th><th>evidence</th><th>fix</th></tr>{body}</table>")
+            from skilltune.templates import render
+
+            text = render("checklist.html", version=f"{v.name}@v{v.number}", rows=rows,
+                          passed=sum(r.status == PASS for r in rows))
         if out:
             from skilltune.paths import atomic_write_text
 

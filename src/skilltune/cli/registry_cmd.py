@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import console, quiet_libraries
+from skilltune.cli.common import ConsoleStages, console, quiet_libraries
 
 app = typer.Typer(help="Versions with lineage, promote and one-command rollback.\n\n"
                        "Example: skilltune registry rollback sql-demo", no_args_is_help=True)
@@ -136,6 +136,8 @@ def delete(ref: str, url: Optional[str] = typer.Option(None, "--registry-url", h
 def export(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
            adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write the peft adapter here."),
            merged: Optional[Path] = typer.Option(None, "--merged", help="Write a merged HF model here."),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                  help="Run modelling code shipped with the base model."),
            url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)) -> None:
     """Export a version as a peft adapter or merged into its base (plain transformers/vLLM/TGI load it).
 
@@ -147,5 +149,5 @@ def export(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
 
     if (adapter is None) == (merged is None):
         raise SkilltuneError("pass exactly one of --adapter OUT or --merged OUT")
-    out = do_export(_reg(url), ref, adapter or merged, merged is not None)
+    out = do_export(_reg(url), ref, adapter or merged, merged is not None, trust_remote_code, ConsoleStages())
     console.print(f"exported {ref} -> {out}")

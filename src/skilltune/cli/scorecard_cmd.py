@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from skilltune.cli.common import console
+from skilltune.cli.common import ConsoleStages, console
 
 app = typer.Typer(help="Blind A/B and rubric scoring by people, with agreement and a verdict.\n\n"
                        "Example: skilltune scorecard create --from runs/x/eval --name voice-1 --raters alice,bob",
@@ -36,9 +36,10 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
     crit: list = [c.strip() for c in criteria.split(",") if c.strip()]
     if criteria_file is not None:
         crit = json.loads(criteria_file.read_text())
-    study, tokens = create_study(source, name, crit, mode, sample,
-                                 [r.strip() for r in raters.split(",") if r.strip()], overlap, seed, url,
-                                 {**DEFAULT_GATES, "min_mean": min_mean})
+    with ConsoleStages().stage(f"creating study {name!r} from {source}"):
+        study, tokens = create_study(source, name, crit, mode, sample,
+                                     [r.strip() for r in raters.split(",") if r.strip()], overlap, seed, url,
+                                     {**DEFAULT_GATES, "min_mean": min_mean})
     console.print(f"study '{study.name}' created ({mode}); personal links (serve with `skilltune scorecard serve "
                   f"{study.name}`):")
     for rater, tok in tokens.items():

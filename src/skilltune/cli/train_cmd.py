@@ -95,4 +95,5 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
             table.add_row("positions computed", f"{s['computed_tokens']:,} for {s['tokens']:,} tokens "
                           "(shared prefixes run once; padding adds)")
         console.print(table)
-        console.print(f"next: skilltune eval {result.run_dir} --test TEST.jsonl")
+        console.print(f"next: skilltune eval {result.run_dir}" + ("" if cfg.data.test else " --test TEST.jsonl"),
+                      highlight=False, soft_wrap=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 from skilltune.data.reader import write_jsonl
 from skilltune.data.replay_prompts import general_prompts
 from skilltune.errors import DataError
+from skilltune.progress import SILENT, Stages
 
 
 def replay(model: str, dst: str | Path, n: int = 200, max_new_tokens: int = 192, seed: int = 42,
-           batch_size: int = 16) -> int:
+           batch_size: int = 16, stages: Stages = SILENT) -> int:
     from skilltune.evaluate.generate import generate
     from skilltune.model.target import load_target
 
@@ -27,7 +28,9 @@ def replay(model: str, dst: str | Path, n: int = 200, max_new_tokens: int = 192,
     target = load_target(model)
     rendered = [target.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                      add_generation_prompt=True) for p in picked]
-    outs = generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    with stages.stage(f"the base model answers {n} general prompts", total=n) as advance:
+        outs = generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, progress=advance)
     rows = [{"prompt": p, "completion": o.text.strip()} for p, o in zip(picked, outs)
             if o.stopped and o.text.strip()]  # keep only finished answers: cut-off ones teach rambling
     if not rows:

@@ -16,6 +16,7 @@ from importlib import resources
 import torch
 
 from skilltune.evaluate.generate import generate
+from skilltune.progress import SILENT, Stages
 
 _REFUSAL = re.compile(r"(?i)\b(sorry|can(?:no|')t|won't|will not|unable|not able|i am not|i'm not|illegal|"
                       r"harmful|dangerous|against|inappropriate|not appropriate|do not|don't)\b")
@@ -49,11 +50,13 @@ def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
     return math.exp(total / max(count, 1))
 
 
-def run_suite(target, max_new_tokens: int = 64, batch_size: int = 16) -> dict:
+def run_suite(target, max_new_tokens: int = 64, batch_size: int = 16, stages: Stages = SILENT,
+              label: str = "") -> dict:
     suite = load_suite()
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": it["prompt"]}], tokenize=False,
                                                     add_generation_prompt=True) for it in suite]
-    outs = generate(target.model, target.tokenizer, prompts, max_new_tokens, batch_size)
+    with stages.stage(f"forgetting check: general suite on the {label or 'model'}", total=len(prompts)) as advance:
+        outs = generate(target.model, target.tokenizer, prompts, max_new_tokens, batch_size, progress=advance)
     passed = [check(it, o.text, o.stopped) for it, o in zip(suite, outs)]
     by_cat: dict[str, list[bool]] = {}
     for it, ok in zip(suite, passed):

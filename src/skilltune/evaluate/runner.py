@@ -27,6 +27,7 @@ from skilltune.evaluate.stats import bootstrap_delta, percentile
 from skilltune.model.target import LoadPolicy, Target, artifact_run_dir, find_artifact, load_target
 from skilltune.model.tokenizer import turn_end_token
 from skilltune.paths import atomic_write_text
+from skilltune.progress import SILENT, Stages
 
 
 class EvalError(SkilltuneError):
@@ -89,6 +90,16 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
         recorded = str(path.resolve())
         cfg = load_config(path / "config.yaml", overrides)
     else:
+        if not path.exists():  # not a folder: a model spec, resolved now so a typo fails here, not after loading
+            from skilltune.model.sources import resolve_model
+
+            try:
+                resolve_model(target)
+            except SkilltuneError as exc:
+                raise EvalError(f"{target} is not a run directory, an adapter directory, a registry version "
+                                f"(NAME@vN) or a model that can be loaded here",
+                                hint=f"check the path (runs are written under train.output_dir, runs/ by default); "
+                                     f"for a model: {exc.hint}") from None
         artifact = find_artifact(path) if path.is_dir() else None
         run = artifact_run_dir(artifact) if artifact is not None else None  # only the run it lies in
         cfg = load_config(run / "config.yaml" if run and (run / "config.yaml").is_file() else None, overrides)
@@ -133,17 +144,19 @@ def _score(metrics: list[Metric], outputs: list[str], refs: list[str], ctx: dict
     return {m.name: [m.score(o, r, ctx) for o, r in zip(outputs, refs)] for m in metrics}
 
 
-def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int = 3) -> list[float]:
+def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int = 3, progress=None) -> list[float]:
     """Latency of requests served one at a time (what a user of an unbatched server sees)."""
     out = []
     for p in prompts[:n]:
         t0 = time.perf_counter()
         generate(target.model, target.tokenizer, [p], max_new_tokens=ecfg.max_new_tokens, batch_size=1)
         out.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(1)
     return out
 
 
-def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: bool = False) -> dict:
+def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_metrics: bool = False) -> dict:
     """Run the evaluation in ``plan`` and write the report files into ``out_dir``.
 
     ``allow_code_metrics``: the operator's consent to import ``module:function`` metrics named in the config.
@@ -158,14 +171,13 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: b
     refs = [ex.completion for ex in examples]
     target = load_target(plan.target, policy=plan.policy)
     prompts = _prompts(target.tokenizer, examples)
-    say = progress or (lambda msg: None)
 
     def run(label: str, model_target: Target):
-        say(f"generating {len(prompts)} answers with the {label} model")
-        t0 = time.perf_counter()
-        gens = generate(model_target.model, model_target.tokenizer, prompts, ecfg.max_new_tokens,
-                        ecfg.batch_size, ecfg.temperature)
-        wall = time.perf_counter() - t0
+        with stages.stage(f"generating {len(prompts)} answers with the {label} model", total=len(prompts)) as adv:
+            t0 = time.perf_counter()
+            gens = generate(model_target.model, model_target.tokenizer, prompts, ecfg.max_new_tokens,
+                            ecfg.batch_size, ecfg.temperature, progress=adv)
+            wall = time.perf_counter() - t0
         return gens, wall
 
     from skilltune.evaluate import forgetting
@@ -177,24 +189,22 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: b
         with target.model.disable_adapter():
             base_gens, base_wall = run("base", target)
             if plan.forgetting:
-                say("forgetting check: general suite on the base")
-                base_general = forgetting.run_suite(target)
+                base_general = forgetting.run_suite(target, stages=stages, label="base")
         base_label = f"{target.base_spec} (adapter off)"
     else:
         base_spec = plan.baseline or target.base_spec
         base_target = (load_target(base_spec, policy=LoadPolicy(trust_remote_code=plan.policy.trust_remote_code))
                        if base_spec != plan.target else target)
         base_gens, base_wall = run("base", base_target)
-        base_general = forgetting.run_suite(base_target) if plan.forgetting else None
+        base_general = forgetting.run_suite(base_target, stages=stages, label="base") if plan.forgetting else None
         base_label = base_spec
     if target.adapter_dir is not None and hasattr(target.model, "merge_adapter"):
         target.model.merge_adapter()
     tuned_gens, tuned_wall = run("finetuned", target)
     if plan.forgetting:
-        say("forgetting check: general suite on the finetuned model")
-        tuned_general = forgetting.run_suite(target)
+        tuned_general = forgetting.run_suite(target, stages=stages, label="finetuned model")
     forgot = forgetting.compare(base_general, tuned_general, ecfg.forgetting_threshold) if plan.forgetting else None
-    say("scoring")
+    stages.message(f"scoring with {', '.join(m.name for m in metrics)}")
     tuned_scores = _score(metrics, [g.text for g in tuned_gens], refs, ctx)
     base_scores = _score(metrics, [g.text for g in base_gens], refs, ctx)
 
@@ -208,11 +218,11 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: b
     # Overfitting: the same metrics and the loss on validation and test.
     overfit = None
     if plan.val_file and Path(plan.val_file).is_file():
-        say("overfitting check: validation vs test")
         val_ex = load_examples(plan.val_file, plan.cfg.data.format, plan.cfg.data.columns,
                                plan.cfg.data.system_prompt)
-        val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex), ecfg.max_new_tokens,
-                            ecfg.batch_size, ecfg.temperature)
+        with stages.stage(f"overfitting check: {len(val_ex)} validation answers", total=len(val_ex)) as adv:
+            val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex),
+                                ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature, progress=adv)
         val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
         primary = metrics[0]
         overfit = overfitting_check(primary.name, primary.aggregate(val_scores[primary.name]),
@@ -221,7 +231,8 @@ def evaluate(plan: EvalPlan, out_dir: Path, progress=None, allow_code_metrics: b
 
     new_tokens = sum(g.new_tokens for g in tuned_gens)
     per_request = [g.latency_s for g in tuned_gens]
-    single = _single_latency(target, prompts, ecfg)
+    with stages.stage("latency: requests one at a time", total=min(3, len(prompts))) as adv:
+        single = _single_latency(target, prompts, ecfg, progress=adv)
     seconds_per_request = tuned_wall / max(len(prompts), 1)
     latency = {
         "batched_wall_s": tuned_wall, "batch_size": ecfg.batch_size, "requests": len(prompts),

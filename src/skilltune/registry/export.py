@@ -14,27 +14,32 @@ import torch
 
 from skilltune.model.target import ADAPTER_META, load_target, read_adapter_meta
 from skilltune.paths import atomic_dir
+from skilltune.progress import SILENT, Stages
 from skilltune.registry.api import Registry, RegistryError, base_load_policy
 
 
-def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_code: bool = False) -> Path:
+def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_code: bool = False,
+           stages: Stages = SILENT) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} exists and is not empty", hint="choose a new folder")
     v = registry.get(ref)
-    src = registry.materialize(f"{v.name}@v{v.number}")
+    with stages.stage(f"verifying {v.name}@v{v.number} from the registry store"):
+        src = registry.materialize(f"{v.name}@v{v.number}")
     meta = read_adapter_meta(src)
     with atomic_dir(out) as tmp:
         if not merged or meta.method == "full":
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         else:
-            target = load_target(str(src), torch.float32, base_load_policy(v.lineage, trust_remote_code))
-            model = target.model.merge_and_unload()
+            with stages.stage("loading the base model and merging the adapter into it"):
+                target = load_target(str(src), torch.float32, base_load_policy(v.lineage, trust_remote_code))
+                model = target.model.merge_and_unload()
             tokenizer = target.tokenizer
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.generation_config.eos_token_id = tokenizer.eos_token_id
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with stages.stage(f"writing the merged model to {out}"):
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             record = json.loads((src / ADAPTER_META).read_text())
             (tmp / "skilltune_export.json").write_text(json.dumps({"from": f"{v.name}@v{v.number}", "merged": True,
                                                                   **record}, indent=2))

@@ -13,60 +13,13 @@ import hmac
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from jinja2 import Environment
 from sqlalchemy import select
 
 from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study, token_hash
+from skilltune.templates import render
 
-_ENV = Environment(autoescape=True)
 
-_PAGE = _ENV.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>{{ study.name }} – review</title>
-<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}
-.answers{display:flex;gap:1em}.answer{flex:1;border:1px solid #bbb;border-radius:6px;padding:.6em}
-pre{white-space:pre-wrap;font-size:14px}.crit{margin:.4em 0}.crit label{margin-right:.6em}
-.active{outline:2px solid #36c}.queue a{margin-right:.4em}.done{color:#070}.err{color:#a00}</style></head><body>
-<p>{{ rater.name }} · {{ done }} of {{ total }} judged · <span class="queue">queue:
-{% for a in queue %}<a href="/r/{{ token }}/items/{{ a.item_id }}" class="{{ 'done' if a.judged else '' }}">{{ loop.index }}</a>{% endfor %}</span></p>
-{% if error %}<p class="err" id="error">{{ error }}</p>{% endif %}
-<h2>Prompt</h2><pre id="prompt">{{ item.prompt }}</pre>
-{% if item.reference %}<details><summary>Reference answer</summary><pre>{{ item.reference }}</pre></details>{% endif %}
-<form method="post" action="/r/{{ token }}/items/{{ item.id }}" id="judge">
-<input type="hidden" name="csrf" value="{{ csrf }}">
-<div class="answers">{% for side in sides %}<div class="answer"><h3>Answer {{ side }}</h3>
-<pre id="answer-{{ side }}">{{ item.output_a if side == 'A' else item.output_b }}</pre>
-{% for c in study.criteria %}<div class="crit" data-group="{{ c.name }}__{{ side }}" title="{{ c.description }}">
-<b>{{ c.name.replace('_', ' ') }}</b>:
-{% for v in range(1, 6) %}<label title="{{ c.anchors.get(v|string, '') }}"><input type="radio" name="score__{{ c.name }}__{{ side }}" value="{{ v }}" {{ 'checked' if prev.scores.get(c.name, {}).get(side) == v else '' }}> {{ v }}</label>{% endfor %}
-</div>{% endfor %}</div>{% endfor %}</div>
-{% if study.mode == 'ab' %}<p><b>Which is better?</b>
-{% for v, label in [('A','A (a)'),('B','B (b)'),('tie','tie (t)'),('both_bad','both bad (x)')] %}
-<label><input type="radio" name="choice" value="{{ v }}" {{ 'checked' if prev.choice == v else '' }}> {{ label }}</label>{% endfor %}</p>{% endif %}
-<p><label>Notes<br><textarea name="notes" rows="2" cols="80">{{ prev.notes }}</textarea></label></p>
-<p><label><input type="checkbox" name="critical" value="1" {{ 'checked' if prev.critical else '' }}> critical failure (a showstopper)</label>
-in <select name="critical_criterion">{% for c in study.criteria %}<option value="{{ c.name }}" {{ 'selected' if prev.critical_criterion == c.name else '' }}>{{ c.name }}</option>{% endfor %}</select>
-{% if study.mode == 'ab' %}of answer <select name="critical_side"><option {{ 'selected' if prev.critical_side == 'A' else '' }}>A</option><option {{ 'selected' if prev.critical_side == 'B' else '' }}>B</option></select>{% endif %}
-<br><label>What went wrong (required for a critical failure)<br><textarea name="critical_note" rows="2" cols="80">{{ prev.critical_note }}</textarea></label></p>
-<p><button type="submit" id="submit">Save and next (Enter)</button> <a href="/r/{{ token }}/next?skip={{ item.id }}" id="skip">skip (n)</a></p>
-</form>
-<p><small>Keys: 1-5 score the highlighted criterion and move on · a / b / t / x choose · n skip · Enter save.</small></p>
-<script>
-const groups=[...document.querySelectorAll('[data-group]')];let at=0;
-function mark(){groups.forEach((g,i)=>g.classList.toggle('active',i===at));}
-mark();
-document.addEventListener('keydown',e=>{
- if(['TEXTAREA','SELECT'].includes(e.target.tagName)) return;
- const k=e.key;
- if(k>='1'&&k<='5'&&groups[at]){groups[at].querySelector(`input[value="${k}"]`).checked=true;at=Math.min(at+1,groups.length-1);mark();e.preventDefault();}
- const pick={a:'A',b:'B',t:'tie',x:'both_bad'}[k];
- if(pick){const r=document.querySelector(`input[name=choice][value="${pick}"]`);if(r){r.checked=true;e.preventDefault();}}
- if(k==='n'){window.location=document.getElementById('skip').href;}
- if(k==='Enter'){document.getElementById('judge').requestSubmit();e.preventDefault();}
-});
-groups.forEach((g,i)=>g.addEventListener('click',()=>{at=i;mark();}));
-</script></body></html>""")
 
-_DONE = _ENV.from_string("""<!doctype html><meta charset="utf-8"><title>done</title><h1>Thank you, {{ name }}</h1>
-<p id="finished">All {{ total }} items are judged. You can still <a href="/r/{{ token }}/items/{{ first }}">revisit them</a>.</p>""")
 
 
 # The rater's token is in the URL: no Referer may carry it to another site, no other site may frame the
@@ -121,7 +74,7 @@ def create_app(Session, study_name: str) -> FastAPI:
             j = s.scalars(select(Judgement).where(Judgement.rater_id == rater.id, Judgement.item_id == item.id)).first()
             prev = j or Judgement(scores={}, notes="", critical=False, critical_criterion="", critical_note="", choice=None,
                                   critical_side="A")
-        return HTMLResponse(_PAGE.render(study=study, rater=rater, token=token, item=item, queue=queue,
+        return HTMLResponse(render("scorecard_item.html", study=study, rater=rater, token=token, item=item, queue=queue,
                                          done=sum(q["judged"] for q in queue), total=len(queue),
                                          sides=["A", "B"] if study.mode == "ab" else ["A"],
                                          csrf=csrf_for(study.secret, token), prev=prev, error=error),
@@ -140,7 +93,7 @@ def create_app(Session, study_name: str) -> FastAPI:
                 idx = next((i for i, q in enumerate(todo) if q["item_id"] == skip), -1)
                 todo = todo[idx + 1:] + todo[:idx + 1]
             if not todo:
-                return HTMLResponse(_DONE.render(name=rater.name, total=len(queue), token=token,
+                return HTMLResponse(render("scorecard_done.html", name=rater.name, total=len(queue), token=token,
                                                  first=queue[0]["item_id"] if queue else 0))
             return RedirectResponse(f"/r/{token}/items/{todo[0]['item_id']}", status_code=303)
 

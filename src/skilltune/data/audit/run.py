@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from skilltune.data.audit.base import CHECKS, FAIL, WARN, AuditContext, CheckResult
 from skilltune.data.reader import read_file
 from skilltune.paths import file_fingerprint
+from skilltune.templates import render
 
 
 @dataclass
@@ -82,30 +82,13 @@ def _histogram_png(values: list[int], title: str) -> str:
 
 
 def render_html(rep: AuditReport, token_counts: list[tuple[int, int]] | None = None) -> str:
-    e = html.escape
-    colors = {"PASS": "#070", "WARN": "#b60", "FAIL": "#a00"}
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>skilltune data audit</title><style>"
-           "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
-           "width:100%}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}</style></head>"
-           f"<body><h1>Data audit: {e(rep.path)}</h1><p>{rep.errors} error(s), {rep.warnings} warning(s).</p>"
-           "<table><tr><th>check</th><th>status</th><th>count</th><th>summary</th></tr>"]
-    for r in rep.results:
-        out.append(f"<tr><td>{e(r.name)}</td><td style='color:{colors[r.status]}'><b>{r.status}</b></td>"
-                   f"<td>{r.count}</td><td>{e(r.summary)}</td></tr>")
-    out.append("</table>")
+    histograms = []
     if token_counts:
-        out.append("<h2>Token lengths</h2>")
         for title, vals in (("prompt tokens", [p for p, _ in token_counts]),
                             ("completion tokens", [c for _, c in token_counts]),
                             ("total tokens", [p + c for p, c in token_counts])):
-            out.append(f"<img alt='{title}' src='data:image/png;base64,{_histogram_png(vals, title)}'>")
-    for r in rep.results:
-        if r.findings:
-            out.append(f"<h2>{e(r.name)} ({r.status})</h2><p>Fix: {e(r.fix)}</p><ul>")
-            out += [f"<li><code>{e(f.where)}</code>: {e(f.message)}</li>" for f in r.findings]
-            out.append("</ul>")
-    out.append("</body></html>")
-    return "\n".join(out)
+            histograms.append((title, _histogram_png(vals, title)))
+    return render("audit_report.html", rep=rep, histograms=histograms)
 
 
 def render_json(rep: AuditReport) -> str:

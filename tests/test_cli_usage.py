@@ -1,0 +1,236 @@
+"""First-run experience (issue #25): usage errors are messages, long steps report progress, output that
+logs and editors can read, hints that work as printed, the demo outside the checkout."""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+from rich.console import Console
+
+
+def _leaf_commands():
+    """Every command path of the CLI with whether it takes a required argument (from the app itself)."""
+    import typer
+
+    from skilltune.cli.main import app
+
+    root = typer.main.get_command(app)
+    out = []
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, path + [name])
+        else:
+            required = any(getattr(p, "required", False) and p.param_type_name == "argument" for p in cmd.params)
+            out.append((path, required))
+
+    walk(root, [])
+    return out
+
+
+LEAVES = _leaf_commands()
+
+
+def test_every_command_is_covered():
+    names = {" ".join(p) for p, _ in LEAVES}
+    assert {"train", "eval", "data audit", "registry promote", "scorecard create", "serve", "checklist"} <= names
+    assert len(LEAVES) >= 30
+
+
+@pytest.mark.parametrize("path", [p for p, _ in LEAVES], ids=lambda p: " ".join(p))
+def test_a_wrong_option_is_a_usage_message_with_exit_2(path):
+    code, out = cli(*path, "--no-such-option")
+    assert code == 2, out
+    assert "No such option: --no-such-option" in out and "Usage: skilltune " + " ".join(path) in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("path", [p for p, req in LEAVES if req], ids=lambda p: " ".join(p))
+def test_a_missing_argument_is_a_usage_message_with_exit_2(path):
+    code, out = cli(*path)
+    assert code == 2, out
+    assert "Missing argument" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),
+    (["data", "audti", "x"], "Did you mean 'audit'?"),
+    (["eval", "x", "--ouy", "y"], "(Possible options: --out)"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["registry", "add"], "Missing argument"),
+    (["export", "m@v1", "--format", "gguf"], "No such option: --format"),
+])
+def test_usage_errors_in_a_real_process(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "skilltune.cli.main", *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Usage: skilltune" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- progress
+def test_console_stages_print_lines_off_a_terminal():
+    from skilltune.cli.common import ConsoleStages
+
+    buf = io.StringIO()
+    stages = ConsoleStages(Console(file=buf, width=60), every_s=0)
+    with stages.stage("generating 3 answers with the base model", total=3) as advance:
+        for _ in range(3):
+            advance(1)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "generating 3 answers with the base model (3) ..."
+    assert lines[1].startswith("  generating 3 answers with the base model: 1/3 (") and "ETA" in lines[1]
+    assert lines[-1].startswith("  generating 3 answers with the base model: done 3/3 in ")
+
+
+def test_console_stages_draw_a_bar_on_a_terminal():
+    from skilltune.cli.common import ConsoleStages
+
+    buf = io.StringIO()
+    with ConsoleStages(Console(file=buf, force_terminal=True, width=100)).stage("merging", total=2) as advance:
+        advance(2)
+    assert "merging" in buf.getvalue() and "2/2" in buf.getvalue()
+
+
+# ---------------------------------------------------------------- machine-readable findings
+def test_piped_audit_prints_one_greppable_line_per_finding(tmp_path):
+    rows = [{"prompt": "Say hi to me please.", "completion": "hi"}] * 3 + [{"prompt": "mail bob@example.com", "completion": "ok"}]
+    path = write_jsonl(tmp_path / "a-very-long-folder-name-that-would-wrap" / "train.jsonl", rows + ["{bad json"])
+    code, out = cli("data", "audit", str(path), "--no-tokenizer")
+    assert code == 1
+    lines = out.splitlines()
+    assert f"{path}:5: format: invalid JSON at column 2: Expecting property name enclosed in double quotes" in lines
+    assert any(line.startswith(f"{path}:4: pii_secrets: ") for line in lines)
+    assert f"{path}:1: duplicates: exact duplicate x3 (with {path}:2, {path}:3)" in lines
+    assert lines[-1].startswith(f"{path}: ") and "error(s)" in lines[-1]
+
+
+# ---------------------------------------------------------------- hints that work as printed
+def test_train_next_line_is_a_command_that_works(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
+    test = write_jsonl(tmp_path / "test.jsonl", SQL_ROWS[:3])
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"base": str(tiny_model_dir)},
+                                           "data": {"train": str(data), "test": str(test)},
+                                           "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32",
+                                                     "output_dir": str(tmp_path / "runs")},
+                                           "eval": {"max_new_tokens": 4}})
+    code, out = cli("train", str(cfg))
+    assert code == 0, out
+    [nxt] = [line for line in out.splitlines() if line.startswith("next: ")]
+    assert "--test" not in nxt  # the config names its test set
+    argv = shlex.split(nxt[len("next: "):])
+    assert argv[0] == "skilltune"
+    code, out = cli(*argv[1:], "--no-forgetting")
+    assert code == 0, out
+    assert "generating 3 answers with the base model" in out and "eval: exact_match: base" in out
+
+
+def test_eval_of_a_path_that_does_not_exist_says_so(tmp_path):
+    code, out = cli("eval", str(tmp_path / "runs" / "typo"))
+    assert code == 1 and "is not a run directory" in out and "no test set" not in out
+
+
+# ---------------------------------------------------------------- the demo outside the checkout
+def test_examples_are_found_in_the_installed_share_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from skilltune import demo
+
+    prefix = tmp_path / "prefix"
+    shutil.copytree(Path(__file__).parents[1] / "examples" / "sql", prefix / "share" / "skilltune" / "examples" / "sql")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "__file__", str(tmp_path / "site-packages" / "skilltune" / "demo.py"))
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    found = demo.find_example("sql")
+    assert found == prefix / "share" / "skilltune" / "examples" / "sql"
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "empty"))
+    monkeypatch.setattr("site.getuserbase", lambda: str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="cannot find the 'sql' example; looked in"):
+        demo.find_example("sql")
+
+
+def test_the_wheel_ships_the_examples():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    files = meta["tool"]["setuptools"]["data-files"]
+    shipped = {Path(f).name for patterns in files.values() for f in patterns}
+    assert {"config.yaml", "*.jsonl", "*.db"} <= shipped
+    assert "share/skilltune/examples/sql/data" in files
+
+
+# ---------------------------------------------------------------- one templating path
+def test_html_reports_escape_untrusted_text(tmp_path):
+    from skilltune.data.audit.base import CheckResult, Finding
+    from skilltune.data.audit.run import AuditReport, render_html
+
+    rep = AuditReport("<script>x</script>.jsonl", [CheckResult("format", "FAIL", 1, "bad <b>",
+                                                               [Finding("f:1", "<img src=x onerror=alert(1)>")])],
+                      {"sha256": "0"})
+    page = render_html(rep)
+    assert "<script>x</script>" not in page and "&lt;script&gt;" in page and "<img src=x" not in page
+
+
+def test_completion_is_offered():
+    code, out = cli("--help")
+    assert code == 0 and "--install-completion" in out
+
+
+def test_json_output_is_unchanged_by_pipes(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", SQL_ROWS)
+    code, out = cli("data", "audit", str(path), "--no-tokenizer", "--format", "json")
+    assert json.loads(out)["path"] == str(path)
+
+
+def _command_options():
+    """{'data audit': {'--test', '--format', ...}, ...} from the CLI itself."""
+    import typer
+
+    from skilltune.cli.main import app
+
+    out = {}
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, path + [name])
+            return
+        opts = set()
+        for p in cmd.params:
+            opts.update(o for o in list(p.opts) + list(getattr(p, "secondary_opts", [])) if o.startswith("--"))
+        out[" ".join(path)] = opts | {"--help"}
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_every_command_the_code_suggests_exists_with_its_options():
+    """Hints (`next:`, `what to do:`, help examples) name commands and options that exist as printed."""
+    import re
+
+    options = _command_options()
+    commands = sorted(options, key=len, reverse=True)
+    src = Path(__file__).parents[1] / "src" / "skilltune"
+    checked, bad = 0, []
+    for file in src.rglob("*.py"):
+        for m in re.finditer(r"skilltune ((?:[a-z][a-z-]* ?)+)([^\"'`\n;&|]*)", file.read_text()):
+            words = m.group(1).split()
+            cmd = next((c for c in commands if words[:len(c.split())] == c.split()), None)
+            if cmd is None:
+                continue
+            checked += 1
+            rest = " ".join(words[len(cmd.split()):]) + " " + m.group(2)
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest):
+                if flag not in options[cmd]:
+                    bad.append(f"{file.name}: skilltune {cmd} ... {flag}")
+    assert checked > 40 and bad == []
