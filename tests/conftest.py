@@ -14,6 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import build_tiny_model  # noqa: E402
 
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from helpers import SQL_ROWS, write_jsonl, write_yaml  # noqa: E402
+
+from skilltune.config.schema import ServeConfig  # noqa: E402
+from skilltune.registry.api import Registry  # noqa: E402
+
 # The embedded model's converted cache is shared across the session (conversion takes ~20 s).
 _SHARED_HOME = Path(os.environ.get("SKILLTUNE_TEST_CACHE", Path.home() / ".cache" / "skilltune-tests"))
 
@@ -73,3 +82,66 @@ def stopping_run_dir(tmp_path_factory, tiny_model_dir):
                                        "train": {"epochs": 15, "lr": 1e-2, "batch_size": 4, "precision": "fp32",
                                                  "output_dir": str(base / "runs")}})
     return train(load_config(cfg), run_name="stopper").run_dir
+
+
+# ---------------------------------------------------------------- a served registry (test_serve*, test_security)
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory, tiny_model_dir):
+    """Two registered versions of 'svc' in a registry under a module-wide home."""
+    import os
+
+    from skilltune.config import load_config
+    from skilltune.train.loop import train
+
+    base = tmp_path_factory.mktemp("serve")
+    data = write_jsonl(base / "train.jsonl", SQL_ROWS)
+    url = f"sqlite:///{base / 'reg.db'}"
+    old_home = os.environ.get("SKILLTUNE_HOME")
+    os.environ["SKILLTUNE_HOME"] = str(base / "home")
+    try:
+        reg = Registry(url, store=base / "home" / "registry" / "store")
+        for lr in (5e-3, 1e-2):
+            cfg = write_yaml(base / f"c{lr}.yaml", {"model": {"base": str(tiny_model_dir)}, "data": {"train": str(data)},
+                                                    "train": {"epochs": 1, "lr": lr, "output_dir": str(base / "runs"),
+                                                              "precision": "fp32"}})
+            reg.add(train(load_config(cfg), run_name="svc").run_dir, "svc")
+        reg.promote("svc@v1")
+    finally:
+        if old_home is not None:
+            os.environ["SKILLTUNE_HOME"] = old_home
+    return url, base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(registered, tmp_path):
+    from skilltune.serve.server import build_state, make_server
+
+    def start(api_key=None, queue_size=64, max_tokens_limit=64, **settings):
+        url, base = registered
+        reg = Registry(url, store=base / "home" / "registry" / "store")
+        cfg = ServeConfig(queue_size=queue_size, max_tokens_limit=max_tokens_limit, **settings)
+        state = build_state("svc@production", cfg, api_key, reg, log_path=tmp_path / "requests.db", poll_s=0.1)
+        port = free_port()
+        srv = make_server(state, "127.0.0.1", port)
+        th = threading.Thread(target=srv.run, daemon=True)
+        th.start()
+        while not srv.started:
+            time.sleep(0.02)
+        started.append((srv, th, state))
+        start.last = srv
+        return f"http://127.0.0.1:{port}", state, reg
+
+    started = []
+    yield start
+    for srv, th, state in started:
+        srv.should_exit = True
+        th.join(timeout=10)
+        state.stop()
+
+

@@ -1,77 +1,14 @@
 """The OpenAI-compatible server, driven by the official openai client; auth; errors; load + hot rollback."""
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
-from helpers import SQL_ROWS, cli, write_jsonl, write_yaml
+from helpers import SQL_ROWS, cli, write_jsonl
 
-from skilltune.config.schema import ServeConfig
 from skilltune.registry.api import Registry
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory, tiny_model_dir):
-    """Two registered versions of 'svc' in a registry under a module-wide home."""
-    import os
-
-    from skilltune.config import load_config
-    from skilltune.train.loop import train
-
-    base = tmp_path_factory.mktemp("serve")
-    data = write_jsonl(base / "train.jsonl", SQL_ROWS)
-    url = f"sqlite:///{base / 'reg.db'}"
-    old_home = os.environ.get("SKILLTUNE_HOME")
-    os.environ["SKILLTUNE_HOME"] = str(base / "home")
-    try:
-        reg = Registry(url, store=base / "home" / "registry" / "store")
-        for lr in (5e-3, 1e-2):
-            cfg = write_yaml(base / f"c{lr}.yaml", {"model": {"base": str(tiny_model_dir)}, "data": {"train": str(data)},
-                                                    "train": {"epochs": 1, "lr": lr, "output_dir": str(base / "runs"),
-                                                              "precision": "fp32"}})
-            reg.add(train(load_config(cfg), run_name="svc").run_dir, "svc")
-        reg.promote("svc@v1")
-    finally:
-        if old_home is not None:
-            os.environ["SKILLTUNE_HOME"] = old_home
-    return url, base
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def server(registered, tmp_path):
-    from skilltune.serve.app import create_app
-    from skilltune.serve.server import build_state
-
-    def start(api_key=None, queue_size=64, max_tokens_limit=64):
-        url, base = registered
-        reg = Registry(url, store=base / "home" / "registry" / "store")
-        cfg = ServeConfig(queue_size=queue_size, max_tokens_limit=max_tokens_limit)
-        state = build_state("svc@production", cfg, api_key, reg, log_path=tmp_path / "requests.db", poll_s=0.1)
-        port = _free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
-        th = threading.Thread(target=srv.run, daemon=True)
-        th.start()
-        while not srv.started:
-            time.sleep(0.02)
-        started.append((srv, th, state))
-        return f"http://127.0.0.1:{port}", state, reg
-
-    started = []
-    yield start
-    for srv, th, state in started:
-        srv.should_exit = True
-        th.join(timeout=10)
-        state.stop()
 
 
 def test_openai_client_chat_stream_completions_models(server):
@@ -94,7 +31,10 @@ def test_openai_client_chat_stream_completions_models(server):
     raw = httpx.post(f"{base}/v1/chat/completions", json={"model": "svc", "stream": True, "max_tokens": 4,
                                                           "messages": [{"role": "user", "content": "x"}]})
     assert raw.text.rstrip().endswith("data: [DONE]") and raw.text.startswith("data: {")
-    assert len(state.log.rows()) == 4
+    rows = state.log.rows()  # every request, the model listing too, each with its real status
+    assert [(r["route"], r["status"]) for r in rows] == [
+        ("/v1/chat/completions", 200), ("/v1/chat/completions", 200), ("/v1/completions", 200), ("/v1/models", 200),
+        ("/v1/chat/completions", 200)]
 
 
 @pytest.mark.parametrize("body,status,needle", [

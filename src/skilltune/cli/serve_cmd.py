@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,12 +14,20 @@ from skilltune.errors import SkilltuneError
 
 
 def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the registry."),
-          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          config: Optional[Path] = typer.Option(None, "--config", help="A config file whose serve: section sets the "
+                                                                      "defaults (flags override it)."),
+          set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a serve field, e.g. "
+                                                                       "--set serve.per_key_rate=5 (repeatable)."),
+          host: Optional[str] = typer.Option(None, "--host", help="Interface (default 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
           api_key_env: Optional[str] = typer.Option(None, "--api-key-env",
                                                     help="Environment variable holding the API key (auth on)."),
+          api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
+                                                       help="File of NAME:KEY lines: several clients, each logged "
+                                                            "and limited by name (auth on)."),
           engine: str = typer.Option("transformers", "--engine", help="transformers (CPU/GPU) | vllm (GPU)"),
-          max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit"),
-          queue_size: int = typer.Option(64, "--queue-size"),
+          max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit"),
+          queue_size: Optional[int] = typer.Option(None, "--queue-size"),
           no_log: bool = typer.Option(False, "--no-request-log", help="Do not record requests."),
           no_redact: bool = typer.Option(False, "--no-redact", help="Keep PII in the request log."),
           allow_unauthenticated: bool = typer.Option(
@@ -32,17 +41,29 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
           url: Optional[str] = typer.Option(None, "--registry-url")) -> None:
     """Serve a registry version with an OpenAI-compatible API; follows the alias for hot rollback.
 
+    Limits (body size, prompt vs context, per-request compute, per-key concurrency and rate, time-out,
+    graceful shutdown) come from the serve: section of --config, --set, then the flags.
+
     Example: SKILLTUNE_API_KEY=secret skilltune serve sql-demo@production --api-key-env SKILLTUNE_API_KEY
     """
     quiet_libraries()
-    from skilltune.config.schema import ServeConfig
+    from skilltune.config.load import load_config
     from skilltune.registry.api import Registry
 
+    flags = {"host": host, "port": port, "api_key_env": api_key_env, "max_tokens_limit": max_tokens_limit,
+             "queue_size": queue_size, "api_keys_file": str(api_keys_file) if api_keys_file else None}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if no_log:
+        flags["log_requests"] = False
+    if no_redact:
+        flags["redact_pii"] = False
+    cfg = load_config(config, set_).serve.model_copy(update=flags)
+    cfg = type(cfg).model_validate(cfg.model_dump())  # the flags pass the schema's checks too
     registry = Registry(url)
     if engine == "vllm":
         from skilltune.serve.server import vllm_command
 
-        cmd = vllm_command(registry, ref, host, port)
+        cmd = vllm_command(registry, ref, cfg.host, cfg.port)
         console.print(" ".join(shlex.quote(c) for c in cmd), highlight=False, markup=False)
         try:
             import torch
@@ -56,30 +77,20 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
         return
     if engine != "transformers":
         raise SkilltuneError(f"unknown engine '{engine}'", hint="transformers or vllm")
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise SkilltuneError(f"--api-key-env {api_key_env}: that environment variable is empty or unset",
-                                 hint=f"export {api_key_env}=... first")
-    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback
+    from skilltune.serve.clients import load_api_keys
+    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback, make_server
 
-    if not key and not is_loopback(host) and not allow_unauthenticated:
-        raise SkilltuneError(f"--host {host} makes the server reachable from other machines, and no API key is set",
-                             hint="set one: export SKILLTUNE_API_KEY=...; add --api-key-env SKILLTUNE_API_KEY "
-                                  "(or pass --allow-unauthenticated if a proxy in front authenticates)")
-    import uvicorn
-
-    from skilltune.serve.app import create_app
-
-    cfg = ServeConfig(host=host, port=port, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
-                      log_requests=not no_log, redact_pii=not no_redact)
-    state = build_state(ref, cfg, key, registry, trust_remote_code=trust_remote_code)
-    console.print(f"serving {state.engine.current.version} as '{state.name}' on http://{host}:{port}/v1 "
-                  f"(auth {'on' if key else 'off'}; following {ref})")
+    keys = load_api_keys(cfg.api_key_env, cfg.api_keys_file)
+    if not keys and not is_loopback(cfg.host) and not allow_unauthenticated:
+        raise SkilltuneError(f"--host {cfg.host} makes the server reachable from other machines, and no API key is "
+                             "set", hint="set one: export SKILLTUNE_API_KEY=...; add --api-key-env SKILLTUNE_API_KEY "
+                                         "(or pass --allow-unauthenticated if a proxy in front authenticates)")
+    state = build_state(ref, cfg, keys, registry, trust_remote_code=trust_remote_code)
+    console.print(f"serving {state.engine.current.version} as '{state.name}' on http://{cfg.host}:{cfg.port}/v1 "
+                  f"(auth {'on: ' + ', '.join(sorted(set(keys.values()))) if keys else 'off'}; following {ref})",
+                  highlight=False, soft_wrap=True)
     try:
-        uvicorn.run(create_app(state, allowed_hosts_for(host, allowed_host)), host=host, port=port,
-                    log_level="warning")
+        make_server(state, cfg.host, cfg.port, allowed_hosts_for(cfg.host, allowed_host)).run()
     finally:
         state.stop()
 

@@ -140,9 +140,26 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key (auth on if set).")
+    api_keys_file: str | None = Field(
+        None, description="File of API keys, one 'NAME:KEY' per line ('#' starts a comment): several clients, each "
+        "logged and rate-limited by NAME. Auth is on when this or api_key_env is set.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (default: the model's context length); prompt + "
+        "max_tokens over the context is a 400 context_length_exceeded.")
+    max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest request body; bigger ones get 413.")
+    max_request_compute: int = Field(
+        4_000_000, ge=1, description="Largest prompt tokens x max_tokens one request may ask for (a 400 above it), "
+        "so no single request holds the engine for long.")
     queue_size: int = Field(64, ge=1, description="Pending requests before 429.")
-    request_timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
+    per_key_concurrency: int = Field(16, ge=1, description="Requests one API key may have in flight (429 above).")
+    per_key_rate: float | None = Field(
+        None, gt=0, description="Requests per second one API key may send, with bursts of twice that (429 above).")
+    request_timeout_s: float = Field(120, gt=0, description="Per-request timeout; decoding stops when it passes.")
+    ready_stall_s: float = Field(
+        30, gt=0, description="/ready answers 503 when work waits and the engine made no progress for this long.")
+    grace_period_s: float = Field(
+        30, ge=0, description="On SIGTERM: stop accepting, finish in-flight requests for up to this long, then exit.")
     log_requests: bool = Field(True, description="Record every request in the request log.")
     redact_pii: bool = Field(True, description="Redact PII in the request log.")
     drift_threshold: float = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,10 +22,33 @@ class Generation:
     stopped: bool  # ended on the end token (not on max_new_tokens)
 
 
+def _row_stopper(stop_rows: Callable[[list[int]], list[bool]], idx: list[int]):
+    """A transformers stopping criterion that ends the rows ``stop_rows`` names (checked every decode step).
+
+    ``stop_rows`` gets the caller's indices of the batch's rows and answers, per row, whether it is
+    finished from the caller's side (a request timed out or its client left): such a row stops
+    decoding at the next step, and the batch ends as soon as every row has.
+    """
+    from transformers import StoppingCriteria
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            return torch.tensor(stop_rows(idx), dtype=torch.bool, device=input_ids.device)
+
+    return _Stop()
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
-             temperature: float = 0.0, eos_token_id: int | None = None, progress=None) -> list[Generation]:
-    """Generate a completion for each rendered prompt (already chat-templated)."""
+             temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
+             stop_rows: Callable[[list[int]], list[bool]] | None = None) -> list[Generation]:
+    """Generate a completion for each rendered prompt (already chat-templated).
+
+    Args:
+        progress: called with the number of prompts finished after each batch.
+        stop_rows: called every decode step with the prompts' indices in the running batch; a True
+            ends that prompt's decoding early (its text is what was decoded so far).
+    """
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -38,6 +62,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             batch = {k: v.to(model.device) for k, v in batch.items()}
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             t0 = time.perf_counter()
+            if stop_rows is not None:
+                from transformers import StoppingCriteriaList
+
+                sampling["stopping_criteria"] = StoppingCriteriaList([_row_stopper(stop_rows, idx)])
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
             elapsed = time.perf_counter() - t0

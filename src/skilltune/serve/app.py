@@ -1,29 +1,41 @@
-"""The OpenAI-compatible HTTP API (FastAPI): chat/completions, completions, models, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): chat/completions, completions, models, health, ready, metrics.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with 4xx
-codes for every client mistake and no server paths in any message. With an API key
-set, every route but ``/health`` needs ``Authorization: Bearer KEY`` (compared in
-constant time). Every response names the registry version that answered, in the
-``model`` field and the ``X-Skilltune-Version`` header.
+codes for every client mistake and no server paths in any message. With API keys set,
+every route but the probes (``/health``, ``/ready``) needs ``Authorization: Bearer KEY``
+(compared in constant time); each key has a name, logged with its requests and limited
+on its own (429 + ``Retry-After``). Every response names the registry version that
+answered, in the ``model`` field and the ``X-Skilltune-Version`` header.
+
+Limits are checked before anything reaches the engine: the body size (413), the prompt
+against the model's context (400 ``context_length_exceeded``, naming both numbers), and
+prompt tokens x ``max_tokens`` against a compute budget. A request that times out or
+whose client disconnects is cancelled, and the engine stops decoding it at its next step.
+One middleware logs every request with its real status (2xx, 4xx, 429, 5xx, time-outs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
 from typing import Literal
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
+
+PROBES = ("/health", "/ready")  # answered without a key and not logged: load balancers call them every second
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer packs more characters than this into one token on average
 
 
 class ApiError(Exception):
@@ -64,6 +76,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
@@ -74,6 +87,7 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+    stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
@@ -91,6 +105,48 @@ def route_label(app: FastAPI, scope) -> str:
     return "unmatched"
 
 
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is a 413, by its Content-Length or as it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        await _error(413, f"the request body is over this server's limit of {self.limit:,} bytes",
+                     code="request_too_large")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body was read already, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
     """``state`` is a :class:`skilltune.serve.server.ServerState` (engine, name, settings, log, metrics).
 
@@ -100,46 +156,81 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        request.state.error = exc.message
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
+            request.state.error = "invalid JSON"
             return _error(400, "the request body is not valid JSON", code="invalid_json")
         first = errs[0]
         param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return _error(422, f"{param or 'body'}: {first.get('msg')}", param=param, code=first.get("type"))
+        request.state.error = f"{param or 'body'}: {first.get('msg')}"
+        return _error(422, request.state.error, param=param, code=first.get("type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        request.state.error = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's words for undecodable bytes
+            return _error(400, "the request body is not valid JSON (a UTF-8 JSON object is expected)",
+                          code="invalid_json")
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # a bug of ours: no details, no paths
-        # This handler runs outside the middleware below, so it counts the failure itself.
-        route = route_label(app, request.scope)
-        state.metrics.requests.labels(route=route, status="500").inc()
-        state.metrics.errors.labels(route=route).inc()
         return _error(500, "internal server error", "server_error")
 
+    app.add_middleware(BodyLimit, limit=state.cfg.max_body_bytes)
+
+    def _record(request: Request, route: str, status: int, t0: float, client: str) -> None:
+        """Metrics and the request log for one request, whatever its outcome."""
+        latency = time.perf_counter() - t0
+        state.metrics.requests.labels(route=route, status=str(status)).inc()
+        state.metrics.latency.labels(route=route).observe(latency)
+        if status >= 400:
+            state.metrics.errors.labels(route=route).inc()
+        if state.log is None or request.url.path in PROBES or request.url.path == "/metrics":
+            return
+        info = getattr(request.state, "log", None) or {}
+        state.log.write(info.get("version") or state.engine.current.version, route, info.get("prompt", ""),
+                        info.get("output", ""), latency, info.get("prompt_tokens", 0),
+                        info.get("completion_tokens", 0), status, getattr(request.state, "error", ""), client)
+
     @app.middleware("http")
-    async def _auth_and_metrics(request: Request, call_next):
+    async def _gate(request: Request, call_next):
+        """Auth, per-key limits, then the route; metrics and the log see every outcome."""
         t0 = time.perf_counter()
         route = route_label(app, request.scope)
-        if state.api_key and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                state.metrics.requests.labels(route=route, status="401").inc()
-                state.metrics.errors.labels(route=route).inc()
+        client = "-"
+        if state.keys and request.url.path not in PROBES:
+            client = client_name(state.keys, request.headers.get("authorization", ""))
+            if client is None:
+                request.state.error = "missing or wrong API key"
+                _record(request, route, 401, t0, "unauthenticated")
                 return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error",
                               code="invalid_api_key")
-        response = await call_next(request)
-        state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
-        state.metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
-        if response.status_code >= 400:
-            state.metrics.errors.labels(route=route).inc()
+        limited = bool(state.keys) and request.url.path.startswith("/v1/")  # limits are per key
+        if limited:
+            wait = state.limits.acquire(client)
+            if wait is not None:
+                request.state.error = f"per-key limit reached for client {client!r}"
+                _record(request, route, 429, t0, client)
+                return _error(429, f"too many requests from this API key ({state.limits.concurrency} at a time"
+                              + (f", {state.limits.rate:g}/s" if state.limits.rate else "") + "); retry shortly",
+                              "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"})
+        try:
+            response = await call_next(request)
+        except Exception:
+            request.state.error = "internal server error"
+            _record(request, route, 500, t0, client)
+            raise
+        finally:
+            if limited:
+                state.limits.release(client)
+        status = getattr(request.state, "status", None) or response.status_code
+        _record(request, route, status, t0, client)
         if "x-skilltune-version" not in response.headers:  # generation routes set the version that answered
             response.headers["X-Skilltune-Version"] = state.engine.current.version
         return response
@@ -150,30 +241,73 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
                            param="model", code="model_not_found")
 
     def _limit(requested: int | None, default: int) -> int:
-        value = requested or default
+        value = requested or min(default, state.max_tokens_limit)  # an omitted max_tokens never errs
         if value > state.max_tokens_limit:
             raise ApiError(400, f"max_tokens {value} is over this server's limit of {state.max_tokens_limit}",
                            param="max_tokens", code="max_tokens_too_large")
         return value
 
-    async def _run(prompt: str, max_tokens: int, temperature: float):
+    def _stops(stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOP} non-empty sequences", param="stop")
+        return stops
+
+    async def _admit(loaded, prompt: str, max_tokens: int) -> None:
+        """Refuse, before the queue, a prompt over the context or a request over the compute budget."""
+        limit = state.prompt_limit(loaded)
+        if len(prompt) > CHARS_PER_TOKEN_BOUND * limit:  # over for certain: no need to tokenize megabytes
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
+                           f"hold {len(prompt):,} characters, at least {len(prompt) // CHARS_PER_TOKEN_BOUND:,} "
+                           "tokens. Please shorten them.", param="messages", code="context_length_exceeded")
+        ids = await run_in_threadpool(lambda: loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if len(ids) + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                           "completion). Please reduce the length of the messages or the completion.",
+                           param="messages", code="context_length_exceeded")
+        if len(ids) * max_tokens > state.cfg.max_request_compute:
+            raise ApiError(400, f"{len(ids)} prompt tokens x max_tokens {max_tokens} = {len(ids) * max_tokens:,} is "
+                           f"over this server's per-request budget of {state.cfg.max_request_compute:,}; lower "
+                           "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
+
+    async def _run(request: Request, prompt: str, max_tokens: int, temperature: float):
         engine: Engine = state.engine
+        timeout = state.request_timeout_s
         try:
-            fut = engine.submit(prompt, max_tokens, temperature)
+            fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout)
         except QueueFull:
             raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
+        waiter = asyncio.wrap_future(fut)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=state.request_timeout_s)
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
+            fut.cancel()  # nobody waits for it any more: the engine stops decoding it at its next step
+            if gone in done:
+                request.state.status = 499  # logged as nginx does: the client closed the request
+                raise ApiError(499, "the client closed the request", code="client_closed_request")
+            raise TimeoutError
+        except (TimeoutError, asyncio.TimeoutError):
             fut.cancel()
-            raise ApiError(504, f"generation did not finish within {state.request_timeout_s:g} s", "timeout") from None
+            raise ApiError(504, f"generation did not finish within {timeout:g} s", "timeout") from None
+        finally:
+            gone.cancel()
 
-    def _log(route, prompt, output, t0, ptoks, ctoks, status, version, error=""):
-        state.metrics.tokens.labels(kind="prompt").inc(ptoks)
-        state.metrics.tokens.labels(kind="completion").inc(ctoks)
-        if state.log is not None:
-            state.log.write(version, route, prompt, output, time.perf_counter() - t0, ptoks, ctoks, status, error)
+    def _note(request: Request, version: str, prompt: str, out, output: str) -> None:
+        request.state.log = {"version": version, "prompt": prompt, "output": output,
+                             "prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens}
+        state.metrics.tokens.labels(kind="prompt").inc(out.prompt_tokens)
+        state.metrics.tokens.labels(kind="completion").inc(out.new_tokens)
+
+    def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
+        """The answer up to its first stop sequence, and the finish reason."""
+        cuts = [text.index(s) for s in stops if s in text]
+        if cuts:
+            return text[:min(cuts)], "stop"
+        return text, "stop" if stopped else "length"
 
     def _stream(kind: str, version: str, text: str, finish: str, rid: str):
         created = int(time.time())
@@ -200,34 +334,37 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"X-Skilltune-Version": version})
 
+    def _usage(out) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
+                "total_tokens": out.prompt_tokens + out.new_tokens}
+
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        t0 = time.perf_counter()
+    async def chat(req: ChatRequest, request: Request):
         _check_model(req.model)
         max_tokens = _limit(req.max_completion_tokens or req.max_tokens, state.default_max_tokens)
+        stops = _stops(req.stop)
         loaded = state.engine.current
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         if loaded.system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": loaded.system_prompt})
         if msgs[-1]["role"] != "user":
             raise ApiError(400, "the last message must be from the user", param="messages")
+        request.state.log = {"prompt": msgs[-1]["content"]}
         prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        version, out = await _run(prompt, max_tokens, req.temperature)
-        finish = "stop" if out.stopped else "length"
-        _log("chat", msgs[-1]["content"], out.text, t0, out.prompt_tokens, out.new_tokens, 200, version)
+        await _admit(loaded, prompt, max_tokens)
+        version, out = await _run(request, prompt, max_tokens, req.temperature)
+        text, finish = _cut(out.text, out.stopped, stops)
+        _note(request, version, msgs[-1]["content"], out, text)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return _stream("chat", version, out.text, finish, rid)
+            return _stream("chat", version, text, finish, rid)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                          "finish_reason": finish}],
-                             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
-                                       "total_tokens": out.prompt_tokens + out.new_tokens}},
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": finish}], "usage": _usage(out)},
                             headers={"X-Skilltune-Version": version})
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        t0 = time.perf_counter()
+    async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
@@ -236,16 +373,17 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
         else:
             prompt = req.prompt
         max_tokens = _limit(req.max_tokens, 16)
-        version, out = await _run(prompt, max_tokens, req.temperature)
-        finish = "stop" if out.stopped else "length"
-        _log("completions", prompt, out.text, t0, out.prompt_tokens, out.new_tokens, 200, version)
+        stops = _stops(req.stop)
+        request.state.log = {"prompt": prompt}
+        await _admit(state.engine.current, prompt, max_tokens)
+        version, out = await _run(request, prompt, max_tokens, req.temperature)
+        text, finish = _cut(out.text, out.stopped, stops)
+        _note(request, version, prompt, out, text)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return _stream("completion", version, out.text, finish, rid)
+            return _stream("completion", version, text, finish, rid)
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
-                             "choices": [{"index": 0, "text": out.text, "finish_reason": finish}],
-                             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
-                                       "total_tokens": out.prompt_tokens + out.new_tokens}},
+                             "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": _usage(out)},
                             headers={"X-Skilltune-Version": version})
 
     @app.get("/v1/models")
@@ -256,7 +394,18 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """Liveness: the process answers (a load balancer's restart signal)."""
         return {"status": "ok", "version": state.engine.current.version}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: the engine makes progress and the server is not draining (503 otherwise)."""
+        ok, reason = state.readiness()
+        engine = state.engine
+        body = {"status": "ready" if ok else "not ready", "reason": reason, "version": engine.current.version,
+                "queue_depth": engine.pending(), "busy": engine.busy_since is not None,
+                "last_progress_s_ago": round(time.monotonic() - engine.last_progress, 2)}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():

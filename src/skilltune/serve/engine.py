@@ -4,15 +4,20 @@ Requests wait in a bounded queue (full -> the caller answers 429). The worker ta
 what is queued (up to ``max_batch``, same sampling temperature), generates them as one
 left-padded batch, and resolves each request's future. ``swap`` replaces the model
 between batches: a batch in flight finishes on the model it started with.
+
+Budgets are enforced inside the batch: at every decode step a request whose future was
+cancelled (its client left, or the server gave up on it) or whose deadline has passed
+stops decoding, and a batch whose requests have all stopped ends at once. The worker
+records when it last made progress, so readiness can tell a busy engine from a stuck one.
 """
 
 from __future__ import annotations
 
 import queue
-from collections import deque
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from skilltune.evaluate.generate import Generation, generate
@@ -28,6 +33,7 @@ class Loaded:
     model: object
     tokenizer: object
     system_prompt: str | None = None
+    context_tokens: int = 2048  # the model's context length (prompt + completion)
 
 
 @dataclass
@@ -35,7 +41,22 @@ class Job:
     prompt: str  # rendered with the chat template
     max_tokens: int
     temperature: float
+    deadline: float = float("inf")  # time.monotonic() after which decoding stops
     future: Future = field(default_factory=Future)
+
+    def finished_by_caller(self, now: float) -> bool:
+        return self.future.cancelled() or now > self.deadline
+
+
+def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
+    """Set a request's result or error unless its caller already cancelled it (then it goes nowhere)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
 
 
 class Engine:
@@ -46,6 +67,8 @@ class Engine:
         self._held: deque[Job] = deque()  # taken from the queue for a later batch (another temperature)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.last_progress = time.monotonic()  # a decode step, a finished batch, or an idle poll
+        self.busy_since: float | None = None  # when the batch in flight started
         self.worker = threading.Thread(target=self._run, name="skilltune-generate", daemon=True)
         self.worker.start()
 
@@ -53,8 +76,18 @@ class Engine:
         with self._lock:
             self.current = loaded
 
-    def submit(self, prompt: str, max_tokens: int, temperature: float) -> Future:
-        job = Job(prompt, max_tokens, temperature)
+    def pending(self) -> int:
+        """Requests waiting for a batch (queued or held back)."""
+        return self.queue.qsize() + len(self._held)
+
+    def stalled(self, after_s: float) -> bool:
+        """Whether work is waiting or running and the worker has made no progress for ``after_s`` seconds."""
+        waiting = self.busy_since is not None or self.pending() > 0
+        return waiting and (time.monotonic() - self.last_progress > after_s or not self.worker.is_alive())
+
+    def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None) -> Future:
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        job = Job(prompt, max_tokens, temperature, deadline)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -90,31 +123,50 @@ class Engine:
         self._held.extendleft(reversed(other))
         return batch
 
+    def _generate(self, loaded: Loaded, live: list[Job]) -> list[Generation]:
+        def stop_rows(idx: list[int]) -> list[bool]:
+            now = self.last_progress = time.monotonic()
+            return [live[i].finished_by_caller(now) for i in idx]
+
+        return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
+                        max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
+                        temperature=live[0].temperature, stop_rows=stop_rows)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 batch = self._take_batch()
             except queue.Empty:
+                self.last_progress = time.monotonic()
                 continue
             with self._lock:
                 loaded = self.current
-            live = [j for j in batch if not j.future.cancelled()]
+            now = time.monotonic()
+            live = [j for j in batch if not j.finished_by_caller(now)]
+            for job in batch:
+                if job not in live:
+                    _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
             if not live:
                 continue
+            self.busy_since = time.monotonic()
             try:
-                outs: list[Generation] = generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
-                                                  max_new_tokens=max(j.max_tokens for j in live),
-                                                  batch_size=len(live), temperature=live[0].temperature)
+                outs = self._generate(loaded, live)
+                now = time.monotonic()
                 for job, out in zip(live, outs):
+                    if now > job.deadline:  # stopped at its deadline: a cut-off answer is not an answer
+                        _resolve(job.future, error=TimeoutError("the request's time-out passed while decoding"))
+                        continue
                     if out.new_tokens > job.max_tokens:  # the batch ran longer than this request asked for
                         ids = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"][: job.max_tokens]
                         out = Generation(loaded.tokenizer.decode(ids), out.prompt_tokens, job.max_tokens,
                                          out.latency_s, False)
-                    job.future.set_result((loaded.version, out))
+                    _resolve(job.future, (loaded.version, out))
             except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
                 for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    _resolve(job.future, error=exc)
+            finally:
+                self.busy_since = None
+                self.last_progress = time.monotonic()
 
     def close(self) -> None:
         self._stop.set()

@@ -19,7 +19,10 @@ from skilltune.paths import private_file
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY, ts REAL, version TEXT, route TEXT, prompt TEXT, output TEXT,
-    latency_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER, status INTEGER, error TEXT)"""
+    latency_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER, status INTEGER, error TEXT,
+    client TEXT DEFAULT '')"""
+_COLUMNS = ("ts", "version", "route", "prompt", "output", "latency_s", "prompt_tokens", "completion_tokens",
+            "status", "error", "client")
 
 
 class RequestLog:
@@ -34,18 +37,20 @@ class RequestLog:
         self.con = sqlite3.connect(self.path, check_same_thread=False)
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute(_SCHEMA)
+        have = {row[1] for row in self.con.execute("PRAGMA table_info(requests)")}
+        if "client" not in have:  # a log written before API keys had names
+            self.con.execute("ALTER TABLE requests ADD COLUMN client TEXT DEFAULT ''")
         self.con.commit()
 
     def _clean(self, text: str) -> str:
         return redact(text)[0] if self.redact else text
 
     def write(self, version: str, route: str, prompt: str, output: str, latency_s: float, prompt_tokens: int,
-              completion_tokens: int, status: int, error: str = "") -> None:
+              completion_tokens: int, status: int, error: str = "", client: str = "") -> None:
         with self._lock:
-            self.con.execute("INSERT INTO requests (ts, version, route, prompt, output, latency_s, prompt_tokens, "
-                             "completion_tokens, status, error) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            self.con.execute(f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                              (time.time(), version, route, self._clean(prompt), self._clean(output), latency_s,
-                              prompt_tokens, completion_tokens, status, error))
+                              prompt_tokens, completion_tokens, status, self._clean(error), client))
             self.con.commit()
             wal = Path(str(self.path) + "-wal")
             if self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0) > self.max_bytes:
@@ -58,8 +63,7 @@ class RequestLog:
 
     def rows(self) -> list[dict]:
         with self._lock:
-            cur = self.con.execute("SELECT ts, version, route, prompt, output, latency_s, prompt_tokens, "
-                                   "completion_tokens, status, error FROM requests ORDER BY id")
+            cur = self.con.execute(f"SELECT {', '.join(_COLUMNS)} FROM requests ORDER BY id")
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 

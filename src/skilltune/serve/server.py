@@ -14,6 +14,7 @@ from pathlib import Path
 
 from skilltune.config.schema import ServeConfig
 from skilltune.registry.api import Registry, base_load_policy, parse_ref
+from skilltune.serve.clients import KeyLimits
 from skilltune.serve.engine import Engine, Loaded
 from skilltune.serve.requestlog import RequestLog
 
@@ -44,7 +45,8 @@ def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) 
     artifact = registry.materialize(f"{v.name}@v{v.number}")
     target = load_target(str(artifact), policy=base_load_policy(v.lineage, trust_remote_code))
     system = (v.lineage.get("config", {}).get("data") or {}).get("system_prompt")
-    return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system)
+    context = getattr(target.model.config, "max_position_embeddings", None) or 2048
+    return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system, int(context))
 
 
 @dataclass
@@ -53,16 +55,30 @@ class ServerState:
     ref: str
     registry: Registry
     engine: Engine
-    api_key: str | None
+    keys: dict[str, str]  # API key -> client name; empty: auth off
     max_tokens_limit: int
     request_timeout_s: float
     log: RequestLog | None
+    cfg: ServeConfig = field(default_factory=ServeConfig)  # the limits (body, prompt, compute, per key)
     default_max_tokens: int = 256
     metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.time)
     poll_s: float = 1.0
     trust_remote_code: bool = False  # the operator's flag, used for every version the alias moves to
+    draining: bool = False  # SIGTERM received: /ready says 503 while in-flight requests finish
+    limits: KeyLimits = field(default_factory=KeyLimits)
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    def prompt_limit(self, loaded: Loaded) -> int:
+        """The most tokens prompt + completion may take: the model's context, or the configured cap."""
+        return min(loaded.context_tokens, self.cfg.max_prompt_tokens or loaded.context_tokens)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down: finishing in-flight requests"
+        if self.engine.stalled(self.cfg.ready_stall_s):
+            return False, f"the engine made no progress for over {self.cfg.ready_stall_s:g} s with work waiting"
+        return True, "ready"
 
     def accepted_names(self) -> set[str]:
         current = self.engine.current.version
@@ -90,8 +106,9 @@ class ServerState:
             self.log.close()
 
 
-def build_state(ref: str, cfg: ServeConfig, api_key: str | None, registry: Registry | None = None,
+def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | None, registry: Registry | None = None,
                 log_path: Path | None = None, poll_s: float = 1.0, trust_remote_code: bool = False) -> ServerState:
+    """Load ``ref`` and everything the app serves it with; ``api_keys``: ``{key: client name}`` (or one key)."""
     from skilltune.paths import home
 
     registry = registry or Registry()
@@ -101,8 +118,10 @@ def build_state(ref: str, cfg: ServeConfig, api_key: str | None, registry: Regis
     log = None
     if cfg.log_requests:
         log = RequestLog(log_path or home() / "serving" / f"{name}.requests.db", redact_pii=cfg.redact_pii)
-    state = ServerState(name, ref, registry, engine, api_key, cfg.max_tokens_limit, cfg.request_timeout_s, log,
-                        poll_s=poll_s, trust_remote_code=trust_remote_code)
+    keys = {api_keys: "default"} if isinstance(api_keys, str) else dict(api_keys or {})
+    state = ServerState(name, ref, registry, engine, keys, cfg.max_tokens_limit, cfg.request_timeout_s, log, cfg,
+                        poll_s=poll_s, trust_remote_code=trust_remote_code,
+                        limits=KeyLimits(cfg.per_key_concurrency, cfg.per_key_rate))
     state.metrics.version.labels(name=name, version=loaded.version).set(1)
     registry.attach_metrics(loaded.version, "monitoring", {
         "request_log": cfg.log_requests, "redact_pii": cfg.redact_pii,
@@ -110,6 +129,27 @@ def build_state(ref: str, cfg: ServeConfig, api_key: str | None, registry: Regis
         "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
     threading.Thread(target=state.follow_alias, name="skilltune-alias-watch", daemon=True).start()
     return state
+
+
+def make_server(state: ServerState, host: str, port: int, allowed_hosts: list[str] | None = None):
+    """A uvicorn server for ``state`` that shuts down gracefully.
+
+    On SIGTERM/SIGINT it stops accepting connections, flips /ready to 503 (so a load
+    balancer stops sending), lets in-flight requests finish for up to
+    ``serve.grace_period_s``, then exits: a rolling restart loses no request.
+    """
+    import uvicorn
+
+    from skilltune.serve.app import create_app
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(state, allowed_hosts), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=int(state.cfg.grace_period_s) or None)
+    return GracefulServer(config)
 
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
