@@ -59,7 +59,7 @@ def test_evidence_turns_rows_to_pass_and_fail(run_dir):
     record_audit(rep)  # 12 rows: the volume check fails
     _fake_eval(run_dir, forgetting_flag=True)
     reg.add(run_dir, "y")
-    reg.add(run_dir, "y")
+    reg.add(run_dir, "y", allow_duplicate=True)
     reg.promote("y@v1")
     reg.promote("y@v2")
     st = _status(checklist("y@v2", reg)[1])
@@ -70,7 +70,7 @@ def test_evidence_turns_rows_to_pass_and_fail(run_dir):
     assert st["Rollback plan ready"] == "MISSING"  # no dry run yet
     reg.rollback("y", dry_run=True)
     assert _status(checklist("y@v2", reg)[1])["Rollback plan ready"] == "PASS"
-    record_spotcheck(train_file, "alice", "", [1, 2])
+    record_spotcheck(train_file, "alice", [{"line": 1, "ok": True, "note": ""}, {"line": 2, "ok": True, "note": ""}])
     code, out = cli("checklist", "y@v2", "--format", "json")
     assert code == 1
     doc = json.loads(out)
@@ -84,11 +84,14 @@ def test_all_pass_exits_zero(run_dir, tmp_path):
 
     reg = Registry()
     train_file = json.loads((run_dir / "run.json").read_text())["identity"]["data"]["train"]["path"]
-    record_audit(AuditReport(train_file, [], file_fingerprint(train_file, 12)))  # a clean audit of that exact file
-    record_spotcheck(train_file, "bob", "", [1])
+    from skilltune.data.audit import CHECKS, CheckResult
+
+    clean = [CheckResult(name, "PASS", 0, "fine") for name in CHECKS]  # every check ran clean on that exact file
+    record_audit(AuditReport(train_file, clean, file_fingerprint(train_file, 12)))
+    record_spotcheck(train_file, "bob", [{"line": 1, "ok": True, "note": ""}])
     _fake_eval(run_dir)
     reg.add(run_dir, "z")
-    v2 = reg.add(run_dir, "z")
+    v2 = reg.add(run_dir, "z", allow_duplicate=True)
     reg.attach_metrics("z@v2", "scorecard", {"passed": True, "verdict": "all criteria >= 4"})
     reg.attach_metrics("z@v2", "monitoring", {"request_log": True, "drift_threshold": 0.2})
     reg.promote("z@v1")

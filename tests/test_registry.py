@@ -48,7 +48,9 @@ def test_promote_rollback_history_and_refusals(two_runs):
     reg = Registry()
     for run in two_runs:
         reg.add(run, "m")
-    reg.add(two_runs[0], "m")  # v3
+    with pytest.raises(RegistryError, match="already registered as m@v1"):
+        reg.add(two_runs[0], "m")
+    reg.add(two_runs[0], "m", allow_duplicate=True)  # v3
     with pytest.raises(RegistryError, match="not set"):
         reg.rollback("m")
     reg.promote("m@v1", reason="first")
@@ -77,7 +79,7 @@ def test_promote_rollback_history_and_refusals(two_runs):
 def test_concurrent_promotes_never_corrupt(two_runs, isolated_home):
     reg = Registry()
     for _ in range(4):
-        reg.add(two_runs[0], "c")
+        reg.add(two_runs[0], "c", allow_duplicate=True)
     reg.promote("c@v1")
     script = ("import sys\nfrom skilltune.registry.api import Registry\nr = Registry()\n"
               "for i in range(15):\n    r.promote(f'c@v{2 + (i + int(sys.argv[1])) % 3}', reason=sys.argv[1])\n"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from skilltune.cli.common import ConsoleStages, console, plain, quiet_libraries
@@ -157,25 +158,76 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
 
 @app.command()
 def spotcheck(file: Path = typer.Argument(..., help="Data file."),
-              n: int = typer.Option(20, "--n", help="Examples to show."),
-              reviewer: str = typer.Option(..., "--reviewer", prompt=True, help="Who looked."),
-              flagged: Optional[str] = typer.Option("", "--flagged", help="What you found wrong (empty: nothing)."),
+              n: int = typer.Option(20, "--n", help="Examples to review."),
+              reviewer: str = typer.Option(..., "--reviewer", help="Who reviews."),
+              record: Optional[Path] = typer.Option(None, "--record", help="Verdicts reviewed elsewhere: JSONL of "
+                                                    "{\"line\": N, \"ok\": true|false, \"note\": \"...\"}."),
+              interactive: Optional[bool] = typer.Option(None, "--interactive/--show-only",
+                                                         help="Ask ok/flag for each example (default: when stdin is "
+                                                              "a terminal); --show-only records nothing."),
               seed: int = typer.Option(0, "--seed")) -> None:
-    """Show N random examples and record who looked and what they flagged (evidence for the checklist).
+    """Review N random examples; the checklist's evidence is recorded only when the review is finished.
 
-    Example: skilltune data spotcheck train.jsonl --n 20 --reviewer alice --flagged "2 rows use old table names"
+    Each example: o = ok, f = flag (with a note), q = quit without recording. Or review elsewhere and
+    pass the verdicts with --record.
+
+    Example: skilltune data spotcheck train.jsonl --n 20 --reviewer alice
     """
     import random
+    import sys
 
     from skilltune.data.reader import read_file
     from skilltune.data.records import record_spotcheck
 
     rep = read_file(file)
-    picks = random.Random(seed).sample(rep.examples, min(n, len(rep.examples)))
-    for ex in picks:
-        console.rule(ex.where)
-        for t in ex.turns:
-            console.print(f"[bold]{t.role}[/bold]: {t.content}", highlight=False)
-    path = record_spotcheck(str(file), reviewer, flagged or "", [ex.line for ex in picks])
-    console.print(f"spot-check recorded: {path}")
+    if record is not None:
+        verdicts = _read_verdicts(record, {ex.line for ex in rep.examples}, file)
+    else:
+        picks = random.Random(seed).sample(rep.examples, min(n, len(rep.examples)))
+        ask = sys.stdin.isatty() if interactive is None else interactive
+        verdicts = []
+        for k, ex in enumerate(picks, 1):
+            console.rule(f"{k}/{len(picks)}  {ex.where}")
+            for t in ex.turns:
+                console.print(f"[bold]{t.role}[/bold]: {escape(t.content)}", highlight=False)
+            if ask:
+                answer = typer.prompt("ok (o), flag (f) or quit (q)", default="o").strip().lower()
+                if answer.startswith("q"):
+                    console.print("quit: nothing recorded (a spot-check counts only when finished)")
+                    raise typer.Exit(1)
+                note = typer.prompt("what is wrong").strip() if answer.startswith("f") else ""
+                verdicts.append({"line": ex.line, "ok": not answer.startswith("f"), "note": note})
+        if not ask:
+            console.print("shown only, nothing recorded: review on a terminal (or with --interactive), or pass "
+                          "the verdicts with --record VERDICTS.jsonl", highlight=False)
+            return
+    if not verdicts:
+        raise DataError(f"{file}: no examples were reviewed, so there is nothing to record")
+    path = record_spotcheck(str(file), reviewer, verdicts)
+    flagged = [v for v in verdicts if not v["ok"]]
+    console.print(f"spot-check recorded: {len(verdicts)} reviewed by {reviewer}, {len(flagged)} flagged ({path})",
+                  highlight=False)
 
+
+def _read_verdicts(path: Path, lines: set[int], data_file: Path) -> list[dict]:
+    import json
+
+    verdicts, problems = [], []
+    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            v = json.loads(raw)
+            line, ok, note = int(v["line"]), bool(v["ok"]), str(v.get("note") or "")
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{path}:{i}: expected {{\"line\": N, \"ok\": true|false, \"note\": \"...\"}}")
+            continue
+        if line not in lines:
+            problems.append(f"{path}:{i}: line {line} is not an example of {data_file}")
+        elif not ok and not note:
+            problems.append(f"{path}:{i}: a flagged example needs a note saying what is wrong")
+        else:
+            verdicts.append({"line": line, "ok": ok, "note": note})
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in the verdicts:\n  " + "\n  ".join(problems[:10]))
+    return verdicts

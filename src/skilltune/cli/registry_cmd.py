@@ -25,12 +25,15 @@ def _reg(url: Optional[str]):
 @app.command()
 def add(run_dir: Path = typer.Argument(..., help="A finished run directory."),
         name: str = typer.Option(..., "--name", help="Model name in the registry."),
-        note: str = typer.Option("", "--note"), url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
+        note: str = typer.Option("", "--note"),
+        allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
+                                             help="Register an artifact that is already a version of NAME again."),
+        url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
     """Register RUN_DIR's adapter (content-addressed) as the next version of NAME.
 
     Example: skilltune registry add runs/sql-20261128-120000 --name sql-demo --note "first LoRA"
     """
-    v = _reg(url).add(run_dir, name, note)
+    v = _reg(url).add(run_dir, name, note, allow_duplicate)
     console.print(f"registered {v.name}@v{v.number} ({len(v.manifest)} files)")
 
 

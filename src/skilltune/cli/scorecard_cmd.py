@@ -19,7 +19,9 @@ URL = typer.Option(None, "--url", help="Database URL (default: SQLite in the ski
 @app.command()
 def create(source: Path = typer.Option(..., "--from", help="An eval folder (with per_example.jsonl)."),
            name: str = typer.Option(..., "--name", help="Study name."),
-           criteria: str = typer.Option("relevance,factual_accuracy,brand_voice,safety", "--criteria"),
+           criteria: Optional[str] = typer.Option(None, "--criteria", help="Comma-separated criteria (default: the "
+                                                  "run's eval.scorecard_criteria, else relevance,factual_accuracy,"
+                                                  "safety)."),
            mode: str = typer.Option("ab", "--mode", help="ab (blind A/B) | rubric"),
            sample: int = typer.Option(50, "--sample"), raters: str = typer.Option("rater1", "--raters"),
            overlap: float = typer.Option(0.2, "--overlap", help="Share of items every rater sees (agreement)."),
@@ -31,9 +33,9 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
 
     Example: skilltune scorecard create --from runs/sql/eval --name sql-review --raters alice,bob --sample 40
     """
-    from skilltune.scorecard.study import DEFAULT_GATES, create_study
+    from skilltune.scorecard.study import DEFAULT_GATES, create_study, criteria_for
 
-    crit: list = [c.strip() for c in criteria.split(",") if c.strip()]
+    crit: list = [c.strip() for c in criteria.split(",") if c.strip()] if criteria else criteria_for(source)
     if criteria_file is not None:
         crit = json.loads(criteria_file.read_text())
     with ConsoleStages().stage(f"creating study {name!r} from {source}"):
@@ -70,16 +72,15 @@ def report(name: str, fmt: str = typer.Option("md", "--format", help="md | json 
 
     Example: skilltune scorecard report sql-review
     """
-    import html as h
-
     from skilltune.scorecard.report import record, render_markdown, study_report
+    from skilltune.templates import render
 
     r = study_report(name, url)
     record(r)
     if fmt == "json":
         print(json.dumps(r, indent=2))
     elif fmt == "html":
-        print(f"<!doctype html><meta charset='utf-8'><pre>{h.escape(render_markdown(r))}</pre>")
+        print(render("scorecard_report.html", study=r["study"], markdown=render_markdown(r)))
     else:
         console.print(render_markdown(r), markup=False, highlight=False)
     return 0 if r["passed"] else 1

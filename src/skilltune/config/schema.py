@@ -134,6 +134,9 @@ class EvalConfig(Section):
     forgetting_threshold: float = Field(
         0.1, ge=0, description="Drop on the general-skills suite above which forgetting is flagged."
     )
+    scorecard_criteria: list[str] | None = Field(
+        None, description="What people judge in `skilltune scorecard create` for this task (default: relevance, "
+        "factual_accuracy, safety; add e.g. brand_voice for a voice task).")
 
 
 class ServeConfig(Section):

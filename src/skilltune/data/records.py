@@ -16,18 +16,40 @@ def _dir(kind: str) -> Path:
 
 
 def record_audit(report) -> Path:
+    """Keep the audit evidence of a file, check by check.
+
+    A later audit replaces a check's earlier result only if that check actually ran: an
+    audit without ``--test`` (leakage skipped) never erases the leakage result of one
+    that had it. Each check keeps the date of the audit it comes from.
+    """
     data = report.to_json()
     path = _dir("audits") / f"{data['fingerprint']['sha256']}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    before = {c["name"]: c for c in old.get("checks", [])}
+    checks = []
+    for check in data["checks"]:
+        check["audited"] = data["created"]
+        earlier = before.get(check["name"])
+        checks.append(earlier if check.get("skipped") and earlier and not earlier.get("skipped") else check)
+    data["checks"] = checks
+    data["errors"] = sum(c["status"] == "FAIL" for c in checks)
+    data["warnings"] = sum(c["status"] == "WARN" for c in checks)
     atomic_write_text(path, json.dumps(data, indent=2))
     return path
 
 
-def record_spotcheck(file: str, reviewer: str, flagged: str, lines: list[int]) -> Path:
+def record_spotcheck(file: str, reviewer: str, verdicts: list[dict]) -> Path:
+    """Record a finished spot-check: who reviewed which rows, and what they flagged.
+
+    ``verdicts``: one ``{"line": N, "ok": bool, "note": str}`` per reviewed example (a
+    flag needs a note). Called only when the review is complete, never when rows are shown.
+    """
     fp = file_fingerprint(file)
     path = _dir("spotchecks") / f"{fp['sha256']}.json"
+    flagged = [{"line": v["line"], "note": v["note"]} for v in verdicts if not v["ok"]]
     atomic_write_text(path, json.dumps({"file": file, "sha256": fp["sha256"], "reviewer": reviewer,
-                                        "flagged": flagged, "lines": lines,
-                                        "when": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+                                        "reviewed": len(verdicts), "lines": [v["line"] for v in verdicts],
+                                        "flagged": flagged, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     return path
 
 

@@ -261,6 +261,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
         "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "scorecard_criteria": ecfg.scorecard_criteria,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_example.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

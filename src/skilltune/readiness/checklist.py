@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from skilltune.data.audit import CHECKS
 from skilltune.data.records import find_audit, find_spotcheck
 from skilltune.registry.api import Registry
 from skilltune.registry.db import Version
@@ -56,20 +57,37 @@ def _eval_results(v: Version) -> dict | None:
 
 @item("Data quality verified")
 def _data(ev: Evidence) -> Row:
+    """Every audit check ran (none skipped) without errors on the exact training file, and a person reviewed it."""
     train = ev.version.lineage["data"]["train"]
     audit, spot = find_audit(train["sha256"]), find_spotcheck(train["sha256"])
     name = "Data quality verified"
+    fix_audit = f"skilltune data audit {train['path']} --test TEST.jsonl"
     if audit is None:
-        return Row(name, MISSING, f"no audit of the exact training data (sha256 {train['sha256'][:12]})",
-                   f"skilltune data audit {train['path']}")
-    if audit["errors"]:
-        return Row(name, FAIL, f"audit of {train['path']} ({audit['created']}) found {audit['errors']} error(s)",
-                   f"skilltune data audit {train['path']}  (then clean and retrain)")
-    if spot is None:
-        return Row(name, MISSING, f"audit clean ({audit['created']}, {audit['warnings']} warning(s)); no spot-check "
-                   "recorded", f"skilltune data spotcheck {train['path']} --n 20 --reviewer YOU")
-    return Row(name, PASS, f"audit clean ({audit['created']}); spot-check by {spot['reviewer']} on {spot['when']}"
-               + (f", flagged: {spot['flagged']}" if spot["flagged"] else ""))
+        return Row(name, MISSING, f"no audit of the exact training data (sha256 {train['sha256'][:12]})", fix_audit)
+    checks = audit["checks"]
+    failed = [c for c in checks if c["status"] == "FAIL"]
+    ran = {c["name"] for c in checks}
+    skipped = [c for c in checks if c.get("skipped")] + [
+        {"name": name, "summary": "not in the recorded audit"} for name in CHECKS if name not in ran]
+    where = f"audit of {train['path']} ({', '.join(sorted({c.get('audited', audit['created']) for c in checks}))})"
+    if failed:
+        return Row(name, FAIL, f"{where}: {', '.join(c['name'] + ' FAIL' for c in failed)}",
+                   f"{fix_audit}  (then clean and retrain)")
+    if skipped:
+        return Row(name, MISSING, f"{where}: not every check ran ({'; '.join(c['name'] + ' ' + c['summary'] for c in skipped)})",
+                   fix_audit)
+    warned = [c["name"] for c in checks if c["status"] == "WARN"]
+    clean = f"{where}: {len(checks)} checks ran, 0 errors" + (f", warnings: {', '.join(warned)}" if warned else "")
+    fix_spot = f"skilltune data spotcheck {train['path']} --n 20 --reviewer YOU"
+    if spot is None or not spot.get("reviewed"):
+        return Row(name, MISSING, f"{clean}; no finished spot-check recorded", fix_spot)
+    flagged = spot.get("flagged") or []
+    review = f"spot-check by {spot['reviewer']} on {spot['when']}: {spot['reviewed']} examples reviewed"
+    if flagged:
+        notes = "; ".join(f"line {f['line']}: {f['note']}" for f in flagged[:5])
+        return Row(name, FAIL, f"{clean}; {review}, {len(flagged)} flagged ({notes})",
+                   f"fix the flagged rows, then audit and spot-check again: {fix_spot}")
+    return Row(name, PASS, f"{clean}; {review}, none flagged")
 
 
 @item("Robust evaluation in place")

@@ -169,8 +169,12 @@ class Registry:
             return list(s.scalars(q).all())
 
     # ------------------------------------------------------------------ writes
-    def add(self, run_dir: str | Path, name: str, note: str = "") -> Version:
-        """Register the artifact of ``run_dir`` as the next version of ``name``."""
+    def add(self, run_dir: str | Path, name: str, note: str = "", allow_duplicate: bool = False) -> Version:
+        """Register the artifact of ``run_dir`` as the next version of ``name``.
+
+        The same artifact (every file identical) registered again under the same name is
+        refused unless ``allow_duplicate``: a second version of it would add nothing but a number.
+        """
         validate_name(name)
         note = clean_text(note)
         run_dir = Path(run_dir)
@@ -199,6 +203,11 @@ class Registry:
             "run_config": run_config,
         }
         with self.tx() as s:
+            same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
+                    if v.manifest == manifest]
+            if same and not allow_duplicate:
+                raise RegistryError(f"{run_dir} is already registered as {name}@v{same[0]} (identical files)",
+                                    hint=f"use {name}@v{same[0]}, or pass --allow-duplicate to add it again")
             last = s.scalars(select(Version.number).where(Version.name == name)
                              .order_by(Version.number.desc())).first() or 0
             v = Version(name=name, number=last + 1, note=note, method=meta.method, manifest=manifest,

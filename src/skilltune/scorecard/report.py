@@ -47,10 +47,31 @@ def krippendorff_alpha(units: list[list], metric: str = "nominal") -> float:
     return 1.0 if de == 0 else 1 - do / de
 
 
-def reading(x: float) -> str:
+MIN_SHARED_ITEMS = 10  # fewer items rated by two raters say nothing about agreement, whatever the value
+
+
+def reading(x: float, items: int | None = None) -> str:
+    if items is not None and items < MIN_SHARED_ITEMS:
+        return f"insufficient ({items} shared item{'s' if items != 1 else ''} < {MIN_SHARED_ITEMS})"
     if x != x:  # nan
         return "not enough overlap"
     return "reliable" if x >= 0.8 else ("tentative" if x >= 0.667 else "unreliable")
+
+
+def _agreement_ci(units: list[list], compute, n: int = 200, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of an agreement figure, resampling the shared items."""
+    import random
+
+    rng = random.Random(seed)
+    values = []
+    for _ in range(n):
+        value = compute([units[rng.randrange(len(units))] for _ in units])
+        if value == value:
+            values.append(value)
+    if not values:
+        return [float("nan"), float("nan")]
+    values.sort()
+    return [values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]]
 
 
 def _model(item: Item, side: str) -> str:
@@ -98,14 +119,20 @@ def study_report(name: str, url: str | None = None) -> dict:
         for c in crits:
             targets[c] = (lambda c: lambda j, it: j.scores.get(c, {}).get("B" if it.a_is == "base" else "A"))(c)
         for key, fn in targets.items():
-            units = labels(fn)
+            units = [u for u in labels(fn) if sum(v is not None for v in u) >= 2]  # rated by two raters or more
             if len(raters) == 2:
-                pairs = [(u[0], u[1]) for u in units if u[0] is not None and u[1] is not None]
-                value, method = cohen_kappa([p[0] for p in pairs], [p[1] for p in pairs]), "cohen_kappa"
+                method = "cohen_kappa"
+
+                def compute(us):
+                    return cohen_kappa([u[0] for u in us], [u[1] for u in us]) if us else float("nan")
             else:
-                value = krippendorff_alpha(units, "nominal" if key == "choice" else "interval")
-                method = "krippendorff_alpha"
-            agreement[key] = {"method": method, "value": value, "reading": reading(value), "items": len(units)}
+                method, metric = "krippendorff_alpha", "nominal" if key == "choice" else "interval"
+
+                def compute(us, metric=metric):
+                    return krippendorff_alpha(us, metric)
+            value = compute(units)
+            agreement[key] = {"method": method, "value": value, "ci95": _agreement_ci(units, compute),
+                              "items": len(units), "raters": len(raters), "reading": reading(value, len(units))}
     gates = study.gates
     tuned = per_model.get("tuned", {})
     failures = [f"{c} mean {tuned[c]['mean']:.2f} < {gates['min_mean']}" for c in crits
@@ -114,6 +141,14 @@ def study_report(name: str, url: str | None = None) -> dict:
                  if f["model"] == "tuned" and f["criterion"] in gates.get("no_critical_in", [])]
     if not tuned:
         failures.append("no judgements yet")
+    if len(raters) >= 2:  # several raters: their verdict counts only if they are shown to agree
+        shared = min((a["items"] for a in agreement.values()), default=0)
+        if shared < MIN_SHARED_ITEMS:
+            failures.append(f"inter-rater agreement insufficient: {shared} item(s) rated by several raters, "
+                            f"{MIN_SHARED_ITEMS} needed (raise --overlap or --sample)")
+        else:
+            failures += [f"raters disagree on {k} ({a['method']} {a['value']:.2f}, {a['reading']})"
+                         for k, a in agreement.items() if a["reading"] == "unreliable"]
     return {"study": study.name, "mode": study.mode, "raters": raters, "judgements": len(rows),
             "criteria": crits, "per_model": per_model, "ab": win, "agreement": agreement,
             "critical_failures": critical, "gates": gates, "passed": not failures,
@@ -151,9 +186,12 @@ def render_markdown(r: dict) -> str:
                       f"{ab['both_bad']:.0%}; tuned score {ab['tuned_score']:.2f} (95% CI {ab['tuned_score_ci95'][0]:.2f}"
                       f"-{ab['tuned_score_ci95'][1]:.2f})"]
     if r["agreement"]:
-        lines += ["", "| agreement on | method | value | reading |", "|---|---|---|---|"]
+        lines += ["", "| agreement on | method | value | 95% CI | shared items | raters | reading |",
+                  "|---|---|---|---|---|---|---|"]
         for k, a in r["agreement"].items():
-            lines.append(f"| {k} | {a['method']} | {a['value']:.3f} | {a['reading']} |")
+            lo, hi = a["ci95"]
+            lines.append(f"| {k} | {a['method']} | {a['value']:.3f} | {lo:.2f}-{hi:.2f} | {a['items']} | "
+                         f"{a['raters']} | {a['reading']} |")
     lines += ["", f"## Critical failures ({len(r['critical_failures'])})"]
     lines += [f"- item {f['item']} ({f['model']}, {f['criterion']}, by {f['rater']}): {f['note']}"
               for f in r["critical_failures"]]

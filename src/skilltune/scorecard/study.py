@@ -26,6 +26,9 @@ DEFAULT_CRITERIA = {
     "safety": ("Is it safe and appropriate to show a customer?",
                {1: "harmful", 3: "questionable", 5: "safe"}),
 }
+# Criteria that fit any task; brand_voice and the like are asked for by the run's config
+# (eval.scorecard_criteria) or --criteria, never imposed on SQL or JSON output.
+GENERIC_CRITERIA = ["relevance", "factual_accuracy", "safety"]
 DEFAULT_GATES = {"min_mean": 4.0, "no_critical_in": ["factual_accuracy", "safety"]}
 
 
@@ -51,6 +54,16 @@ def criteria_from_names(names: list) -> list[dict]:
                                                  {1: "poor", 3: "acceptable", 5: "excellent"}))
         out.append({"name": n, "description": desc, "anchors": {str(k): v for k, v in anchors.items()}})
     return out
+
+
+def criteria_for(eval_dir: str | Path) -> list[str]:
+    """The criteria an evaluation asks people to judge: its config's ``eval.scorecard_criteria``, else generic."""
+    results = Path(eval_dir) / "results.json"
+    if results.is_file():
+        chosen = json.loads(results.read_text()).get("scorecard_criteria")
+        if chosen:
+            return list(chosen)
+    return list(GENERIC_CRITERIA)
 
 
 def create_study(eval_dir: str | Path, name: str, criteria: list, mode: str = "ab", sample: int = 50,

@@ -96,8 +96,17 @@ class ServerState:
                     self.engine.swap(loaded)
                     self.metrics.version.labels(name=self.name, version=old).set(0)
                     self.metrics.version.labels(name=self.name, version=wanted).set(1)
+                    self.record_serving(wanted)
             except Exception:  # noqa: BLE001 - keep serving the current version; retried next poll
                 continue
+
+    def record_serving(self, version: str) -> None:
+        """Monitoring evidence for the checklist, on every version this server actually serves (after a hot
+        promote or rollback too, not only the one it started with)."""
+        self.registry.attach_metrics(version, "monitoring", {
+            "request_log": self.log is not None, "redact_pii": self.cfg.redact_pii,
+            "log_path": str(self.log.path) if self.log else None, "drift_threshold": self.cfg.drift_threshold,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def stop(self) -> None:
         self._stop.set()
@@ -123,10 +132,7 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
                         poll_s=poll_s, trust_remote_code=trust_remote_code,
                         limits=KeyLimits(cfg.per_key_concurrency, cfg.per_key_rate))
     state.metrics.version.labels(name=name, version=loaded.version).set(1)
-    registry.attach_metrics(loaded.version, "monitoring", {
-        "request_log": cfg.log_requests, "redact_pii": cfg.redact_pii,
-        "log_path": str(log.path) if log else None, "drift_threshold": cfg.drift_threshold,
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    state.record_serving(loaded.version)
     threading.Thread(target=state.follow_alias, name="skilltune-alias-watch", daemon=True).start()
     return state
 

@@ -30,10 +30,11 @@ class CheckResult:
     findings: list[Finding] = field(default_factory=list)
     fix: str = ""
     stats: dict = field(default_factory=dict)
+    skipped: bool = False  # the check could not run (no --test, no tokenizer): never evidence that it passed
 
     def to_json(self) -> dict:
         return {"name": self.name, "status": self.status, "count": self.count, "summary": self.summary,
-                "fix": self.fix, "stats": self.stats,
+                "fix": self.fix, "stats": self.stats, "skipped": self.skipped,
                 "findings": [{"where": f.where, "message": f.message} for f in self.findings]}
 
 

@@ -145,7 +145,8 @@ def _dist(values) -> dict:
 def check_length(ctx: AuditContext) -> CheckResult:
     counts = token_counts(ctx)
     if counts is None:
-        return CheckResult("length", WARN, 0, "skipped: no tokenizer (pass --model)", fix="pass --model MODEL")
+        return CheckResult("length", WARN, 0, "skipped: no tokenizer (pass --model)", fix="pass --model MODEL",
+                           skipped=True)
     total = [p + c for p, c in counts]
     stats = {"prompt": _dist([p for p, _ in counts]), "completion": _dist([c for _, c in counts]),
              "total": _dist(total), "max_seq_len": ctx.max_seq_len}
@@ -187,7 +188,8 @@ def check_pii(ctx: AuditContext) -> CheckResult:
 # ---------------------------------------------------------------- leakage
 def check_leakage(ctx: AuditContext) -> CheckResult:
     if ctx.test_report is None:
-        return CheckResult("leakage", PASS, 0, "skipped: no --test file given", fix="pass --test TEST.jsonl")
+        return CheckResult("leakage", WARN, 0, "skipped: no --test file given", fix="pass --test TEST.jsonl",
+                           skipped=True)
     test = ctx.test_report.examples
     train_keys = {e.key(): e for e in ctx.examples}
     train_prompts = {_prompt_key(e): e for e in ctx.examples}
