@@ -34,6 +34,38 @@ def quiet_libraries() -> None:
         pass
 
 
+COLUMN_HELP = ("Map a column of a CSV/Parquet/JSON file to a field, e.g. --column prompt=question "
+               "--column completion=answer (repeatable; fields: prompt, completion, system).")
+DATA_CONFIG_HELP = "A config file whose data.columns and data.format describe the file (flags override it)."
+
+
+def data_shape(column: list[str] | None, config=None) -> tuple[str, object]:
+    """(format, ColumnMap) for data commands, from ``--config`` (data.format, data.columns) and ``--column``.
+
+    Every data command takes the same mapping, so a file that trains also audits, cleans, splits and mixes.
+    """
+    from skilltune.config.load import load_config
+    from skilltune.errors import ConfigError
+
+    data = load_config(config).data if config is not None else None
+    fmt = data.format if data else "auto"
+    columns = data.columns.model_copy() if data else None
+    problems = []
+    for item in column or []:
+        field, sep, name = (x.strip() for x in item.partition("="))
+        if not sep or field not in ("prompt", "completion", "system") or not name:
+            problems.append(f"--column {item!r}: expected FIELD=COLUMN with FIELD prompt, completion or system")
+            continue
+        if columns is None:
+            from skilltune.config.schema import ColumnMap
+
+            columns = ColumnMap()
+        setattr(columns, field, name)
+    if problems:
+        raise ConfigError(problems, source="--column")
+    return fmt, columns
+
+
 def plain(line: str) -> None:
     """One line, exactly as given: no markup, no highlighting and no wrapping (greppable in logs)."""
     console.print(line, highlight=False, markup=False, soft_wrap=True)

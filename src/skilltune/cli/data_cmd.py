@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from skilltune.cli.common import ConsoleStages, console, plain, quiet_libraries
+from skilltune.cli.common import (COLUMN_HELP, DATA_CONFIG_HELP, ConsoleStages, console, data_shape, plain,
+                                  quiet_libraries)
 from skilltune.errors import DataError
 
 app = typer.Typer(help="Audit, clean, split and mix training data.\n\nExample: skilltune data audit train.jsonl",
@@ -28,7 +29,9 @@ def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Pa
           fmt: str = typer.Option("table", "--format", help="table | json | md | html"),
           out: Optional[Path] = typer.Option(None, "--out", help="Write the json/md/html report here."),
           strict: bool = typer.Option(False, "--strict", help="Warnings fail too (exit 1)."),
-          no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Skip token counts (no model needed).")) -> int:
+          no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Skip token counts (no model needed)."),
+          column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
+          config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> int:
     """Check FILE for what ruins finetunes; exit 0 clean, 1 errors (or warnings with --strict), 2 unreadable.
 
     Example: skilltune data audit examples/sql/data/train.jsonl --test examples/sql/data/test.jsonl
@@ -49,7 +52,8 @@ def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Pa
         from skilltune.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(ModelConfig(base=model))[0]
-    rep = audit_file(str(file), str(test) if test else None, tokenizer, max_seq_len, near_dup)
+    shape, columns = data_shape(column, config)
+    rep = audit_file(str(file), str(test) if test else None, tokenizer, max_seq_len, near_dup, shape, columns)
     record_audit(rep)
     if fmt == "table" and not console.is_terminal:  # pipes, CI logs, editors: one greppable line per finding
         for r in rep.results:
@@ -77,7 +81,8 @@ def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Pa
             from skilltune.data.reader import read_file
             from skilltune.model.tokenizer import turn_end_token
 
-            ctx = AuditContext(str(file), read_file(file), tokenizer=tokenizer, end_token=turn_end_token(tokenizer))
+            ctx = AuditContext(str(file), read_file(file, shape, columns), tokenizer=tokenizer,
+                               end_token=turn_end_token(tokenizer))
             ctx_counts = token_counts(ctx)
         text = {"json": render_json, "md": render_markdown}.get(fmt, lambda r: render_html(r, ctx_counts))(rep)
         if out:
@@ -95,14 +100,17 @@ def clean_(src: Path = typer.Argument(..., help="Input file (never modified)."),
            dst: Path = typer.Argument(..., help="Output JSONL."),
            near_dups: bool = typer.Option(False, "--near-dups", help="Also drop near-duplicates."),
            redact_pii: bool = typer.Option(False, "--redact", help="Replace PII/secrets with [EMAIL]-style tags."),
-           threshold: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold.")) -> None:
+           threshold: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold."),
+           column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
+           config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Drop malformed rows and duplicates (optionally redact PII) into DST, with a sidecar of what was dropped.
 
     Example: skilltune data clean raw.jsonl clean.jsonl --near-dups --redact
     """
     from skilltune.data.ops import clean
 
-    res = clean(src, dst, near_dups, redact_pii, threshold)
+    shape, columns = data_shape(column, config)
+    res = clean(src, dst, near_dups, redact_pii, threshold, shape, columns)
     console.print(f"kept {res.kept}, dropped {res.dropped} {res.reasons or ''} -> {res.out}; "
                   f"dropped rows listed in {res.sidecar}", highlight=False)
 
@@ -112,14 +120,17 @@ def split_(src: Path = typer.Argument(..., help="Input file (never modified)."),
            val: float = typer.Option(0.1, "--val", help="Validation fraction."),
            test: float = typer.Option(0.1, "--test", help="Test fraction."),
            seed: int = typer.Option(42, "--seed", help="Seed (same seed, same split)."),
-           out_dir: Path = typer.Option(Path("."), "--out-dir", help="Where train/val/test.jsonl go.")) -> None:
+           out_dir: Path = typer.Option(Path("."), "--out-dir", help="Where train/val/test.jsonl go."),
+           column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
+           config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Split SRC into train/val/test; near-duplicate clusters stay in one split (no leakage).
 
     Example: skilltune data split all.jsonl --val 0.1 --test 0.1 --seed 7 --out-dir data/
     """
     from skilltune.data.ops import split
 
-    counts = split(src, out_dir, val, test, seed)
+    shape, columns = data_shape(column, config)
+    counts = split(src, out_dir, val, test, seed, fmt=shape, columns=columns)
     console.print(f"train {counts['train']}, val {counts['val']}, test {counts['test']} -> {out_dir}")
 
 
@@ -128,14 +139,16 @@ def mix_(skill: Path = typer.Argument(..., help="Skill data."),
          general: Path = typer.Argument(..., help="General-purpose instruction data."),
          dst: Path = typer.Argument(..., help="Output JSONL."),
          ratio: float = typer.Option(0.08, "--ratio", help="Share of general data in the output (0.05-0.10)."),
-         seed: int = typer.Option(42, "--seed")) -> None:
+         seed: int = typer.Option(42, "--seed"),
+         column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP + " Applies to SKILL."),
+         config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Mix general data into the skill set against catastrophic forgetting.
 
     Example: skilltune data mix train.jsonl general.jsonl mixed.jsonl --ratio 0.08
     """
     from skilltune.data.ops import mix
 
-    counts = mix(skill, general, ratio, dst, seed)
+    counts = mix(skill, general, ratio, dst, seed, data_shape(column, config)[1])
     console.print(f"{counts['skill']} skill + {counts['general']} general = {counts['total']} rows -> {dst}")
 
 
@@ -152,8 +165,12 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
     quiet_libraries()
     from skilltune.data.replay import replay
 
-    count = replay(model, dst, n, max_new_tokens, seed, stages=ConsoleStages())
-    console.print(f"wrote {count} general examples answered by {model} -> {dst}")
+    res = replay(model, dst, n, max_new_tokens, seed, stages=ConsoleStages())
+    dropped = res.unfinished + res.empty
+    console.print(f"wrote {res.written} of {res.asked} general examples answered by {model} -> {dst}"
+                  + (f"; dropped {dropped}: {res.unfinished} did not finish within --max-new-tokens "
+                     f"{max_new_tokens} (they would teach rambling), {res.empty} were empty" if dropped else ""),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -165,7 +182,9 @@ def spotcheck(file: Path = typer.Argument(..., help="Data file."),
               interactive: Optional[bool] = typer.Option(None, "--interactive/--show-only",
                                                          help="Ask ok/flag for each example (default: when stdin is "
                                                               "a terminal); --show-only records nothing."),
-              seed: int = typer.Option(0, "--seed")) -> None:
+              seed: int = typer.Option(0, "--seed"),
+              column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
+              config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Review N random examples; the checklist's evidence is recorded only when the review is finished.
 
     Each example: o = ok, f = flag (with a note), q = quit without recording. Or review elsewhere and
@@ -179,7 +198,7 @@ def spotcheck(file: Path = typer.Argument(..., help="Data file."),
     from skilltune.data.reader import read_file
     from skilltune.data.records import record_spotcheck
 
-    rep = read_file(file)
+    rep = read_file(file, *data_shape(column, config))
     if record is not None:
         verdicts = _read_verdicts(record, {ex.line for ex in rep.examples}, file)
     else:

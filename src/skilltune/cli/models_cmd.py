@@ -28,16 +28,23 @@ def list_() -> None:
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory, a .gguf file or a cached hub id."),
+def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory, a .gguf file, a cached hub id, "
+                                               "a run or adapter directory, or a registry version (NAME@vN)."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Architecture, parameter count, context length, chat template, dtype and disk size of MODEL.
 
     Example: skilltune models info embedded:smollm2-135m-instruct
     """
     quiet_libraries()
-    from skilltune.model.info import model_info
+    from pathlib import Path
 
-    facts = model_info(model)
+    from skilltune.model.info import artifact_info, model_info
+    from skilltune.model.target import find_artifact
+    from skilltune.registry.api import resolve_spec
+
+    spec, policy = resolve_spec(model)
+    artifact = find_artifact(Path(spec)) if Path(spec).is_dir() else None
+    facts = artifact_info(artifact, policy.base) if artifact is not None else model_info(spec)
     if as_json:
         console.print_json(json.dumps(facts))
         return
@@ -47,6 +54,9 @@ def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory
         table.add_row(key, str(facts[key]))
     table.add_row("parameters", f"{facts['parameters']:,} ({facts['parameters'] / 1e6:.1f} M)")
     table.add_row("disk size", human_bytes(facts["disk_size_bytes"]))
+    for key in ("base_model", "method", "adapter", "system_prompt"):
+        if facts.get(key) is not None:
+            table.add_row(key, str(facts[key]))
     console.print(table)
     console.print("[bold]chat template in use[/bold]:")
     console.print(facts["chat_template"], markup=False, highlight=False)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import console, plain
+from skilltune.cli.common import COLUMN_HELP, DATA_CONFIG_HELP, console, data_shape, plain
 
 _COLOR = {"PASS": "green", "FAIL": "red", "MISSING": "yellow"}
 
@@ -65,14 +65,16 @@ def checklist(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
 
 def advise(data: Path = typer.Argument(..., help="Training data."),
            test: Optional[Path] = typer.Option(None, "--test"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
+           as_json: bool = typer.Option(False, "--json"),
+           column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
+           config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Finetune (a skill) or RAG (knowledge)? A verdict with the numbers behind it.
 
     Example: skilltune advise examples/sql/data/train.jsonl
     """
     from skilltune.readiness.advise import advise as run
 
-    a = run(str(data), str(test) if test else None)
+    a = run(str(data), str(test) if test else None, *data_shape(column, config))
     if as_json:
         print(json.dumps(a.__dict__, indent=2))
         return

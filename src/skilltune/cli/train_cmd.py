@@ -83,7 +83,9 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
 
     cfg = load_config(config, set_)
     is_main = os.environ.get("RANK", "0") == "0"
-    result = run_train(cfg, run_name=run_name or config.stem, resume=resume, run_dir=run_dir, force=force,
+    # examples/sql/config.yaml -> runs/sql-<timestamp>: a run is named after what it trains, not "config"
+    default_name = config.resolve().parent.name if config.stem == "config" else config.stem
+    result = run_train(cfg, run_name=run_name or default_name, resume=resume, run_dir=run_dir, force=force,
                        reporter=RichReporter() if is_main else Reporter())
     if is_main:
         s = result.summary

@@ -112,7 +112,8 @@ class TrainConfig(Section):
     )
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep the last K checkpoints.")
-    logging_steps: int = Field(5, ge=1, description="Log metrics every N steps.")
+    logging_steps: int = Field(5, ge=1, description="Send metrics to W&B/MLflow every N steps (metrics.jsonl, "
+                               "loss.png and TensorBoard get every step).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Experiment trackers."
     )

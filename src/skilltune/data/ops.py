@@ -44,8 +44,13 @@ def _redact_obj(obj):
     return obj
 
 
-def _emit(path: Path, examples: list[Example], out: Path, redact_pii: bool) -> None:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+def _mapped(columns) -> bool:
+    return columns is not None and any((columns.prompt, columns.completion, columns.system))
+
+
+def _emit(path: Path, examples: list[Example], out: Path, redact_pii: bool, columns=None) -> None:
+    """Write ``examples``: JSONL rows byte for byte, others (and column-mapped rows) in skilltune's own form."""
+    if path.suffix.lower() in (".jsonl", ".ndjson") and not _mapped(columns):
         raw = _raw_lines(path)
         lines = []
         for ex in examples:
@@ -70,11 +75,21 @@ class CleanResult:
     sidecar: Path
 
 
+def _nothing_written(src: Path, report, what: str) -> DataError:
+    kinds = sorted({p.kind for p in report.problems})
+    return DataError(f"{src}: {report.rows} row(s) read, none usable, so {what} would be empty"
+                     + (f" ({', '.join(kinds)})" if kinds else ""),
+                     hint="map the columns (--column prompt=COL --column completion=COL, or --config CONFIG with "
+                          "data.columns), or see `skilltune data audit` for what is wrong")
+
+
 def clean(src: str | Path, dst: str | Path, near_dups: bool = False, redact_pii: bool = False,
-          threshold: float = 0.85, fmt: str = "auto") -> CleanResult:
+          threshold: float = 0.85, fmt: str = "auto", columns=None) -> CleanResult:
     src, dst = Path(src), Path(dst)
     _refuse_overwrite(src, dst)
-    report = read_file(src, fmt)
+    report = read_file(src, fmt, columns)
+    if report.rows and not report.examples:
+        raise _nothing_written(src, report, f"the cleaned file {dst}")
     dropped: list[dict] = [{"line": p.line, "reason": p.kind, "detail": str(p)} for p in report.problems
                            if p.kind != "empty_file"]
     seen: dict[str, int] = {}
@@ -89,13 +104,15 @@ def clean(src: str | Path, dst: str | Path, near_dups: bool = False, redact_pii:
     if near_dups and len(kept) > 1:
         drop = {}
         for i, j, sim in near_duplicate_pairs(s := minhash_signatures(kept), s, threshold, same=True):
-            if i not in drop:
+            # Near-identical rows with different answers are a contrast pair, not a duplicate:
+            # "top 3 ... LIMIT 3" and "top 5 ... LIMIT 5" teach what the number does.
+            if i not in drop and _same_answer(kept[i], kept[j]):
                 drop.setdefault(j, (kept[i].line, sim))
         for j, (first, sim) in drop.items():
             dropped.append({"line": kept[j].line, "reason": "near_duplicate",
                             "detail": f"near-duplicate of line {first} (Jaccard {sim:.2f})"})
         kept = [ex for j, ex in enumerate(kept) if j not in drop]
-    _emit(src, kept, dst, redact_pii)
+    _emit(src, kept, dst, redact_pii, columns)
     sidecar = dst.with_name(dst.name + ".dropped.jsonl")
     dropped.sort(key=lambda d: d["line"])
     atomic_write_text(sidecar, "".join(json.dumps(d) + "\n" for d in dropped))
@@ -103,6 +120,10 @@ def clean(src: str | Path, dst: str | Path, near_dups: bool = False, redact_pii:
     for d in dropped:
         reasons[d["reason"]] += 1
     return CleanResult(len(kept), len(dropped), dict(reasons), dst, sidecar)
+
+
+def _same_answer(a: Example, b: Example) -> bool:
+    return " ".join(a.completion.split()).lower() == " ".join(b.completion.split()).lower()
 
 
 def _clusters(examples: list[Example], threshold: float) -> list[list[int]]:
@@ -136,12 +157,14 @@ def _clusters(examples: list[Example], threshold: float) -> list[list[int]]:
 
 
 def split(src: str | Path, out_dir: str | Path, val: float = 0.1, test: float = 0.1, seed: int = 42,
-          threshold: float = 0.85, fmt: str = "auto") -> dict[str, int]:
+          threshold: float = 0.85, fmt: str = "auto", columns=None) -> dict[str, int]:
     """Deterministic split in which near-duplicate clusters never straddle two splits."""
     if val < 0 or test < 0 or val + test >= 1:
         raise DataError(f"--val {val} and --test {test} must be >= 0 and sum to less than 1")
     src, out_dir = Path(src), Path(out_dir)
-    report = read_file(src, fmt)
+    report = read_file(src, fmt, columns)
+    if report.rows and not report.examples:
+        raise _nothing_written(src, report, "every split")
     if report.problems:
         raise DataError(f"{src}: {len(report.problems)} malformed row(s), first: {report.problems[0]}",
                         hint=f"clean first: skilltune data clean {src} CLEAN.jsonl")
@@ -161,17 +184,24 @@ def split(src: str | Path, out_dir: str | Path, val: float = 0.1, test: float = 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, idx in parts.items():
         _refuse_overwrite(src, out_dir / f"{name}.jsonl")
-        _emit(src, [exs[i] for i in sorted(idx)], out_dir / f"{name}.jsonl", False)
+        _emit(src, [exs[i] for i in sorted(idx)], out_dir / f"{name}.jsonl", False, columns)
     return {k: len(v) for k, v in parts.items()}
 
 
-def mix(skill: str | Path, general: str | Path, ratio: float, dst: str | Path, seed: int = 42) -> dict[str, int]:
-    """Write SKILL plus general data so that general rows are ``ratio`` of the output."""
+def mix(skill: str | Path, general: str | Path, ratio: float, dst: str | Path, seed: int = 42,
+        columns=None) -> dict[str, int]:
+    """Write SKILL plus general data so that general rows are ``ratio`` of the output.
+
+    ``columns`` maps the skill file's columns (the general file is skilltune's own JSONL, e.g. from replay).
+    """
     if not 0 < ratio < 1:
         raise DataError(f"--ratio must be between 0 and 1 (e.g. 0.08 for 8%), got {ratio}")
     for src in (skill, general):
         _refuse_overwrite(src, dst)
-    s_rep, g_rep = read_file(skill), read_file(general)
+    s_rep, g_rep = read_file(skill, "auto", columns), read_file(general)
+    for rep, path in ((s_rep, Path(skill)), (g_rep, Path(general))):
+        if rep.rows and not rep.examples:
+            raise _nothing_written(path, rep, f"the mix {dst}")
     for rep in (s_rep, g_rep):
         if rep.problems:
             raise DataError(f"{rep.path}: {len(rep.problems)} malformed row(s), first: {rep.problems[0]}",

@@ -55,6 +55,30 @@ def model_info(spec: str, trust_remote_code: bool = False) -> dict:
     }
 
 
+def artifact_info(artifact: Path, base_spec: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Facts about a trained adapter or model directory: its base's facts, then what training changed."""
+    from transformers import AutoTokenizer
+
+    from skilltune.model.target import read_adapter_meta, training_system_prompt
+
+    meta = read_adapter_meta(artifact)
+    facts = model_info(base_spec or meta.base, trust_remote_code) if meta.method != "full" else model_info(
+        str(artifact), trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact), trust_remote_code=False)
+    adapter_cfg = artifact / "adapter_config.json"
+    lora = json.loads(adapter_cfg.read_text()) if adapter_cfg.is_file() else {}
+    facts.update({
+        "model": str(artifact), "base_model": base_spec or meta.base, "method": meta.method,
+        "chat_template": tokenizer.chat_template, "chat_template_source": "trained with",
+        "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+        "system_prompt": training_system_prompt(artifact),
+        "adapter": {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")}
+        if lora else None,
+        "artifact_size_bytes": sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
+    })
+    return facts
+
+
 def list_models() -> list[dict]:
     """Embedded models (and whether they are converted yet) and other converted models in the cache."""
     rows = []

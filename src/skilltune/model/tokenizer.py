@@ -92,3 +92,18 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> TokenizerI
 
 def turn_end_token(tokenizer) -> str:
     return _turn_end_token(tokenizer)
+
+
+def with_default_system(template: str, system: str) -> str:
+    """``template`` that puts ``system`` first when a conversation has no system message of its own.
+
+    An exported model is used by tools that know nothing of skilltune (vLLM, TGI, plain
+    transformers); a model trained with a system prompt answers out of skill without it,
+    so the export's chat template supplies the training system prompt by default.
+    """
+    import json
+
+    literal = json.dumps(system)  # a valid Jinja string literal (backslash escapes, \\uXXXX)
+    return ("{%- if messages and messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages -%}"
+            "{%- endif -%}" + template)

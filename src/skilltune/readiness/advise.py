@@ -44,8 +44,8 @@ def _facts(text: str) -> set[str]:
     return out
 
 
-def advise(path: str, test: str | None = None) -> Advice:
-    exs = load_examples(path)
+def advise(path: str, test: str | None = None, fmt: str = "auto", columns=None) -> Advice:
+    exs = load_examples(path, fmt, columns)
     n = len(exs)
     overlaps, fact_counts = [], Counter()
     per_row_novel: list[set[str]] = []

@@ -91,6 +91,11 @@ def base_load_policy(lineage: dict, trust_remote_code: bool = False, allow_pickl
                       allow_pickle=allow_pickle)
 
 
+def version_system_prompt(v: Version) -> str | None:
+    """The system prompt a registered version was trained with (None when it had none)."""
+    return ((v.lineage.get("config") or {}).get("data") or {}).get("system_prompt")
+
+
 def resolve_spec(spec: str, trust_remote_code: bool = False):
     """``spec`` as (a loadable spec, how to load it): a registry reference becomes its verified checkout.
 
@@ -206,7 +211,8 @@ class Registry:
             same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
                     if v.manifest == manifest]
             if same and not allow_duplicate:
-                raise RegistryError(f"{run_dir} is already registered as {name}@v{same[0]} (identical files)",
+                raise RegistryError(f"{run_dir} is already registered as {name}@v{same[0]} (identical files; any "
+                                    "damaged store objects were repaired from it)",
                                     hint=f"use {name}@v{same[0]}, or pass --allow-duplicate to add it again")
             last = s.scalars(select(Version.number).where(Version.name == name)
                              .order_by(Version.number.desc())).first() or 0

@@ -15,7 +15,8 @@ import torch
 from skilltune.model.target import ADAPTER_META, load_target, read_adapter_meta
 from skilltune.paths import atomic_dir
 from skilltune.progress import SILENT, Stages
-from skilltune.registry.api import Registry, RegistryError, base_load_policy
+from skilltune.model.tokenizer import with_default_system
+from skilltune.registry.api import Registry, RegistryError, base_load_policy, version_system_prompt
 
 
 def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_code: bool = False,
@@ -27,14 +28,23 @@ def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_c
     with stages.stage(f"verifying {v.name}@v{v.number} from the registry store"):
         src = registry.materialize(f"{v.name}@v{v.number}")
     meta = read_adapter_meta(src)
+    system = version_system_prompt(v)
     with atomic_dir(out) as tmp:
         if not merged or meta.method == "full":
             shutil.copytree(src, tmp, dirs_exist_ok=True)
+            if system:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(tmp), trust_remote_code=False)
+                tokenizer.chat_template = with_default_system(tokenizer.chat_template, system)
+                tokenizer.save_pretrained(tmp)
         else:
             with stages.stage("loading the base model and merging the adapter into it"):
                 target = load_target(str(src), torch.float32, base_load_policy(v.lineage, trust_remote_code))
                 model = target.model.merge_and_unload()
             tokenizer = target.tokenizer
+            if system:  # vLLM, TGI and transformers then ask the way training did
+                tokenizer.chat_template = with_default_system(tokenizer.chat_template, system)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             with stages.stage(f"writing the merged model to {out}"):
@@ -42,5 +52,5 @@ def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_c
                 tokenizer.save_pretrained(tmp)
             record = json.loads((src / ADAPTER_META).read_text())
             (tmp / "skilltune_export.json").write_text(json.dumps({"from": f"{v.name}@v{v.number}", "merged": True,
-                                                                  **record}, indent=2))
+                                                                  **record, "system_prompt": system}, indent=2))
     return out

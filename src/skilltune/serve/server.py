@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skilltune.config.schema import ServeConfig
-from skilltune.registry.api import Registry, base_load_policy, parse_ref
+from skilltune.registry.api import Registry, base_load_policy, parse_ref, version_system_prompt
 from skilltune.serve.clients import KeyLimits
 from skilltune.serve.engine import Engine, Loaded
 from skilltune.serve.requestlog import RequestLog
@@ -44,7 +44,7 @@ def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) 
     v = registry.get(ref)
     artifact = registry.materialize(f"{v.name}@v{v.number}")
     target = load_target(str(artifact), policy=base_load_policy(v.lineage, trust_remote_code))
-    system = (v.lineage.get("config", {}).get("data") or {}).get("system_prompt")
+    system = version_system_prompt(v)
     context = getattr(target.model.config, "max_position_embeddings", None) or 2048
     return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system, int(context))
 
@@ -180,10 +180,28 @@ def allowed_hosts_for(host: str, extra: list[str] | None = None) -> list[str] | 
 
 def vllm_command(registry: Registry, ref: str, host: str, port: int) -> list[str]:
     """The equivalent `vllm serve` command line for a GPU deployment of a LoRA version."""
+    from skilltune.model.tokenizer import with_default_system
+    from skilltune.paths import atomic_write_text, home
+
     v = registry.get(ref)
     artifact = registry.materialize(f"{v.name}@v{v.number}")
     base = v.lineage["base_model"]
     base_path = base.get("path") or base.get("spec")
-    return ["vllm", "serve", str(base_path), "--enable-lora", "--lora-modules", f"{v.name}={artifact}",
-            "--max-lora-rank", str((v.lineage.get("adapter_config") or {}).get("r", 16)),
-            "--host", host, "--port", str(port)]
+    cmd = ["vllm", "serve", str(base_path), "--enable-lora", "--lora-modules", f"{v.name}={artifact}",
+           "--max-lora-rank", str((v.lineage.get("adapter_config") or {}).get("r", 16))]
+    template = _trained_chat_template(artifact)
+    system = version_system_prompt(v)
+    if template:  # the template (and system prompt) the adapter was trained with, not the base model's
+        path = home() / "serving" / f"{v.name}-v{v.number}.chat_template.jinja"
+        atomic_write_text(path, with_default_system(template, system) if system else template)
+        cmd += ["--chat-template", str(path)]
+    return cmd + ["--host", host, "--port", str(port)]
+
+
+def _trained_chat_template(artifact: Path) -> str | None:
+    import json
+
+    if (artifact / "chat_template.jinja").is_file():
+        return (artifact / "chat_template.jinja").read_text(encoding="utf-8")
+    config = artifact / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("chat_template") if config.is_file() else None

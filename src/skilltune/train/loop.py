@@ -33,7 +33,7 @@ from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_pref
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
-from skilltune.train.prepare import prepare_data
+from skilltune.train.prepare import preflight, prepare_data
 from skilltune.train.rundir import environment, latest_run_dir, new_run_dir, plot_losses
 from skilltune.train.trackers import Trackers
 
@@ -104,8 +104,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
     from accelerate import Accelerator
 
     reporter = reporter or Reporter()
+    preflight(cfg)
     method = METHODS[cfg.adapter.method]
-    method.check(cfg.adapter)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -209,7 +209,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             "packing": cfg.train.packing, "shared prefix": share_prefix or "off",
             "kernels": ", ".join(f"{k} x{n}" for k, n in kernels.items()) or "stock",
             "run dir": str(run_path)})
-    trackers = Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json")) if acc.is_main_process else None
+    trackers = (Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json"), cfg.train.logging_steps)
+                if acc.is_main_process else None)
 
     # ---- fit
     def save(step: int) -> None:
@@ -284,8 +285,8 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
                             reporter.message(f"early stopping at step {step}: val loss has not improved for "
                                              f"{patience} evaluations (best {loop['best_val']:.4f} at step "
                                              f"{loop['best_step']})")
-            if trackers and (step % cfg.train.logging_steps == 0 or "val_loss" in metrics or step == total_steps):
-                trackers.log(step, metrics)
+            if trackers:
+                trackers.log(step, metrics, force="val_loss" in metrics or step == total_steps)
             reporter.step(step, metrics)
             if step == loop_start + 2 and total_steps > step:  # a short warm-up, then the estimate
                 left = (total_steps - step) * dt

@@ -8,6 +8,7 @@ reported before minutes are spent loading and wrapping a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +72,38 @@ def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: 
         raise TrainingError(f"{len(empty)} {what} example(s) have no trained tokens: {', '.join(empty[:5])}",
                             hint="every example needs an assistant turn with weight 1")
     return out
+
+
+def preflight(cfg: SkilltuneConfig) -> None:
+    """The checks that need no model, all problems at once: data files, the method, metric names.
+
+    ``skilltune train`` runs them first and ``skilltune config validate`` runs the same ones,
+    so a config that validates does not fail these at training time.
+    """
+    from skilltune.errors import ConfigError
+    from skilltune.evaluate.metrics import METRICS, _entry_point_metrics
+    from skilltune.train.methods import METHODS
+
+    problems = []
+    if not cfg.data.train:
+        problems.append("data.train: not set (the training data file); set it or pass --set data.train=FILE")
+    for field in ("train", "val", "test"):
+        value = getattr(cfg.data, field)
+        if value and not Path(value).is_file():
+            problems.append(f"data.{field}: data file not found: {value}")
+    if cfg.eval.db and not Path(cfg.eval.db).is_file():
+        problems.append(f"eval.db: file not found: {cfg.eval.db}")
+    if cfg.adapter.method not in METHODS:
+        problems.append(f"adapter.method: unknown method {cfg.adapter.method!r} (known: {', '.join(METHODS)})")
+    if any(m not in METRICS and ":" not in m for m in cfg.eval.metrics):
+        _entry_point_metrics()
+    problems += [f"eval.metrics: unknown metric {m!r} (built-in: {', '.join(METRICS)})"
+                 for m in cfg.eval.metrics if ":" not in m and m not in METRICS]
+    if "sql_exec" in cfg.eval.metrics and not cfg.eval.db:
+        problems.append("eval.db: the sql_exec metric needs the SQLite database (set eval.db)")
+    if problems:
+        raise ConfigError(problems)
+    METHODS[cfg.adapter.method].check(cfg.adapter)  # what this machine can run (QLoRA needs CUDA): TrainingError
 
 
 def prepare_data(cfg: SkilltuneConfig, tokenizer) -> PreparedData:

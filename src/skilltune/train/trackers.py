@@ -78,15 +78,28 @@ class MlflowTracker:
 TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
 
 
+LOCAL = {"tensorboard"}  # written to the run directory: every step costs nothing worth saving
+
+
 class Trackers:
-    """Fan-out to every configured tracker."""
+    """Fan-out to every configured tracker.
 
-    def __init__(self, run_dir: Path, names: list[str], config: dict):
-        self.all = [JsonlTracker(run_dir, config)] + [TRACKERS[n](run_dir, config) for n in names]
+    ``metrics.jsonl`` (hence ``loss.png``) and TensorBoard get every step; remote trackers
+    (W&B, MLflow) every ``every`` steps, plus validations and the last step.
+    """
 
-    def log(self, step: int, metrics: dict) -> None:
-        for t in self.all:
+    def __init__(self, run_dir: Path, names: list[str], config: dict, every: int = 1):
+        self.local = [JsonlTracker(run_dir, config)] + [TRACKERS[n](run_dir, config) for n in names if n in LOCAL]
+        self.remote = [TRACKERS[n](run_dir, config) for n in names if n not in LOCAL]
+        self.all = self.local + self.remote
+        self.every = every
+
+    def log(self, step: int, metrics: dict, force: bool = False) -> None:
+        for t in self.local:
             t.log(step, metrics)
+        if force or step % self.every == 0:
+            for t in self.remote:
+                t.log(step, metrics)
 
     def close(self) -> None:
         for t in self.all:

@@ -159,9 +159,13 @@ def check_length(ctx: AuditContext) -> CheckResult:
     s = stats["total"]
     summary = (f"tokens per example min {s.get('min')} / p50 {s.get('p50')} / p95 {s.get('p95')} / max {s.get('max')}"
                f"; {len(over)} over max_seq_len {ctx.max_seq_len}; {len(short)} very short completion(s)")
-    return CheckResult("length", status, len(over), summary, findings,
-                       fix=f"raise train.max_seq_len to at least {max(total) if total else 0} or drop the long rows",
-                       stats=stats)
+    fixes = []
+    if over:
+        fixes.append(f"raise train.max_seq_len to at least {max(total)} or drop the long rows")
+    if short:
+        fixes.append("check the very short completions: a one- or two-token answer teaches little (or is a "
+                     "truncated row)")
+    return CheckResult("length", status, len(over), summary, findings, fix="; ".join(fixes), stats=stats)
 
 
 # ---------------------------------------------------------------- PII and secrets
@@ -237,10 +241,12 @@ def check_volume(ctx: AuditContext) -> CheckResult:
 
 # ---------------------------------------------------------------- target consistency (JSON)
 def _json_obj(text: str):
+    """The JSON object or array ``text`` holds, else None (a bare number or string is not a JSON target)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, ValueError, RecursionError):
         return None
+    return value if isinstance(value, (dict, list)) else None
 
 
 def check_targets(ctx: AuditContext) -> CheckResult:
