@@ -1,9 +1,11 @@
-"""`skilltune train`: the training workflow in one readable function, :func:`train`.
+"""`skilltune train`: the training workflow, :func:`train` = :func:`setup` -> :func:`fit` -> :func:`finish`.
 
-setup (data checks, run directory, model + method) -> fit (the step loop with
-validation, early stopping, checkpoints) -> finish (artifact, summary, plot).
-Data-parallel runs go through accelerate; the step plan is a pure function of the
-step number, so every process and every resume agrees on the data.
+setup (data checks, run directory, model + method, optimizer, resume) builds a
+:class:`Session`; fit runs the steps (:func:`train_step`), :func:`validate` and
+checkpoints; finish writes the artifact, summary and plot. The loop's own state is a
+:class:`LoopState` that checkpoints serialise. Data-parallel runs go through
+accelerate; the step plan is a pure function of the step number, so every process
+and every resume agrees on the data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -91,6 +93,68 @@ def _resolve_run_dir(cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
     return new_run_dir(cfg.train.output_dir, run_name), False
 
 
+@dataclass
+class LoopState:
+    """What the step loop carries from step to step; a checkpoint's ``loop.json``."""
+
+    step: int = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    tokens: int = 0  # tokens of the examples trained on
+    computed_tokens: int = 0  # positions the model ran (shared prefixes take away, padding adds)
+    train_time_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LoopState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # older checkpoints lack newer fields
+
+
+@dataclass
+class Session:
+    """Everything :func:`setup` builds for one run; :func:`fit` and :func:`finish` read it."""
+
+    cfg: SkilltuneConfig
+    acc: object  # accelerate.Accelerator
+    reporter: Reporter
+    run_name: str
+    run_path: Path
+    resuming: bool
+    latest: Path | None  # the checkpoint resumed from
+    identity: dict
+    base_hash: str
+    source: object  # ResolvedModel
+    tokenizer: object
+    tok_info: object
+    data: object  # PreparedData
+    method: object  # Method
+    precision: str
+    model: torch.nn.Module = None
+    loss_fn: object = None
+    optimizer: object = None
+    scheduler: object = None
+    params: list = field(default_factory=list)
+    plan: StepPlan | None = None
+    total_steps: int = 0
+    eval_every: int = 1
+    kernels: dict = field(default_factory=dict)
+    undo_kernels: object = lambda: None
+    share_prefix: str | None = None
+    trainable: int = 0
+    total: int = 0
+    trackers: Trackers | None = None
+    loop: LoopState = field(default_factory=LoopState)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_path / "checkpoints"
+
+
 def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run_dir: str | Path | None = None,
           force: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> TrainResult:
     """Finetune ``cfg.model.base`` on ``cfg.data`` and write a run directory.
@@ -101,33 +165,64 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         force: resume even if the config or data changed since the checkpoint.
         stop_after: stop (as if interrupted, checkpoint written) after this many steps; for tests.
     """
-    from accelerate import Accelerator
+    s = setup(cfg, run_name, resume, run_dir, force, reporter or Reporter())
+    fit(s, stop_after)
+    return finish(s)
 
-    reporter = reporter or Reporter()
+
+# ---------------------------------------------------------------- setup
+def setup(cfg: SkilltuneConfig, run_name: str, resume: bool, run_dir: str | Path | None, force: bool,
+          reporter: Reporter) -> Session:
+    """Data first (cheap, fails fast), then the run directory, then the model, optimizer and resume."""
     preflight(cfg)
-    method = METHODS[cfg.adapter.method]
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    precision, autocast_dtype = choose_precision(cfg.train.precision, acc.device)
-
-    # ---- setup: data first (cheap, fails fast), then the run directory, then the model
+    acc, precision, autocast_dtype = _accelerator(cfg)
     tokenizer, tok_info, source = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     data_fp = {"train": file_fingerprint(cfg.data.train, len(data.train_examples) + (0 if cfg.data.val else len(data.val))),
                "val": file_fingerprint(cfg.data.val, len(data.val)) if cfg.data.val else None}
     base_hash = model_fingerprint(source.path)
     identity = _identity(cfg, data_fp, base_hash)
+    run_path, resuming = _shared_run_dir(acc, cfg, run_name, resume, run_dir)
+    latest = _resume_point(run_path / "checkpoints", resuming, identity, force)
+    s = Session(cfg, acc, reporter, run_name, run_path, resuming, latest, identity, base_hash, source, tokenizer,
+                tok_info, data, METHODS[cfg.adapter.method], precision)
+    _setup_model(s, autocast_dtype)
+    _setup_optimizer(s, autocast_dtype)
+    if latest is not None:
+        _restore(s)
+    if acc.is_main_process:
+        _write_run_record(s)
+    s.trackers = (Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json"), cfg.train.logging_steps)
+                  if acc.is_main_process else None)
+    return s
 
+
+def _accelerator(cfg: SkilltuneConfig):
+    """The accelerator and the compute precision; fp16 gets accelerate's loss scaling (a GradScaler)."""
+    from accelerate import Accelerator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, autocast_dtype = choose_precision(cfg.train.precision, device)
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return acc, precision, autocast_dtype
+
+
+def _shared_run_dir(acc, cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
+    """The main process picks (or creates) the run directory; every process gets the same answer."""
+    obj = [None, None]
     if acc.is_main_process:
         run_path, resuming = _resolve_run_dir(cfg, run_name, resume, run_dir)
-    obj = [str(run_path), resuming] if acc.is_main_process else [None, None]
+        obj = [str(run_path), resuming]
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         obj = broadcast_object_list(obj)
-    run_path, resuming = Path(obj[0]), bool(obj[1])
-    ckpt_root = run_path / "checkpoints"
+    return Path(obj[0]), bool(obj[1])
+
+
+def _resume_point(ckpt_root: Path, resuming: bool, identity: dict, force: bool) -> Path | None:
     complete = ckpt.complete_checkpoints(ckpt_root) if resuming else []
     latest = complete[-1] if complete else None
     if latest is not None:
@@ -137,11 +232,16 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
             raise TrainingError("cannot resume: the config or data changed since the checkpoint:\n  "
                                 + "\n  ".join(changed[:20]),
                                 hint="restore them, pass --force to resume anyway, or start a new run")
+    return latest
 
+
+def _setup_model(s: Session, autocast_dtype) -> None:
+    """Load and wrap the model; install the CPU kernels and choose the shared-prefix layout."""
+    cfg, method = s.cfg, s.method
     # Adapter methods keep the frozen base in the compute dtype (no per-step weight casts) and
     # the trainable weights in fp32; full finetuning keeps fp32 master weights under autocast.
     base_dtype = autocast_dtype if (method.is_adapter and autocast_dtype is not None) else torch.float32
-    loaded = load_model(cfg.model, dtype=base_dtype, source=source, **method.load_kwargs(cfg.adapter))
+    loaded = load_model(cfg.model, dtype=base_dtype, source=s.source, **method.load_kwargs(cfg.adapter))
     torch.manual_seed(cfg.train.seed)  # LoRA init is seeded: same config, same adapter
     model = method.wrap(loaded.model, cfg.adapter)
     for p in model.parameters():
@@ -151,199 +251,232 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    kernels, undo_kernels = ({}, lambda: None)
-    if cfg.train.kernels and acc.device.type == "cpu":
-        kernels, undo_kernels = install_kernels(model)
-    share_prefix = None  # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
+    if cfg.train.kernels and s.acc.device.type == "cpu":
+        s.kernels, s.undo_kernels = install_kernels(model)
     if cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing):
-        share_prefix = "packed" if "attention" in kernels else "cache"
-    if acc.is_main_process:
-        _check_disk(run_path, model, cfg)
+        # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
+        s.share_prefix = "packed" if "attention" in s.kernels else "cache"
+    if s.acc.is_main_process:
+        _check_disk(s.run_path, model, cfg)
+    s.model = model
+    s.trainable, s.total = trainable_summary(model)
 
-    plan = StepPlan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, acc.num_processes, cfg.train.seed)
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * plan.steps_per_epoch)
-    eval_every = cfg.train.eval_steps or plan.steps_per_epoch
-    trainable, total = trainable_summary(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # The fused AdamW kernel: one pass over all adapter tensors instead of ~10 ops per tensor (38 -> 10 ms a step here).
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=acc.device.type in ("cpu", "cuda"))
+
+def _setup_optimizer(s: Session, autocast_dtype) -> None:
     from transformers import get_scheduler
 
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
-                              optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    loss_fn = CompletionLoss(model, autocast_dtype)
-    loss_fn, optimizer = acc.prepare(loss_fn, optimizer)
+    cfg, acc = s.cfg, s.acc
+    s.plan = StepPlan(len(s.data.train), cfg.train.batch_size, cfg.train.grad_accum, acc.num_processes,
+                      cfg.train.seed)
+    s.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * s.plan.steps_per_epoch)
+    s.eval_every = cfg.train.eval_steps or s.plan.steps_per_epoch
+    s.params = [p for p in s.model.parameters() if p.requires_grad]
+    # The fused AdamW kernel: one pass over all adapter tensors instead of ~10 ops per tensor (38 -> 10 ms a step here).
+    optimizer = torch.optim.AdamW(s.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=acc.device.type in ("cpu", "cuda"))
+    s.scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
+                                optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * s.total_steps),
+                                num_training_steps=s.total_steps)
+    s.loss_fn, s.optimizer = acc.prepare(CompletionLoss(s.model, autocast_dtype), optimizer)
 
-    loop = {"step": 0, "best_val": None, "best_step": None, "bad_evals": 0, "stopped_early": False, "tokens": 0,
-            "computed_tokens": 0,
-            "train_time_s": 0.0}
-    if latest is not None:
-        loop = ckpt.load_checkpoint(latest, model, optimizer, scheduler)
-        if acc.is_main_process:  # forget what the interrupted run logged after its last checkpoint
-            metrics_file = run_path / "metrics.jsonl"
-            if metrics_file.is_file():
-                kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= loop["step"]]
-                atomic_write_text(metrics_file, "".join(ln + "\n" for ln in kept))
-        reporter.message(f"resuming from {latest.name} (step {loop['step']} of {total_steps})")
 
-    tokens_per_epoch = sum(len(e.input_ids) for e in data.train)
-    if acc.is_main_process:
-        if not resuming:
-            atomic_write_text(run_path / "config.yaml", dump_config(cfg))
-            atomic_write_text(run_path / "run.json", json.dumps({
-                "name": run_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "identity": identity,
-                "base_model": {"spec": cfg.model.base, "kind": source.kind, "path": str(source.path),
-                               "hash": base_hash},
-                "tokenizer": tok_info.__dict__, "environment": environment(precision),
-                "method": cfg.adapter.method, "world_size": acc.num_processes, "kernels": kernels,
-                "share_prefix": share_prefix}, indent=2))
-        reporter.plan({
-            "base model": f"{cfg.model.base} ({source.kind})", "method": cfg.adapter.method,
-            "trainable": f"trainable params: {trainable:,} || all params: {total:,} || "
-                         f"trainable%: {100 * trainable / total:.4f}",
-            "precision": precision, "processes": acc.num_processes,
-            "examples": f"{len(data.train)} train / {len(data.val)} val",
-            "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{total_steps} ({plan.steps_per_epoch}/epoch)",
-            "packing": cfg.train.packing, "shared prefix": share_prefix or "off",
-            "kernels": ", ".join(f"{k} x{n}" for k, n in kernels.items()) or "stock",
-            "run dir": str(run_path)})
-    trackers = (Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json"), cfg.train.logging_steps)
-                if acc.is_main_process else None)
+def _restore(s: Session) -> None:
+    s.loop = LoopState.from_json(ckpt.load_checkpoint(s.latest, s.model, s.optimizer, s.scheduler))
+    if s.acc.is_main_process:  # forget what the interrupted run logged after its last checkpoint
+        metrics_file = s.run_path / "metrics.jsonl"
+        if metrics_file.is_file():
+            kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= s.loop.step]
+            atomic_write_text(metrics_file, "".join(ln + "\n" for ln in kept))
+    s.reporter.message(f"resuming from {s.latest.name} (step {s.loop.step} of {s.total_steps})")
 
-    # ---- fit
-    def save(step: int) -> None:
-        if acc.is_main_process:
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, loop, identity,
-                                 cfg.train.save_total_limit)
-        acc.wait_for_everyone()
+
+def _write_run_record(s: Session) -> None:
+    """``config.yaml`` and ``run.json`` (a new run only), and the plan shown before the first step."""
+    cfg = s.cfg
+    if not s.resuming:
+        atomic_write_text(s.run_path / "config.yaml", dump_config(cfg))
+        atomic_write_text(s.run_path / "run.json", json.dumps({
+            "name": s.run_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "identity": s.identity,
+            "base_model": {"spec": cfg.model.base, "kind": s.source.kind, "path": str(s.source.path),
+                           "hash": s.base_hash},
+            "tokenizer": s.tok_info.__dict__, "environment": environment(s.precision),
+            "method": cfg.adapter.method, "world_size": s.acc.num_processes, "kernels": s.kernels,
+            "share_prefix": s.share_prefix}, indent=2))
+    tokens_per_epoch = sum(len(e.input_ids) for e in s.data.train)
+    s.reporter.plan({
+        "base model": f"{cfg.model.base} ({s.source.kind})", "method": cfg.adapter.method,
+        "trainable": f"trainable params: {s.trainable:,} || all params: {s.total:,} || "
+                     f"trainable%: {100 * s.trainable / s.total:.4f}",
+        "precision": s.precision, "processes": s.acc.num_processes,
+        "examples": f"{len(s.data.train)} train / {len(s.data.val)} val",
+        "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{s.total_steps} ({s.plan.steps_per_epoch}/epoch)",
+        "packing": cfg.train.packing, "shared prefix": s.share_prefix or "off",
+        "kernels": ", ".join(f"{k} x{n}" for k, n in s.kernels.items()) or "stock",
+        "run dir": str(s.run_path)})
+
+
+# ---------------------------------------------------------------- fit
+def fit(s: Session, stop_after: int | None = None) -> None:
+    """Steps until done (or stopped early); a Ctrl-C, SIGTERM or ``stop_after`` leaves a checkpoint to resume."""
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    reporter.start(total_steps, loop["step"])
-    loop_start = loop["step"]
-    loss_fn.train()
+    loop, cfg = s.loop, s.cfg
+    s.reporter.start(s.total_steps, loop.step)
+    first = loop.step
+    s.loss_fn.train()
     try:
-        while loop["step"] < total_steps and not loop["stopped_early"]:
-            step = loop["step"]
-            t0 = time.perf_counter()
-            all_micro = plan.micro_batches(step)
-            step_tokens = sum(count_label_tokens([data.train[i] for i in mb]) for mb in all_micro)
-            mine = plan.micro_batches(step, acc.process_index)
-            step_loss = 0.0
-            seen = computed = 0
-            for j, mb in enumerate(mine):
-                items = [data.train[i] for i in mb]
-                seen += sum(len(e.input_ids) for e in items)
-                batch = {k: v.to(acc.device) for k, v in collate(items, tokenizer.pad_token_id, cfg.train.packing,
-                                                                 cfg.train.max_seq_len, share_prefix).items()}
-                computed += sum(batch[k].numel() for k in ("input_ids", "prefix_ids") if k in batch)
-                sync = j == len(mine) - 1
-                ctx = acc.no_sync(loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
-                with ctx:
-                    # DDP averages gradients over processes; scale so the step's mean is over all its tokens.
-                    loss = loss_fn(**batch) * (acc.num_processes / step_tokens)
-                    acc.backward(loss)
-                step_loss += float(loss.detach()) / acc.num_processes
-            if acc.num_processes > 1:
-                step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
-                seen = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum"))
-                computed = int(acc.reduce(torch.tensor(computed, device=acc.device), "sum"))
-            norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)  # FSDP/DeepSpeed-aware
-            grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            loop["step"] = step = step + 1
-            loop["tokens"] += seen
-            loop["computed_tokens"] = loop.get("computed_tokens", 0) + computed
-            loop["train_time_s"] += dt
-            metrics = {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens_per_s": seen / dt, "epoch": step / plan.steps_per_epoch}
-            if step % eval_every == 0 or step == total_steps:
-                val = mean_loss(loss_fn, data.val, tokenizer.pad_token_id, cfg.train.batch_size,
-                                packing=cfg.train.packing, max_len=cfg.train.max_seq_len, share_prefix=share_prefix,
-                                device=acc.device)
-                if val is not None:
-                    metrics["val_loss"] = val
-                    if loop["best_val"] is None or val < loop["best_val"] - 1e-6:
-                        loop.update(best_val=val, best_step=step, bad_evals=0)
-                        if acc.is_main_process:
-                            with atomic_dir(run_path / "best") as tmp:
-                                from safetensors.torch import save_file
-
-                                save_file(ckpt.trainable_state(model), str(tmp / "trainable.safetensors"))
-                    else:
-                        loop["bad_evals"] += 1
-                        patience = cfg.train.early_stopping_patience
-                        if patience and loop["bad_evals"] >= patience:
-                            loop["stopped_early"] = True
-                            reporter.message(f"early stopping at step {step}: val loss has not improved for "
-                                             f"{patience} evaluations (best {loop['best_val']:.4f} at step "
-                                             f"{loop['best_step']})")
-            if trackers:
-                trackers.log(step, metrics, force="val_loss" in metrics or step == total_steps)
-            reporter.step(step, metrics)
-            if step == loop_start + 2 and total_steps > step:  # a short warm-up, then the estimate
-                left = (total_steps - step) * dt
-                reporter.message(f"estimated time left: {left / 60:.1f} min ({dt:.1f} s/step over "
-                                 f"{total_steps - step} steps, validation not included)")
-            if step % cfg.train.save_steps == 0 or step == total_steps or loop["stopped_early"]:
-                save(step)
-            if stop_after is not None and step >= stop_after and step < total_steps:
+        while loop.step < s.total_steps and not loop.stopped_early:
+            metrics, dt = train_step(s)
+            step = loop.step
+            if step % s.eval_every == 0 or step == s.total_steps:
+                validate(s, metrics)
+            if s.trackers:
+                s.trackers.log(step, metrics, force="val_loss" in metrics or step == s.total_steps)
+            s.reporter.step(step, metrics)
+            if step == first + 2 and s.total_steps > step:  # a short warm-up, then the estimate
+                left = (s.total_steps - step) * dt
+                s.reporter.message(f"estimated time left: {left / 60:.1f} min ({dt:.1f} s/step over "
+                                   f"{s.total_steps - step} steps, validation not included)")
+            if step % cfg.train.save_steps == 0 or step == s.total_steps or loop.stopped_early:
+                _save(s, step)
+            if stop_after is not None and step >= stop_after and step < s.total_steps:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        saved = ckpt.complete_checkpoints(ckpt_root)
-        if loop["step"] > 0 and (not saved or saved[-1].name != f"step-{loop['step']:06d}"):
-            save(loop["step"])
-        if trackers:
-            trackers.close()
-        reporter.finish()
-        raise TrainingInterrupted(f"training interrupted at step {loop['step']} of {total_steps}; "
-                                  f"a checkpoint is saved in {ckpt_root}",
-                                  hint=f"continue with: skilltune train CONFIG --resume --run-dir {run_path}") from None
+        _interrupted(s)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
-    reporter.finish()
-    undo_kernels()
+    s.reporter.finish()
+    s.undo_kernels()
 
-    # ---- finish: the artifact (best validation weights when there was validation), summary, plot
-    if loop["best_step"] is not None and (run_path / "best" / "trainable.safetensors").is_file():
+
+def train_step(s: Session) -> tuple[dict, float]:
+    """One optimizer step over this process's micro-batches; returns its metrics and wall time."""
+    acc, cfg, loop, train = s.acc, s.cfg, s.loop, s.data.train
+    step = loop.step
+    t0 = time.perf_counter()
+    step_tokens = sum(count_label_tokens([train[i] for i in mb]) for mb in s.plan.micro_batches(step))
+    mine = s.plan.micro_batches(step, acc.process_index)
+    step_loss = 0.0
+    seen = computed = 0
+    for j, mb in enumerate(mine):
+        items = [train[i] for i in mb]
+        seen += sum(len(e.input_ids) for e in items)
+        batch = {k: v.to(acc.device) for k, v in collate(items, s.tokenizer.pad_token_id, cfg.train.packing,
+                                                         cfg.train.max_seq_len, s.share_prefix).items()}
+        computed += sum(batch[k].numel() for k in ("input_ids", "prefix_ids") if k in batch)
+        sync = j == len(mine) - 1
+        ctx = acc.no_sync(s.loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
+        with ctx:
+            # DDP averages gradients over processes; scale so the step's mean is over all its tokens.
+            loss = s.loss_fn(**batch) * (acc.num_processes / step_tokens)
+            acc.backward(loss)
+        step_loss += float(loss.detach()) / acc.num_processes
+    if acc.num_processes > 1:
+        step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
+        seen = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum"))
+        computed = int(acc.reduce(torch.tensor(computed, device=acc.device), "sum"))
+    norm = acc.clip_grad_norm_(s.params, cfg.train.max_grad_norm)  # FSDP/DeepSpeed-aware; unscales fp16
+    grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    loop.step = step + 1
+    loop.tokens += seen
+    loop.computed_tokens += computed
+    loop.train_time_s += dt
+    return {"train_loss": step_loss, "lr": s.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens_per_s": seen / dt, "epoch": loop.step / s.plan.steps_per_epoch}, dt
+
+
+def validate(s: Session, metrics: dict) -> None:
+    """Validation loss into ``metrics``; keep the best weights; count toward early stopping."""
+    cfg, loop = s.cfg, s.loop
+    val = mean_loss(s.loss_fn, s.data.val, s.tokenizer.pad_token_id, cfg.train.batch_size,
+                    packing=cfg.train.packing, max_len=cfg.train.max_seq_len, share_prefix=s.share_prefix,
+                    device=s.acc.device)
+    if val is None:
+        return
+    metrics["val_loss"] = val
+    if loop.best_val is None or val < loop.best_val - 1e-6:
+        loop.best_val, loop.best_step, loop.bad_evals = val, loop.step, 0
+        if s.acc.is_main_process:
+            from safetensors.torch import save_file
+
+            with atomic_dir(s.run_path / "best") as tmp:
+                save_file(ckpt.trainable_state(s.model), str(tmp / "trainable.safetensors"))
+        return
+    loop.bad_evals += 1
+    patience = cfg.train.early_stopping_patience
+    if patience and loop.bad_evals >= patience:
+        loop.stopped_early = True
+        s.reporter.message(f"early stopping at step {loop.step}: val loss has not improved for {patience} "
+                           f"evaluations (best {loop.best_val:.4f} at step {loop.best_step})")
+
+
+def _save(s: Session, step: int) -> None:
+    if s.acc.is_main_process:
+        ckpt.save_checkpoint(s.ckpt_root, step, s.model, s.optimizer, s.scheduler, s.loop.to_json(), s.identity,
+                             s.cfg.train.save_total_limit)
+    s.acc.wait_for_everyone()
+
+
+def _interrupted(s: Session) -> None:
+    """A checkpoint at the step reached (unless one is there), then a TrainingInterrupted that says how to resume."""
+    saved = ckpt.complete_checkpoints(s.ckpt_root)
+    if s.loop.step > 0 and (not saved or saved[-1].name != f"step-{s.loop.step:06d}"):
+        _save(s, s.loop.step)
+    if s.trackers:
+        s.trackers.close()
+    s.reporter.finish()
+    raise TrainingInterrupted(f"training interrupted at step {s.loop.step} of {s.total_steps}; "
+                              f"a checkpoint is saved in {s.ckpt_root}",
+                              hint=f"continue with: skilltune train CONFIG --resume --run-dir {s.run_path}") from None
+
+
+# ---------------------------------------------------------------- finish
+def finish(s: Session) -> TrainResult:
+    """The artifact (best validation weights when there was validation), summary and loss plot."""
+    cfg, acc, loop, run_path = s.cfg, s.acc, s.loop, s.run_path
+    if loop.best_step is not None and (run_path / "best" / "trainable.safetensors").is_file():
         from safetensors.torch import load_file
 
-        ckpt.load_trainable_state(model, load_file(str(run_path / "best" / "trainable.safetensors")))
-    artifact = run_path / ("adapter" if method.is_adapter else "model")
+        ckpt.load_trainable_state(s.model, load_file(str(run_path / "best" / "trainable.safetensors")))
+    artifact = run_path / ("adapter" if s.method.is_adapter else "model")
     summary = {}
     if acc.is_main_process:
         with atomic_dir(artifact) as tmp:
-            acc.unwrap_model(loss_fn).model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            acc.unwrap_model(s.loss_fn).model.save_pretrained(tmp)
+            s.tokenizer.save_pretrained(tmp)
             (tmp / ADAPTER_META).write_text(json.dumps({
                 "method": cfg.adapter.method, "model": cfg.model.model_dump(mode="json"),
-                "base_hash": base_hash, "tokenizer": tok_info.__dict__, "run": str(run_path.resolve()),
+                "base_hash": s.base_hash, "tokenizer": s.tok_info.__dict__, "run": str(run_path.resolve()),
                 "system_prompt": cfg.data.system_prompt}, indent=2))
-        last = {}
-        for line in (run_path / "metrics.jsonl").read_text().splitlines():
-            last.update(json.loads(line))
-        summary = {
-            "run_dir": str(run_path), "artifact": str(artifact), "method": cfg.adapter.method,
-            "steps": loop["step"], "total_steps": total_steps, "stopped_early": loop["stopped_early"],
-            "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
-            "best_val_loss": loop["best_val"], "best_step": loop["best_step"],
-            "train_time_s": round(loop["train_time_s"], 2), "tokens": loop["tokens"],
-            "tokens_per_s": round(loop["tokens"] / max(loop["train_time_s"], 1e-9), 1),
-            # positions the model ran: padding adds to them, shared prefixes take away
-            "computed_tokens": loop.get("computed_tokens", 0), "kernels": kernels,
-            "trainable_params": trainable, "total_params": total, "precision": precision,
-            "world_size": acc.num_processes,
-        }
+        summary = _summary(s, artifact)
         atomic_write_text(run_path / "summary.json", json.dumps(summary, indent=2))
         plot_losses(run_path / "metrics.jsonl", run_path / "loss.png")
-        trackers.close()
+        s.trackers.close()
     acc.wait_for_everyone()
     return TrainResult(run_path, artifact, summary)
 
+
+def _summary(s: Session, artifact: Path) -> dict:
+    loop = s.loop
+    last = {}
+    for line in (s.run_path / "metrics.jsonl").read_text().splitlines():
+        last.update(json.loads(line))
+    return {
+        "run_dir": str(s.run_path), "artifact": str(artifact), "method": s.cfg.adapter.method,
+        "steps": loop.step, "total_steps": s.total_steps, "stopped_early": loop.stopped_early,
+        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+        "best_val_loss": loop.best_val, "best_step": loop.best_step,
+        "train_time_s": round(loop.train_time_s, 2), "tokens": loop.tokens,
+        "tokens_per_s": round(loop.tokens / max(loop.train_time_s, 1e-9), 1),
+        # positions the model ran: padding adds to them, shared prefixes take away
+        "computed_tokens": loop.computed_tokens, "kernels": s.kernels,
+        "trainable_params": s.trainable, "total_params": s.total, "precision": s.precision,
+        "world_size": s.acc.num_processes,
+    }

@@ -18,7 +18,18 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def choose_precision(requested: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """Return (name, autocast dtype or None for fp32) for ``requested`` on ``device``."""
+    """Return (name, autocast dtype or None for fp32) for ``requested`` on ``device``.
+
+    fp16 (a CUDA GPU without bf16: T4, V100) trains with loss scaling: the training loop
+    creates its accelerator with ``mixed_precision="fp16"``, whose GradScaler keeps small
+    gradients from underflowing. On a CPU there is no loss scaling, so fp16 is refused.
+    """
+    if requested == "fp16" and device.type != "cuda":
+        from skilltune.errors import TrainingError
+
+        raise TrainingError("train.precision fp16 needs a CUDA GPU (its loss scaling runs there); fp16 on a CPU "
+                            "would underflow small gradients and is slow",
+                            hint="use train.precision: bf16 (where the CPU has AMX/AVX512-bf16) or fp32, or auto")
     if requested == "auto":
         if device.type == "cuda":
             requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
