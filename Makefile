@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.skilltune-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test bench clean browser gpu-check
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP) browser
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || echo "note: could not install chromium"; }
+
+# The GPU paths (QLoRA, bf16/fp16, 1-GPU FSDP, export + vLLM) on one CUDA GPU, under 8 minutes; each test
+# is skipped with its reason where CUDA, bitsandbytes or vllm is missing. TORCH_SPEC= keeps the CUDA torch.
+gpu-check: $(STAMP)
+	$(PY) -m pytest -m gpu -v -rs --timeout=480 tests/test_gpu.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'

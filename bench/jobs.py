@@ -47,14 +47,14 @@ def _heldout(model, tokenizer, cfg) -> tuple[float, float]:
     """
     from skilltune.data.reader import load_examples
     from skilltune.data.tokenize import prompt_text
-    from skilltune.evaluate.generate import generate
-    from skilltune.evaluate.runner import _loss
+    from skilltune.model.generate import generate
+    from skilltune.evaluate.runner import heldout_loss as runner_loss
     from skilltune.evaluate.sql import sql_exec_score
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = model.float().eval()
-    loss = _loss(model, tokenizer, load_examples(cfg.data.val, system_prompt=cfg.data.system_prompt))
+    loss = runner_loss(model, tokenizer, load_examples(cfg.data.val, system_prompt=cfg.data.system_prompt))
     if os.environ.get("BENCH_EVAL", "1") == "0":
         return loss, float("nan")
     exs = load_examples(cfg.data.test, system_prompt=cfg.data.system_prompt)

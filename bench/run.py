@@ -63,7 +63,7 @@ def bench_generate() -> dict:
     from skilltune.config import load_config
     from skilltune.data.reader import load_examples
     from skilltune.data.tokenize import prompt_text
-    from skilltune.evaluate.generate import generate
+    from skilltune.model.generate import generate
     from skilltune.model.target import load_target
 
     cfg = load_config(ROOT / "examples/sql/config.yaml")

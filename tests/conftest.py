@@ -145,3 +145,66 @@ def server(registered, tmp_path):
         state.stop()
 
 
+
+
+# ---------------------------------------------------------------- a throwaway PostgreSQL cluster
+class PgCluster:
+    def __init__(self, port: int):
+        self.port = port
+        self.n = 0
+
+    def new_database(self) -> str:
+        """A fresh, empty database on the cluster; its SQLAlchemy URL."""
+        import psycopg
+
+        self.n += 1
+        name = f"t{os.getpid()}_{self.n}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """PostgreSQL started for this test session in a temp folder (as the postgres user under root), then stopped."""
+    import glob
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("the PostgreSQL driver is not installed: pip install 'skilltune[postgres]'")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    base = Path(tempfile.mkdtemp(prefix="skilltune-pg-"))
+    prefix = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data = base / "data"
+    subprocess.run(prefix + [initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    port = free_port()
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    started = subprocess.run(prefix + [pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o", opts, "start"],
+                             capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.skip(f"PostgreSQL did not start: {started.stderr[-500:]}")
+    try:
+        yield PgCluster(port)
+    finally:
+        subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request, monkeypatch):
+    """Run a test on SQLite (the default home) and on a fresh PostgreSQL database (registry and scorecard)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+        monkeypatch.setenv("SKILLTUNE_REGISTRY_URL", url)
+        monkeypatch.setenv("SKILLTUNE_SCORECARD_URL", url)
+    return request.param

@@ -165,7 +165,7 @@ def test_eval_run_writes_reports_with_side_by_side(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_embedded_model_eval_on_a_handful(tmp_path, embedded_model):
-    from skilltune.evaluate.generate import generate
+    from skilltune.model.generate import generate
 
     tok = embedded_model.tokenizer
     qs = [("What is 2 plus 3? Answer with the number only.", "5"), ("What is the capital of Italy?", "Rome"),

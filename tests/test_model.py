@@ -71,6 +71,7 @@ def test_remote_code_off_by_default():
     assert ModelConfig().allow_pickle is False
 
 
+@pytest.mark.slow
 def test_embedded_conversion_is_atomic_under_sigkill(tmp_path):
     """Kill the GGUF conversion half-way: no half cache; the next run rebuilds cleanly."""
     home = tmp_path / "fresh-home"
@@ -97,8 +98,9 @@ def test_embedded_conversion_is_atomic_under_sigkill(tmp_path):
     assert "quantization_config" not in json.loads((resolved.path / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_embedded_model_answers(embedded_model):
-    from skilltune.evaluate.generate import generate
+    from skilltune.model.generate import generate
 
     tok = embedded_model.tokenizer
     assert embedded_model.info.pad_token_id != embedded_model.info.eos_token_id
@@ -109,6 +111,7 @@ def test_embedded_model_answers(embedded_model):
     assert "Paris" in out.text
 
 
+@pytest.mark.slow
 def test_models_info_cli_on_embedded(monkeypatch):
     from conftest import _SHARED_HOME
 
@@ -120,8 +123,11 @@ def test_models_info_cli_on_embedded(monkeypatch):
     assert code == 0 and "embedded:smollm2-135m-instruct" in out and "cached" in out
 
 
-def test_cli_help_has_examples():
-    for args in (["--help"], ["config", "--help"], ["models", "--help"], ["train", "--help"]):
-        code, out = cli(*args)
-        assert code == 0
-        assert "Example" in out or "skilltune" in out
+@pytest.mark.parametrize("args,needle", [
+    (["--help"], "Start with: skilltune demo"), (["config", "--help"], "Example: skilltune config validate"),
+    (["models", "--help"], "Example: skilltune models"), (["train", "--help"], "Example: skilltune train"),
+    (["eval", "--help"], "Example: skilltune eval"), (["serve", "--help"], "Example:"),
+])
+def test_cli_help_has_examples(args, needle):
+    code, out = cli(*args)
+    assert code == 0 and needle in " ".join(out.split())

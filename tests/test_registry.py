@@ -13,6 +13,9 @@ from skilltune.config import load_config
 from skilltune.registry.api import Registry, RegistryError
 from skilltune.registry.store import TamperedArtifact
 
+# every test here runs on SQLite and on a real PostgreSQL server (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_dir):
@@ -82,16 +85,16 @@ def test_concurrent_promotes_never_corrupt(two_runs, isolated_home):
         reg.add(two_runs[0], "c", allow_duplicate=True)
     reg.promote("c@v1")
     script = ("import sys\nfrom skilltune.registry.api import Registry\nr = Registry()\n"
-              "for i in range(15):\n    r.promote(f'c@v{2 + (i + int(sys.argv[1])) % 3}', reason=sys.argv[1])\n"
+              "for i in range(10):\n    r.promote(f'c@v{2 + (i + int(sys.argv[1])) % 3}', reason=sys.argv[1])\n"
               "    r.rollback('c') if i % 5 == 4 else None\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(k)], env=env, stderr=subprocess.PIPE)
-             for k in range(2)]
+             for k in range(8)]  # 8 writers at once, on SQLite and on PostgreSQL
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err.decode()[-2000:]
     events = reg.history("c")
-    assert len(events) == 1 + 2 * 15 + 2 * 3
+    assert len(events) == 1 + 8 * 10 + 8 * 2  # no alias move lost
     assert reg.get("c@production").number in (1, 2, 3, 4)
     # replaying the log gives the alias where it is
     stack = []
@@ -118,7 +121,7 @@ def test_export_adapter_and_merged_give_same_greedy_output(two_runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from skilltune.evaluate.generate import generate
+    from skilltune.model.generate import generate
     from skilltune.model.target import load_target
 
     Registry().add(two_runs[1], "e")
@@ -153,3 +156,68 @@ def test_eval_accepts_a_registry_version(two_runs):
     # the verified checkout from the store, never the run directory (which may have changed since)
     assert plan.run_dir is None and plan.version == "ev@v1" and plan.target == str(Registry().materialize("ev@v1"))
     assert plan.recorded_run_dir == str(two_runs[0].resolve())
+
+
+def test_concurrent_adds_never_lose_a_version_number(two_runs):
+    script = ("import sys\nfrom skilltune.registry.api import Registry\nr = Registry()\n"
+              f"[r.add({str(two_runs[0])!r}, 'n', allow_duplicate=True) for _ in range(3)]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    Registry()  # the schema exists before the writers start
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE) for _ in range(8)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert [v.number for v in Registry().list("n")] == list(range(1, 25))  # none lost, none repeated
+
+
+def test_an_old_registry_is_upgraded_and_a_newer_one_refused(tmp_path, db_backend):
+    """A database with the schema skilltune 0.1 made (before migrations) opens and is upgraded; one from a newer
+    skilltune is refused and left untouched."""
+    from sqlalchemy import create_engine, inspect, text
+
+    from skilltune.registry.migrate import SchemaError, head
+
+    url = os.environ.get("SKILLTUNE_REGISTRY_URL") or f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as c:  # the 0.1 schema, made the way 0.1 made it (create_all, no alembic_version)
+        c.execute(text("CREATE TABLE versions (id INTEGER PRIMARY KEY, name VARCHAR(200), number INTEGER, "
+                       "created TIMESTAMP, note TEXT, method VARCHAR(20), manifest JSON, lineage JSON, metrics JSON, "
+                       "UNIQUE (name, number))"))
+        c.execute(text("CREATE TABLE aliases (id INTEGER PRIMARY KEY, name VARCHAR(200), alias VARCHAR(100), "
+                       "version_id INTEGER REFERENCES versions(id), UNIQUE (name, alias))"))
+        c.execute(text("CREATE TABLE alias_events (id INTEGER PRIMARY KEY, name VARCHAR(200), alias VARCHAR(100), "
+                       "action VARCHAR(30), from_number INTEGER, to_number INTEGER, who VARCHAR(200), "
+                       "\"when\" TIMESTAMP, reason TEXT)"))
+        c.execute(text("INSERT INTO versions (id, name, number, note, method, manifest, lineage, metrics) VALUES "
+                       "(1, 'old', 1, 'from 0.1', 'lora', '{}', '{}', '{}')"))
+    if db_backend == "postgresql":  # a shared registry is not changed on open: the user is told the command
+        code, out = cli("registry", "list", "--registry-url", url)
+        assert code == 1 and "skilltune registry upgrade" in out
+        code, out = cli("registry", "upgrade", "--registry-url", url)
+        assert code == 0 and f"schema 0001 -> {head()}" in out, out
+    reg = Registry(url)  # SQLite upgrades on open
+    assert [(v.name, v.number, v.note) for v in reg.list()] == [("old", 1, "from 0.1")]
+    indexes = {i["name"] for i in inspect(create_engine(url)).get_indexes("alias_events")}
+    assert "ix_alias_events_name_alias_id" in indexes
+    with create_engine(url).begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaError, match="newer than this skilltune knows"):
+        Registry(url)
+    code, out = cli("registry", "list", "--registry-url", url)
+    assert code == 1 and "upgrade skilltune" in out
+
+
+def test_passwords_never_reach_errors(monkeypatch):
+    from skilltune.registry.db import shown
+
+    url = "postgresql+psycopg://alice:s3cr3t-pw@127.0.0.1:1/registry"
+    assert "s3cr3t-pw" not in shown(url) and "***" in shown(url)
+    code, out = cli("registry", "list", "--registry-url", url)  # nothing listens on port 1
+    assert code == 1 and "s3cr3t-pw" not in out and "alice" in out
+
+
+def test_the_store_location_is_configurable(two_runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKILLTUNE_STORE", str(tmp_path / "shared-store"))
+    v = Registry().add(two_runs[0], "st")
+    digest = v.manifest["adapter_model.safetensors"]
+    assert (tmp_path / "shared-store" / "objects" / digest[:2] / digest[2:]).is_file()

@@ -16,6 +16,9 @@ from skilltune.scorecard.app import create_app, csrf_for
 from skilltune.scorecard.report import cohen_kappa, krippendorff_alpha, study_report
 from skilltune.scorecard.study import create_study, get_study
 
+# every test here runs on SQLite and on a real PostgreSQL server (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("db_backend")
+
 XSS = "<script>alert('x')</script>"
 
 
@@ -98,10 +101,19 @@ def test_validation_errors_are_422_with_a_message(eval_dir):
     assert r.status_code == 422
     r = client.post(url, data=_form(study, t), follow_redirects=False)
     assert r.status_code == 303
-    # not in bob's queue -> 404 for bob unless shared
-    other = [i for i in range(1, 11) if i != item]
     assert client.get(f"/r/{t}/items/99999").status_code == 404
-    assert other
+    # an item in alice's queue but not bob's (not shared) is a 404 for bob, and bob's save is refused too
+    from sqlalchemy import select
+
+    from skilltune.scorecard.db import Assignment, Rater
+    with get_study("s1")[1]() as s:
+        queue = {r.name: {a.item_id for a in s.scalars(select(Assignment).where(Assignment.rater_id == r.id))}
+                 for r in s.scalars(select(Rater))}
+    only_alice = sorted(queue["alice"] - queue["bob"])
+    assert only_alice
+    assert client.get(f"/r/{tokens['bob']}/items/{only_alice[0]}").status_code == 404
+    r = client.post(f"/r/{tokens['bob']}/items/{only_alice[0]}", data=_form(study, tokens["bob"]))
+    assert r.status_code == 404
 
 
 def test_report_verdict_and_export(eval_dir, tmp_path):
@@ -206,8 +218,8 @@ def test_real_browser_scores_with_keyboard_and_mouse(eval_dir):
         th.join(timeout=10)
     rows = [r for r in __import__("skilltune.scorecard.study", fromlist=["x"]).export_rows("s3")]
     assert len(rows) == 1 and rows[0]["rater"] == "carol" and rows[0]["choice"] == "A"
-    assert rows[0]["scores"] == {"relevance": {"A": 4, "B": 3}, "safety": {"A": 5, "B": 3}} or \
-        rows[0]["scores"]["relevance"]["A"] == 4
+    # keys 4, 5, 2, 3 score the groups in page order: relevance A, safety A, relevance B, safety B
+    assert rows[0]["scores"] == {"relevance": {"A": 4, "B": 2}, "safety": {"A": 5, "B": 3}}
     assert rows[0]["notes"] == "clear and correct"
 
 

@@ -246,7 +246,7 @@ def test_sql_metric_cannot_create_files(tmp_path, sql):
 
 # ---------------------------------------------------------------- 7. engine deadlock
 def test_engine_never_deadlocks_on_mixed_temperatures_with_a_full_queue(monkeypatch):
-    from skilltune.evaluate.generate import Generation
+    from skilltune.model.generate import Generation
     from skilltune.serve import engine as engine_mod
 
     def stub_generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, stop_rows=None):

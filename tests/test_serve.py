@@ -20,10 +20,12 @@ def test_openai_client_chat_stream_completions_models(server):
                                        max_tokens=8, temperature=0)
     assert r.model == "svc@v1" and r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 8
-    chunks = list(client.chat.completions.create(model="svc", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=8, stream=True))
+    chunks = list(client.chat.completions.create(model="svc", messages=[{"role": "user", "content": "List all users."}],
+                                                 max_tokens=8, temperature=0, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and isinstance(text, str)
+    # greedy decoding: the streamed chunks join to exactly the answer the non-streamed request got
+    assert text == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
     c = client.completions.create(model="svc", prompt="SELECT", max_tokens=5)
     assert c.model == "svc@v1" and c.choices[0].finish_reason in ("stop", "length")
     models = client.models.list()
@@ -188,12 +190,35 @@ def test_monitor_summarize_needs_enough_requests(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
     log = RequestLog(tmp_path / "r.db")
     log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
-    log.write("m@v1", "chat", "x", "", 0.1, 1, 0, 500, "boom")
+    log.write("m@v1", "chat", "x", "", 0.1, 1, 0, 200)
     s = summarize(tmp_path / "r.db", str(train), 0.25)
-    assert s["requests"] == 2 and s["error_rate"] == 0.5 and s["latency_p50_s"] == 0.5
+    assert s["requests"] == 2 and s["error_rate"] == 0.0 and s["latency_p50_s"] == 0.3
     assert s["drift"]["flagged"] is False and "needs 20" in s["drift"]["note"]
     for _ in range(25):
         log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
     s = summarize(tmp_path / "r.db", str(train), 0.25)
     assert s["drift"]["flagged"] is True and s["drift"]["oov_rate"] > 0.5
     log.close()
+
+
+def test_failures_reach_the_log_through_the_real_server(server):
+    """A bad request, an auth failure, a 429 and a forced engine error, each logged by the server with its status."""
+    from skilltune.serve.engine import QueueFull
+
+    base, state, _ = server(api_key={"k-12345678": "ci"})
+    auth = {"Authorization": "Bearer k-12345678"}
+    httpx.post(f"{base}/v1/chat/completions", json={"model": "svc"}, headers=auth)  # 422
+    httpx.get(f"{base}/v1/models")  # 401
+    original = state.engine.submit
+    state.engine.submit = lambda *a, **k: (_ for _ in ()).throw(QueueFull())
+    httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)  # 429
+    state.engine.submit = original
+    state.engine._generate = lambda loaded, live: (_ for _ in ()).throw(RuntimeError("engine broke"))
+    r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)
+    assert r.status_code == 500 and "engine broke" not in r.text  # no internals leak
+    rows = state.log.rows()
+    assert [(x["status"], x["client"]) for x in rows] == [(422, "ci"), (401, "unauthenticated"), (429, "ci"),
+                                                          (500, "ci")]
+    assert rows[-1]["error"] == "internal server error"
+    metrics = httpx.get(f"{base}/metrics", headers=auth).text
+    assert 'route="/v1/completions",status="500"' in metrics and 'route="/v1/models",status="401"' in metrics

@@ -102,7 +102,7 @@ def test_model_learns_to_stop(tmp_path, tiny_model_dir):
     cfg = load_config(_config(tmp_path, tiny_model_dir, rows=rows, epochs=15, lr=1e-2, batch_size=4),
                       ["adapter.method=full", "data.val_split=0"])
     res = train(cfg, run_name="stop")
-    from skilltune.evaluate.generate import generate
+    from skilltune.model.generate import generate
     from skilltune.model.target import load_target
 
     target = load_target(str(res.run_dir))

@@ -14,6 +14,9 @@ from skilltune.cli.common import SET_HELP, ConsoleStages, console, plain, quiet_
 def eval_(target: str = typer.Argument(..., help="A run directory, an adapter directory or a model spec."),
           test: Optional[str] = typer.Option(None, "--test", help="Held-out JSONL (default: the run's data.test)."),
           baseline: Optional[str] = typer.Option(None, "--baseline", help="Model to compare with (default: the base)."),
+          against: Optional[str] = typer.Option(None, "--against", help="The release gate: compare with this registry "
+                                                "version (e.g. NAME@production) on the same prompts; fails if the "
+                                                "candidate is significantly worse or misses a target."),
           metrics: Optional[list[str]] = typer.Option(None, "--metrics", help="Metric names (repeatable)."),
           db: Optional[str] = typer.Option(None, "--db", help="SQLite database for sql_exec."),
           out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
@@ -33,16 +36,16 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     quiet_libraries()
     from skilltune.evaluate.runner import evaluate, plan_eval
 
-    plan = plan_eval(target, test, baseline, metrics, db, set_, forgetting, trust_remote_code)
+    plan = plan_eval(target, test, baseline, metrics, db, set_, forgetting, trust_remote_code, against)
     default_out = (plan.run_dir / "eval") if plan.run_dir else Path(
         f"eval-{plan.version.replace('@', '-')}" if plan.version else "eval-report")
     out_dir = out or default_out
     results = evaluate(plan, out_dir, ConsoleStages(), allow_code_metrics=allow_code_metrics)
-    if plan.version:  # the checklist reads a version's evaluation from the registry
-        from skilltune.registry.api import Registry
+    from skilltune.registry.api import Registry
 
-        Registry().attach_metrics(plan.version, "eval", results)
-        console.print(f"recorded with {plan.version} in the registry")
+    recorded = Registry().record_eval(results, plan.version)  # the checklist and promote read it there
+    if recorded:
+        console.print(f"recorded with {', '.join(recorded)} in the registry", highlight=False)
     if console.is_terminal:
         table = Table("metric", "base", "finetuned", "delta", "95% CI", title=f"{results['n_examples']} test examples")
         for name, m in results["metrics"].items():
@@ -62,6 +65,14 @@ def eval_(target: str = typer.Argument(..., help="A run directory, an adapter di
     if f:
         console.print(f"forgetting: general suite {f['base_accuracy']:.2f} -> {f['tuned_accuracy']:.2f}, perplexity "
                       f"x{f['perplexity_ratio']:.2f} -> " + ("[red]FLAGGED[/red]" if f["flagged"] else "[green]OK[/green]"))
+    for t in results.get("targets", []):
+        shown = f"{t['value']:.3f}" if isinstance(t.get("value"), float) else str(t.get("value"))
+        ci = f" (95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}, n={t['n']})" if "ci95" in t else f" ({t['judged_on']})"
+        plain(f"target: {t['target']} {t['direction']} {t['threshold']}: {t['status'].upper()} at {shown}{ci}"
+              + (f"; {t['note']}" if t.get("note") else ""))
+    g = results.get("gate")
+    if g:
+        plain(f"gate against {g['against']}: {g['verdict']}")
     lc = results["latency_cost"]
     console.print(f"latency: single p50 {lc['single_latency_p50_s']:.2f} s; "
                   f"cost per 1,000 requests ${lc['cost_per_1000_requests']:.4f} at ${lc['price_per_hour']}/h")

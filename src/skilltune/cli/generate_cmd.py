@@ -29,8 +29,9 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     quiet_libraries()
     from dataclasses import replace
 
-    from skilltune.evaluate.generate import generate as run_generate
+    from skilltune.model.generate import generate as run_generate
     from skilltune.model.target import load_target, training_system_prompt
+    from skilltune.model.tokenizer import render_prompt
     from skilltune.registry.api import resolve_spec
 
     spec, policy = resolve_spec(model, trust_remote_code)
@@ -39,10 +40,7 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     target = load_target(spec, policy=policy)
     if system is None and target.adapter_dir is not None:  # answer the way the model was trained to be asked
         system = training_system_prompt(target.adapter_dir)
-    rendered = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        rendered.append(target.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    rendered = [render_prompt(target.tokenizer, p, system) for p in prompts]
     outs = run_generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
                         temperature=temperature)
     for p, out in zip(prompts, outs):

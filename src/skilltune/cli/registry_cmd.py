@@ -90,12 +90,15 @@ def diff(a: str, b: str, url: Optional[str] = typer.Option(None, "--registry-url
 
 @app.command()
 def promote(ref: str = typer.Argument(..., help="NAME@vN"), alias: str = typer.Option("production", "--alias"),
-            reason: str = typer.Option("", "--reason"), url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
+            reason: str = typer.Option("", "--reason"),
+            force: bool = typer.Option(False, "--force", help="Promote a version whose release gate failed (needs "
+                                                              "--reason; recorded in the history)."),
+            url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
     """Point ALIAS at a version (recorded in the history).
 
     Example: skilltune registry promote sql-demo@v2 --alias production --reason "sql_exec +4 points"
     """
-    v = _reg(url).promote(ref, alias, reason)
+    v = _reg(url).promote(ref, alias, reason, force=force)
     console.print(f"{v.name}@{alias} -> v{v.number}")
 
 
@@ -124,6 +127,24 @@ def history(name: str, alias: Optional[str] = typer.Option(None, "--alias"),
         table.add_row(e.when.strftime("%Y-%m-%d %H:%M:%S"), e.alias, e.action,
                       f"v{e.from_number}" if e.from_number else "-", f"v{e.to_number}", e.who, e.reason)
     console.print(table)
+
+
+@app.command()
+def upgrade(url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
+    """Upgrade the registry database's schema to this skilltune's (once, for every client of a shared one).
+
+    Example: SKILLTUNE_REGISTRY_URL=postgresql+psycopg://ci@db/registry skilltune registry upgrade
+    """
+    import os
+
+    from skilltune.paths import home
+    from skilltune.registry.db import make_engine, shown
+    from skilltune.registry.migrate import ensure
+
+    target = url or os.environ.get("SKILLTUNE_REGISTRY_URL") or f"sqlite:///{home() / 'registry' / 'registry.db'}"
+    before, now = ensure(make_engine(target), shown(target), upgrade=True)
+    console.print(f"registry {shown(target)}: schema {before or '(new)'} -> {now}" if before != now
+                  else f"registry {shown(target)}: schema {now}, already current", highlight=False, soft_wrap=True)
 
 
 @app.command()

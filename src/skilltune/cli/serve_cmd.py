@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from skilltune.cli.common import console, quiet_libraries
+from skilltune.cli.common import ConsoleStages, console, plain, quiet_libraries
 from skilltune.errors import SkilltuneError
 
 
@@ -97,14 +99,18 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
 
 def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."),
             threshold: float = typer.Option(0.25, "--threshold", help="Drift score that is flagged."),
+            window: float = typer.Option(300, "--window", help="Window length in seconds for the per-window table."),
+            check: bool = typer.Option(False, "--check", help="Exit 1 on any alert (an error spike in the latest "
+                                                              "window, or input drift): for cron or CI."),
             url: Optional[str] = typer.Option(None, "--registry-url")) -> int:
-    """Volume, error rate, latency percentiles and input drift against the training data.
+    """Volume, errors by class, 429s, latency percentiles per time window, error spikes, and input drift.
 
-    Example: skilltune monitor sql-demo
+    Example: skilltune monitor sql-demo --window 60 --check
     """
     from skilltune.paths import home
     from skilltune.registry.api import Registry
-    from skilltune.serve.monitor import summarize
+    from skilltune.serve.monitor import spike, summarize, windows
+    from skilltune.serve.requestlog import RequestLog
 
     log = home() / "serving" / f"{name}.requests.db"
     if not log.is_file():
@@ -115,12 +121,134 @@ def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."
     except SkilltuneError:
         train_file = reg.get(name).lineage["data"]["train"]["path"]
     s = summarize(log, train_file, threshold)
-    console.print(f"requests {s['requests']}, error rate {s['error_rate']:.1%}, latency p50 "
-                  f"{s['latency_p50_s'] or 0:.2f} s / p95 {s['latency_p95_s'] or 0:.2f} s, versions {s['versions']}")
+    plain(f"{name}: {s['requests']} requests, error rate {s['error_rate']:.1%} "
+          f"({', '.join(f'{k} {v}' for k, v in s['by_class'].items())}), latency p50 {s['latency_p50_s'] or 0:.2f} s / "
+          f"p95 {s['latency_p95_s'] or 0:.2f} s, versions {', '.join(s['versions'])}")
+    log_rows = RequestLog(log).rows()
+    wins = windows(log_rows, window)
+    for w in wins[-12:]:
+        plain(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(w['start']))}: {w['requests']} requests, "
+              f"errors {w['error_rate']:.1%} ({', '.join(f'{k} {v}' for k, v in sorted(w['by_class'].items()))}), "
+              f"429 {w['rate_limited']}, p50 {w['latency_p50_s'] or 0:.2f} s, p95 {w['latency_p95_s'] or 0:.2f} s")
+    alerts = []
+    jump = spike(wins)
+    if jump:
+        alerts.append(f"error spike: {jump['errors']} errors, {jump['error_rate']:.0%} of the latest window against "
+                      f"{jump['before']:.0%} before ({jump['by_class']})")
     d = s["drift"]
     if d:
-        verdict = ("[red]FLAGGED[/red]" if d["flagged"] else "[green]OK[/green]") if not d["note"] else \
-            f"[yellow]not judged[/yellow] ({d['note']})"
-        console.print(f"input drift: length KS {d['length_ks']}, unseen-word rate {d['oov_rate']} -> score "
-                      f"{d['score']} {verdict}")
-    return 1 if d and d["flagged"] else 0
+        verdict = ("FLAGGED" if d["flagged"] else "OK") if not d["note"] else f"not judged ({d['note']})"
+        plain(f"input drift: length KS {d['length_ks']}, unseen-word rate {d['oov_rate']} -> score {d['score']} "
+              f"{verdict}")
+        if d["flagged"]:
+            alerts.append(f"input drift: score {d['score']} > {d['threshold']}")
+    for alert in alerts:
+        plain(f"ALERT {name}: {alert}")
+    if not alerts:
+        plain(f"{name}: no alerts")
+    return 1 if check and alerts else 0
+
+
+def loadtest(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the registry."),
+             url: Optional[str] = typer.Option(None, "--url", help="A running server (default: start one here "
+                                                                   "on a free loopback port)."),
+             concurrency: str = typer.Option("1,4,16", "--concurrency", help="Closed-loop client counts."),
+             rate: Optional[float] = typer.Option(None, "--rate", help="Also an open-loop run at this many "
+                                                                       "requests/s."),
+             duration: float = typer.Option(20, "--duration", help="Seconds per level."),
+             max_tokens: int = typer.Option(64, "--max-tokens"),
+             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Cost of the serving "
+                                                            "machine (default: the run's eval.price_per_hour)."),
+             expected_rps: Optional[float] = typer.Option(None, "--expected-rps", help="The load to carry "
+                                                          "(default: the run's serve.expected_rps)."),
+             api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Variable holding the key for "
+                                                                                   "--url."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON here."),
+             plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write latency vs load (PNG) here."),
+             registry_url: Optional[str] = typer.Option(None, "--registry-url")) -> int:
+    """Throughput, latency p50/p95/p99, time to first token, errors, 429s and cost under load; recorded with the
+    version for the readiness checklist.
+
+    Example: skilltune loadtest sql-demo@production --concurrency 1,4,16 --duration 20 --expected-rps 2
+    """
+    quiet_libraries()
+    from skilltune.registry.api import Registry
+    from skilltune.serve.loadtest import meets_expected_load, plot, run_loadtest, to_json
+
+    registry = Registry(registry_url)
+    v = registry.get(ref)
+    version, cfg = f"{v.name}@v{v.number}", v.lineage.get("run_config") or {}
+    prompts = _test_prompts(cfg)
+    levels_c = [int(c) for c in concurrency.split(",") if c.strip()]
+    price = price_per_hour if price_per_hour is not None else (cfg.get("eval") or {}).get("price_per_hour", 1.0)
+    expected = expected_rps if expected_rps is not None else (cfg.get("serve") or {}).get("expected_rps")
+    stages = ConsoleStages()
+    with _server_for(registry, version, url) as (base, key):
+        levels = run_loadtest(base, v.name, prompts, levels_c, rate, duration, max_tokens, price,
+                              key or (os.environ.get(api_key_env) if api_key_env else None), say=stages.message)
+    for lv in levels:
+        plain(f"{version}: {lv['mode']} {lv['level']:g}: {lv['throughput_rps']:.2f} req/s, "
+              f"{lv['generated_tokens_per_s']:.1f} tokens/s, p50 {lv['latency_p50_s']} s, p95 {lv['latency_p95_s']} s, "
+              f"p99 {lv['latency_p99_s']} s, TTFT p50 {lv['ttft_p50_s']} s, errors {lv['error_rate']:.1%}, "
+              f"429 {lv['rate_limited_rate']:.1%}, ${lv['cost_per_1000_requests']} per 1,000 requests at ${price}/h")
+    met = meets_expected_load(levels, expected) if expected else None
+    record = {"levels": levels, "expected_rps": expected, "meets_expected": met is not None if expected else None,
+              "at_expected": met, "price_per_hour": price, "max_tokens": max_tokens, "duration_s": duration,
+              "prompts": len(prompts), "url": url or "in-process", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    registry.attach_metrics(version, "loadtest", record)
+    if out:
+        from skilltune.paths import atomic_write_text
+
+        atomic_write_text(out, to_json(levels, version=version, expected_rps=expected))
+    if plot_file:
+        plot(levels, plot_file)
+    if expected:
+        plain(f"{version}: expected load {expected:g} req/s " + (
+            f"served at {met['mode']} {met['level']:g} ({met['throughput_rps']:.2f} req/s, p95 {met['latency_p95_s']} s)"
+            if met else "NOT served with <= 1% errors at any level"))
+    return 0 if (met is not None or not expected) else 1
+
+
+def _test_prompts(cfg: dict) -> list[str]:
+    """The user messages of the version's test set (the traffic it was built for)."""
+    from skilltune.config.load import config_from_dict
+    from skilltune.data.reader import load_examples
+
+    data = config_from_dict(cfg).data if cfg else None
+    if not data or not data.test:
+        raise SkilltuneError("this version's config names no test set to draw load-test prompts from",
+                             hint="re-register a run whose config sets data.test")
+    return [ex.turns[-2].content for ex in load_examples(data.test, data.format, data.columns) if len(ex.turns) >= 2]
+
+
+@contextlib.contextmanager
+def _server_for(registry, version: str, url: str | None):
+    """(base URL, API key) of the server to load: ``url`` as given, or one started here for the test."""
+    if url:
+        yield url, None
+        return
+    import secrets
+    import socket
+    import threading
+
+    from skilltune.config.schema import ServeConfig
+    from skilltune.paths import home
+    from skilltune.serve.server import build_state, make_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key = secrets.token_urlsafe(16)
+    state = build_state(version, ServeConfig(port=port, per_key_concurrency=1024), {key: "loadtest"}, registry,
+                        log_path=home() / "serving" / f"{version.split('@')[0]}.loadtest.requests.db", record=False)
+    server = make_server(state, "127.0.0.1", port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", key
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        state.stop()

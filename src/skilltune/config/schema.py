@@ -48,8 +48,9 @@ class DataConfig(Section):
     train: str | None = Field(None, description="Training data file (JSONL, JSON array, CSV or Parquet).")
     val: str | None = Field(None, description="Validation file. If absent, `val_split` of train is held out.")
     test: str | None = Field(None, description="Held-out test file for `skilltune eval`.")
-    format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt"] = Field(
-        "auto", description="Row format; 'auto' detects it per file."
+    format: str = Field(
+        "auto", description="Row format: 'auto' (detected per file) or a registered format (prompt_completion, "
+        "messages, alpaca, sharegpt, or one a plug-in registers)."
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping for tabular files.")
     val_split: float = Field(
@@ -62,8 +63,9 @@ class DataConfig(Section):
 
 
 class AdapterConfig(Section):
-    method: Literal["lora", "qlora", "dora", "full"] = Field(
-        "lora", description="Finetuning method: lora (default), qlora (4-bit base, needs CUDA), dora, full."
+    method: str = Field(
+        "lora", description="Finetuning method from the methods registry: lora (default), qlora (4-bit base, needs "
+        "CUDA), dora, full, or one a plug-in registers."
     )
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora).")
@@ -114,8 +116,9 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1, description="Keep the last K checkpoints.")
     logging_steps: int = Field(5, ge=1, description="Send metrics to W&B/MLflow every N steps (metrics.jsonl, "
                                "loss.png and TensorBoard get every step).")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Experiment trackers."
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers from the trackers registry "
+        "(tensorboard, wandb, mlflow); metrics.jsonl is always written."
     )
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
@@ -130,11 +133,16 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
     db: str | None = Field(None, description="SQLite database for the sql_exec metric.")
+    json_schema: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
     price_per_hour: float = Field(1.0, ge=0, description="Cost of the serving machine per hour, for cost estimates.")
     overfit_gap: float = Field(0.1, ge=0, description="Val-vs-test metric gap above which overfitting is flagged.")
     forgetting_threshold: float = Field(
         0.1, ge=0, description="Drop on the general-skills suite above which forgetting is flagged."
     )
+    targets: dict[str, float] = Field(
+        default_factory=dict, description="Business targets, metric -> threshold (e.g. sql_exec: 0.9, "
+        "latency_p95_s: 2.5): any metric of eval.metrics, or latency_p95_s, cost_per_1000_requests, forgetting_drop. "
+        "Judged on the 95% interval, not the point estimate.")
     scorecard_criteria: list[str] | None = Field(
         None, description="What people judge in `skilltune scorecard create` for this task (default: relevance, "
         "factual_accuracy, safety; add e.g. brand_voice for a voice task).")
@@ -168,6 +176,9 @@ class ServeConfig(Section):
     redact_pii: bool = Field(True, description="Redact PII in the request log.")
     drift_threshold: float = Field(
         0.25, gt=0, description="`skilltune monitor` flags input drift when the score passes this value.")
+    expected_rps: float | None = Field(
+        None, gt=0, description="The load this service must carry (requests/s): the readiness checklist passes "
+        "cost and latency only with a load test (`skilltune loadtest`) that served it with <= 1% errors.")
 
 
 class SkilltuneConfig(Section):

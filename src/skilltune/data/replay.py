@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skilltune.data.reader import write_jsonl
+from skilltune.model.generate import generate
+from skilltune.model.target import load_target
+from skilltune.model.tokenizer import render_prompt
 from skilltune.data.replay_prompts import general_prompts
 from skilltune.errors import DataError
 from skilltune.progress import SILENT, Stages
@@ -28,16 +31,13 @@ class ReplayResult:
 def replay(model: str, dst: str | Path, n: int = 200, max_new_tokens: int = 192, seed: int = 42,
            batch_size: int = 16, stages: Stages = SILENT) -> ReplayResult:
     """Let ``model`` answer ``n`` bundled general prompts and write the finished answers to ``dst``."""
-    from skilltune.evaluate.generate import generate
-    from skilltune.model.target import load_target
 
     prompts = general_prompts()
     if n > len(prompts):
         raise DataError(f"--n {n}: only {len(prompts)} bundled general prompts", hint=f"use --n {len(prompts)} or less")
     picked = random.Random(seed).sample(prompts, n)
     target = load_target(model)
-    rendered = [target.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True) for p in picked]
+    rendered = [render_prompt(target.tokenizer, p) for p in picked]
     with stages.stage(f"the base model answers {n} general prompts", total=n) as advance:
         outs = generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, progress=advance)

@@ -15,7 +15,8 @@ from importlib import resources
 
 import torch
 
-from skilltune.evaluate.generate import generate
+from skilltune.model.generate import generate
+from skilltune.model.tokenizer import render_prompt
 from skilltune.progress import SILENT, Stages
 
 _REFUSAL = re.compile(r"(?i)\b(sorry|can(?:no|')t|won't|will not|unable|not able|i am not|i'm not|illegal|"
@@ -53,8 +54,7 @@ def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
 def run_suite(target, max_new_tokens: int = 64, batch_size: int = 16, stages: Stages = SILENT,
               label: str = "") -> dict:
     suite = load_suite()
-    prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": it["prompt"]}], tokenize=False,
-                                                    add_generation_prompt=True) for it in suite]
+    prompts = [render_prompt(target.tokenizer, it["prompt"]) for it in suite]
     with stages.stage(f"forgetting check: general suite on the {label or 'model'}", total=len(prompts)) as advance:
         outs = generate(target.model, target.tokenizer, prompts, max_new_tokens, batch_size, progress=advance)
     passed = [check(it, o.text, o.stopped) for it, o in zip(suite, outs)]

@@ -147,7 +147,7 @@ for _m in [
 COMPANIONS = {"json_fields": ["json_keys_exact", "json_valid"], "sql_exec": ["sql_valid"]}
 
 
-def _entry_point_metrics() -> None:
+def load_plugin_metrics() -> None:
     """Register metrics that installed packages declare under the ``skilltune.metrics`` entry-point group."""
     from importlib.metadata import entry_points
 
@@ -155,6 +155,26 @@ def _entry_point_metrics() -> None:
         if ep.name not in METRICS:
             obj = ep.load()
             register_metric(obj if isinstance(obj, Metric) else Metric(ep.name, obj, description=f"plug-in {ep.value}"))
+
+
+def metric_problems(ecfg) -> list[str]:
+    """What is wrong with an ``eval`` config section, found without a model: metric names and their inputs."""
+    if any(m not in METRICS and ":" not in m for m in ecfg.metrics):
+        load_plugin_metrics()
+    problems = [f"eval.metrics: unknown metric {m!r} (built-in: {', '.join(METRICS)})"
+                for m in ecfg.metrics if ":" not in m and m not in METRICS]
+    from skilltune.evaluate.targets import OPERATIONAL
+
+    evaluated = set(ecfg.metrics) | {c for m in ecfg.metrics for c in COMPANIONS.get(m, [])}
+    problems += [f"eval.targets: {name!r} is neither a metric of eval.metrics ({', '.join(ecfg.metrics)}) nor one "
+                 f"of {', '.join(OPERATIONAL)}" for name in ecfg.targets if name not in evaluated | set(OPERATIONAL)]
+    for path_field, metric in (("db", "sql_exec"), ("json_schema", "json_schema")):
+        value = getattr(ecfg, path_field)
+        if value and not os.path.isfile(value):
+            problems.append(f"eval.{path_field}: file not found: {value}")
+        if metric in ecfg.metrics and not value:
+            problems.append(f"eval.{path_field}: the {metric} metric needs it (set eval.{path_field})")
+    return problems
 
 
 def resolve_metrics(names: list[str], allow_code: bool = False) -> list[Metric]:
@@ -167,7 +187,7 @@ def resolve_metrics(names: list[str], allow_code: bool = False) -> list[Metric]:
     """
     allow_code = allow_code or os.environ.get("SKILLTUNE_ALLOW_CODE_METRICS") == "1"
     if any(n not in METRICS and ":" not in n for n in names):
-        _entry_point_metrics()
+        load_plugin_metrics()
     out: list[Metric] = []
     problems = []
     for name in names:

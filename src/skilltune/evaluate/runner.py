@@ -21,8 +21,10 @@ from skilltune.config.schema import EvalConfig, SkilltuneConfig
 from skilltune.data.reader import load_examples
 from skilltune.data.tokenize import encode_example, prompt_text
 from skilltune.errors import SkilltuneError
-from skilltune.evaluate.generate import generate
+from skilltune.model.generate import generate
+from skilltune.evaluate import forgetting
 from skilltune.evaluate.metrics import Metric, resolve_metrics
+from skilltune.evaluate.targets import OPERATIONAL, gate, judge_targets
 from skilltune.evaluate.stats import bootstrap_delta, percentile
 from skilltune.model.target import LoadPolicy, Target, artifact_run_dir, find_artifact, load_target
 from skilltune.model.tokenizer import turn_end_token
@@ -46,6 +48,8 @@ class EvalPlan:
     policy: LoadPolicy = field(default_factory=LoadPolicy)  # how the target's base is loaded
     version: str | None = None  # NAME@vN when a registry version is evaluated
     recorded_run_dir: str | None = None  # the run the evaluated artifact came from (for results.json)
+    against: str | None = None  # NAME@vN the candidate is gated against (its checkout is the baseline)
+    baseline_policy: LoadPolicy | None = None  # how to load the baseline (a registry version's base, by hash)
 
 
 def _registry_plan(ref: str, overrides: list[str] | None, trust_remote_code: bool) -> tuple[Path, SkilltuneConfig,
@@ -77,7 +81,7 @@ def _is_registry_ref(target: str) -> bool:
 
 def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list[str] | None,
               db: str | None, overrides: list[str] | None = None, forgetting: bool = True,
-              trust_remote_code: bool = False) -> EvalPlan:
+              trust_remote_code: bool = False, against: str | None = None) -> EvalPlan:
     """Work out what to evaluate from a registry version, a run directory, an adapter directory or a model spec."""
     path = Path(target)
     run_dir = version = recorded = None
@@ -111,7 +115,18 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
     if not test_file:
         raise EvalError("no test set: pass --test FILE (or set data.test in the run's config)")
     val_file = cfg.data.val if (run_dir or version) else None
-    return EvalPlan(target, run_dir, cfg, test_file, val_file, baseline, forgetting, policy, version, recorded)
+    plan = EvalPlan(target, run_dir, cfg, test_file, val_file, baseline, forgetting, policy, version, recorded)
+    if against:
+        if baseline:
+            raise EvalError("pass --baseline or --against, not both")
+        from skilltune.registry.api import Registry, base_load_policy
+
+        registry = Registry()
+        v = registry.get(against)  # the release gate: same prompts, same decoding, paired differences
+        plan.against = f"{v.name}@v{v.number}"
+        plan.baseline = str(registry.materialize(plan.against))
+        plan.baseline_policy = base_load_policy(v.lineage, trust_remote_code)
+    return plan
 
 
 def overfitting_check(metric: str, val: float, test: float, val_loss: float, test_loss: float,
@@ -130,7 +145,7 @@ def _prompts(tokenizer, examples) -> list[str]:
     return [prompt_text(tokenizer, ex) for ex in examples]
 
 
-def _loss(model, tokenizer, examples, batch_size: int = 8) -> float | None:
+def heldout_loss(model, tokenizer, examples, batch_size: int = 8) -> float | None:
     """Mean completion-token loss of ``examples`` (teacher forced; None for none)."""
     from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_prefix
 
@@ -156,6 +171,16 @@ def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int
     return out
 
 
+@dataclass
+class _Side:
+    """One model's answers on the test prompts."""
+
+    label: str
+    gens: list
+    wall_s: float
+    general: dict | None = None  # the forgetting suite's result
+
+
 def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_metrics: bool = False) -> dict:
     """Run the evaluation in ``plan`` and write the report files into ``out_dir``.
 
@@ -163,113 +188,133 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
     """
     ecfg = plan.cfg.eval
     metrics = resolve_metrics(ecfg.metrics, allow_code=allow_code_metrics)
-    ctx = {"db": ecfg.db}
+    ctx = {"db": ecfg.db, "json_schema": ecfg.json_schema}
     if any(m.name == "sql_exec" for m in metrics) and not (ecfg.db and Path(ecfg.db).is_file()):
         raise EvalError(f"sql_exec needs the SQLite database; eval.db = {ecfg.db!r} does not exist",
                         hint="pass --db FILE")
+    unknown = [t for t in ecfg.targets if t not in {m.name for m in metrics} | set(OPERATIONAL)]
+    if unknown:
+        raise EvalError(f"eval.targets names {', '.join(map(repr, unknown))}, which this evaluation does not measure",
+                        hint=f"targets can name {', '.join(m.name for m in metrics)} or {', '.join(OPERATIONAL)}")
     examples = load_examples(plan.test_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
     refs = [ex.completion for ex in examples]
     target = load_target(plan.target, policy=plan.policy)
     prompts = _prompts(target.tokenizer, examples)
+    base, tuned = _generate_both(plan, target, prompts, stages)
+    forgot = forgetting.compare(base.general, tuned.general, ecfg.forgetting_threshold) if plan.forgetting else None
+    stages.message(f"scoring with {', '.join(m.name for m in metrics)}")
+    tuned_scores = _score(metrics, [g.text for g in tuned.gens], refs, ctx)
+    base_scores = _score(metrics, [g.text for g in base.gens], refs, ctx)
+    headline = _headline(metrics, base_scores, tuned_scores)
+    overfit = _overfitting(plan, target, metrics, headline, examples, ctx, stages)
+    latency = _latency_cost(target, prompts, tuned, base, ecfg, stages)
+    rows = [{"line": ex.line, "prompt": ex.turns[-2].content if len(ex.turns) > 1 else "",
+             "reference": refs[i], "base_output": base.gens[i].text, "tuned_output": tuned.gens[i].text,
+             "base": {m.name: base_scores[m.name][i] for m in metrics},
+             "tuned": {m.name: tuned_scores[m.name][i] for m in metrics},
+             "tuned_stopped": tuned.gens[i].stopped} for i, ex in enumerate(examples)]
+    primary = metrics[0].name
+    regressions = [r for r in rows if r["base"][primary] > r["tuned"][primary]]
+    results = {
+        "target": plan.version or plan.target, "run_dir": plan.recorded_run_dir, "baseline": base.label,
+        "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
+        "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
+        "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "scorecard_criteria": ecfg.scorecard_criteria,
+    }
+    results["targets"] = judge_targets(ecfg.targets, metrics, tuned_scores, results)
+    if plan.against:
+        results["gate"] = gate(headline, results["targets"], plan.against)
+    _write_reports(plan, out_dir, results, rows, regressions, sorted(rows, key=lambda r: r["tuned"][primary])[:10])
+    return results
 
-    def run(label: str, model_target: Target):
+
+def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: Stages) -> tuple[_Side, _Side]:
+    """The baseline's answers, then the finetuned model's (with the forgetting suite on each).
+
+    The base runs first with the adapter switched off (no second copy of the weights); then
+    the adapter is merged into the weights for every finetuned measurement (unmerged LoRA
+    costs ~40% of generation speed on CPU). ``--against``/``--baseline`` load their own model.
+    """
+    ecfg = plan.cfg.eval
+
+    def run(label: str, t: Target) -> _Side:
         with stages.stage(f"generating {len(prompts)} answers with the {label} model", total=len(prompts)) as adv:
             t0 = time.perf_counter()
-            gens = generate(model_target.model, model_target.tokenizer, prompts, ecfg.max_new_tokens,
-                            ecfg.batch_size, ecfg.temperature, progress=adv)
-            wall = time.perf_counter() - t0
-        return gens, wall
+            gens = generate(t.model, t.tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature,
+                            progress=adv)
+            side = _Side(label, gens, time.perf_counter() - t0)
+        if plan.forgetting:
+            side.general = forgetting.run_suite(t, stages=stages, label=f"{label} model")
+        return side
 
-    from skilltune.evaluate import forgetting
-
-    # The base runs first, with the adapter switched off; then the adapter is merged into the weights for
-    # every finetuned measurement (unmerged LoRA costs ~40% of generation speed on CPU).
-    base_general = tuned_general = None
     if plan.baseline is None and target.adapter_dir is not None and hasattr(target.model, "disable_adapter"):
         with target.model.disable_adapter():
-            base_gens, base_wall = run("base", target)
-            if plan.forgetting:
-                base_general = forgetting.run_suite(target, stages=stages, label="base")
-        base_label = f"{target.base_spec} (adapter off)"
+            base = run("base", target)
+        base.label = f"{target.base_spec} (adapter off)"
     else:
-        base_spec = plan.baseline or target.base_spec
-        base_target = (load_target(base_spec, policy=LoadPolicy(trust_remote_code=plan.policy.trust_remote_code))
-                       if base_spec != plan.target else target)
-        base_gens, base_wall = run("base", base_target)
-        base_general = forgetting.run_suite(base_target, stages=stages, label="base") if plan.forgetting else None
-        base_label = base_spec
+        spec = plan.baseline or target.base_spec
+        policy = plan.baseline_policy or LoadPolicy(trust_remote_code=plan.policy.trust_remote_code)
+        other = load_target(spec, policy=policy) if spec != plan.target else target
+        base = run("production" if plan.against else "base", other)
+        base.label = plan.against or spec
     if target.adapter_dir is not None and hasattr(target.model, "merge_adapter"):
         target.model.merge_adapter()
-    tuned_gens, tuned_wall = run("finetuned", target)
-    if plan.forgetting:
-        tuned_general = forgetting.run_suite(target, stages=stages, label="finetuned model")
-    forgot = forgetting.compare(base_general, tuned_general, ecfg.forgetting_threshold) if plan.forgetting else None
-    stages.message(f"scoring with {', '.join(m.name for m in metrics)}")
-    tuned_scores = _score(metrics, [g.text for g in tuned_gens], refs, ctx)
-    base_scores = _score(metrics, [g.text for g in base_gens], refs, ctx)
+    return base, run("finetuned", target)
 
+
+def _headline(metrics: list[Metric], base_scores: dict, tuned_scores: dict) -> dict:
+    """Per metric: base and tuned aggregate, the paired difference and its bootstrap interval."""
     headline = {}
     for m in metrics:
         delta, lo, hi = bootstrap_delta(base_scores[m.name], tuned_scores[m.name])
         headline[m.name] = {"base": m.aggregate(base_scores[m.name]), "tuned": m.aggregate(tuned_scores[m.name]),
                             "delta": delta, "delta_ci95": [lo, hi], "higher_is_better": m.higher_is_better,
                             "description": m.description}
+    return headline
 
-    # Overfitting: the same metrics and the loss on validation and test.
-    overfit = None
-    if plan.val_file and Path(plan.val_file).is_file():
-        val_ex = load_examples(plan.val_file, plan.cfg.data.format, plan.cfg.data.columns,
-                               plan.cfg.data.system_prompt)
-        with stages.stage(f"overfitting check: {len(val_ex)} validation answers", total=len(val_ex)) as adv:
-            val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex),
-                                ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature, progress=adv)
-        val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
-        primary = metrics[0]
-        overfit = overfitting_check(primary.name, primary.aggregate(val_scores[primary.name]),
-                                    headline[primary.name]["tuned"], _loss(target.model, target.tokenizer, val_ex),
-                                    _loss(target.model, target.tokenizer, examples), ecfg.overfit_gap)
 
-    new_tokens = sum(g.new_tokens for g in tuned_gens)
-    per_request = [g.latency_s for g in tuned_gens]
+def _overfitting(plan: EvalPlan, target: Target, metrics, headline: dict, examples, ctx: dict,
+                 stages: Stages) -> dict | None:
+    """The same metrics and the loss on validation and test (None without a validation file)."""
+    ecfg = plan.cfg.eval
+    if not (plan.val_file and Path(plan.val_file).is_file()):
+        return None
+    val_ex = load_examples(plan.val_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
+    with stages.stage(f"overfitting check: {len(val_ex)} validation answers", total=len(val_ex)) as adv:
+        val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex),
+                            ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature, progress=adv)
+    val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
+    primary = metrics[0]
+    return overfitting_check(primary.name, primary.aggregate(val_scores[primary.name]),
+                             headline[primary.name]["tuned"], heldout_loss(target.model, target.tokenizer, val_ex),
+                             heldout_loss(target.model, target.tokenizer, examples), ecfg.overfit_gap)
+
+
+def _latency_cost(target: Target, prompts: list[str], tuned: _Side, base: _Side, ecfg: EvalConfig,
+                  stages: Stages) -> dict:
+    per_request = [g.latency_s for g in tuned.gens]
     with stages.stage("latency: requests one at a time", total=min(3, len(prompts))) as adv:
         single = _single_latency(target, prompts, ecfg, progress=adv)
-    seconds_per_request = tuned_wall / max(len(prompts), 1)
-    latency = {
-        "batched_wall_s": tuned_wall, "batch_size": ecfg.batch_size, "requests": len(prompts),
+    seconds_per_request = tuned.wall_s / max(len(prompts), 1)
+    return {
+        "batched_wall_s": tuned.wall_s, "batch_size": ecfg.batch_size, "requests": len(prompts),
         "batch_latency_p50_s": percentile(per_request, 50), "batch_latency_p95_s": percentile(per_request, 95),
         "single_latency_p50_s": percentile(single, 50), "single_latency_p95_s": percentile(single, 95),
-        "generated_tokens_per_s": new_tokens / max(tuned_wall, 1e-9),
+        "generated_tokens_per_s": sum(g.new_tokens for g in tuned.gens) / max(tuned.wall_s, 1e-9),
         "price_per_hour": ecfg.price_per_hour,
         "cost_per_1000_requests": ecfg.price_per_hour * seconds_per_request * 1000 / 3600,
-        "base_batched_wall_s": base_wall,
+        "base_batched_wall_s": base.wall_s,
         "device": str(target.model.device), "threads": torch.get_num_threads(),
     }
 
-    rows = []
-    for i, ex in enumerate(examples):
-        rows.append({"line": ex.line, "prompt": ex.turns[-2].content if len(ex.turns) > 1 else "",
-                     "reference": refs[i], "base_output": base_gens[i].text, "tuned_output": tuned_gens[i].text,
-                     "base": {m.name: base_scores[m.name][i] for m in metrics},
-                     "tuned": {m.name: tuned_scores[m.name][i] for m in metrics},
-                     "tuned_stopped": tuned_gens[i].stopped})
-    primary = metrics[0].name
-    regressions = [r for r in rows if r["base"][primary] > r["tuned"][primary]]
-    worst = sorted(rows, key=lambda r: r["tuned"][primary])[:10]
 
-    results = {
-        "target": plan.version or plan.target, "run_dir": plan.recorded_run_dir, "baseline": base_label,
-        "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
-        "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
-        "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "scorecard_criteria": ecfg.scorecard_criteria,
-    }
+def _write_reports(plan: EvalPlan, out_dir: Path, results: dict, rows, regressions, worst) -> None:
+    from skilltune.evaluate.report import render_html, render_markdown
+
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "per_example.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
-    from skilltune.evaluate.report import render_html, render_markdown
-
     loss_png = plan.run_dir / "loss.png" if plan.run_dir and (plan.run_dir / "loss.png").is_file() else None
     atomic_write_text(out_dir / "report.md", render_markdown(results, rows, regressions, worst))
     atomic_write_text(out_dir / "report.html", render_html(results, rows, regressions, worst, loss_png))
-    return results
-

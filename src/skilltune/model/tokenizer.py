@@ -107,3 +107,13 @@ def with_default_system(template: str, system: str) -> str:
     return ("{%- if messages and messages[0]['role'] != 'system' -%}"
             "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages -%}"
             "{%- endif -%}" + template)
+
+
+def render_prompt(tokenizer, user: str, system: str | None = None) -> str:
+    """One user message (after an optional system prompt), rendered for generation with the model's template.
+
+    The single place that turns a question into model input outside training data: eval's
+    forgetting suite, replay, `skilltune generate` and the server all ask this way.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -134,15 +134,52 @@ def _overfit(ev: Evidence) -> Row:
                "more data, fewer epochs or early stopping (train.early_stopping_patience)" if o["flagged"] else "")
 
 
+@item("Business targets met")
+def _targets(ev: Evidence) -> Row:
+    """Every eval.targets threshold met on its 95% interval (never on a point estimate that could be luck)."""
+    name = "Business targets met"
+    targets = (ev.eval or {}).get("targets")
+    if not targets:
+        return Row(name, MISSING, "no business target is set for this version's evaluation",
+                   "set eval.targets in the config (e.g. sql_exec: 0.9, latency_p95_s: 2.5) and run skilltune eval "
+                   f"{v_ref(ev)}")
+    def show(t):
+        value = f"{t['value']:.3f}" if isinstance(t.get("value"), float) else str(t.get("value"))
+        ci = f" (95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f})" if "ci95" in t else ""
+        return f"{t['target']} {t['direction']} {t['threshold']}: {t['status']} at {value}{ci}"
+    text = "; ".join(show(t) for t in targets)
+    if any(t["status"] == "not met" for t in targets):
+        return Row(name, FAIL, text, "improve the model or the data until the target is met")
+    undecided = [t for t in targets if t["status"] != "met"]
+    if undecided:
+        return Row(name, MISSING, text, "; ".join(t.get("note", "") for t in undecided) or "more test examples")
+    return Row(name, PASS, text)
+
+
 @item("Cost and latency measured")
 def _cost(ev: Evidence) -> Row:
+    """A load test that carried the expected load with <= 1% errors (single-request latency is not "under load")."""
     name = "Cost and latency measured"
     lc = (ev.eval or {}).get("latency_cost")
-    if not lc:
-        return Row(name, MISSING, "no latency/cost measurement", "skilltune eval ... (records latency and cost)")
-    return Row(name, PASS, f"single request p50 {lc['single_latency_p50_s']:.2f} s / p95 "
-               f"{lc['single_latency_p95_s']:.2f} s; ${lc['cost_per_1000_requests']:.4f} per 1,000 requests at "
-               f"${lc['price_per_hour']}/h ({lc['device']}, {lc['threads']} threads)")
+    single = (f"single request p50 {lc['single_latency_p50_s']:.2f} s / p95 {lc['single_latency_p95_s']:.2f} s"
+              if lc else "no single-request latency")
+    lt = (ev.version.metrics or {}).get("loadtest")
+    fix = f"skilltune loadtest {v_ref(ev)} --concurrency 1,4,16 --expected-rps RPS"
+    if not lt:
+        return Row(name, MISSING, f"{single}; no load test recorded (latency under load unknown)", fix)
+    if not lt.get("expected_rps"):
+        return Row(name, MISSING, f"load test of {lt['created']} ran without an expected load to judge",
+                   fix + "   (or set serve.expected_rps)")
+    best = lt.get("at_expected")
+    if not best:
+        top = max(lt["levels"], key=lambda lv: lv["throughput_rps"])
+        return Row(name, FAIL, f"load test of {lt['created']}: at most {top['throughput_rps']:.2f} req/s "
+                   f"({top['mode']} {top['level']:g}, errors {top['error_rate']:.1%}) against the expected "
+                   f"{lt['expected_rps']:g} req/s", "more replicas or a faster engine (GPU, vLLM), then test again")
+    return Row(name, PASS, f"load test of {lt['created']}: {best['throughput_rps']:.2f} req/s >= expected "
+               f"{lt['expected_rps']:g} ({best['mode']} {best['level']:g}), p50 {best['latency_p50_s']} s, p95 "
+               f"{best['latency_p95_s']} s, p99 {best['latency_p99_s']} s, errors {best['error_rate']:.1%}; "
+               f"${best['cost_per_1000_requests']} per 1,000 requests at ${lt['price_per_hour']}/h")
 
 
 @item("Monitoring and logging configured")

@@ -11,10 +11,11 @@ import json
 import os
 import re
 import subprocess
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from skilltune import __version__
 from skilltune.config.load import load_config
@@ -120,16 +121,27 @@ def _git_commit() -> str | None:
 
 
 class Registry:
-    def __init__(self, url: str | None = None, store: Path | None = None):
+    """The registry: a database (SQLite in the skilltune home, or a shared one by URL) and an artifact store.
+
+    A team shares both: ``SKILLTUNE_REGISTRY_URL`` (e.g. PostgreSQL) and ``SKILLTUNE_STORE`` (a shared
+    filesystem path); the model cache stays per machine.
+    """
+
+    def __init__(self, url: str | None = None, store: Path | None = None, upgrade: bool | None = None):
         root = home() / "registry"
         root.mkdir(parents=True, exist_ok=True)
         self.url = url or os.environ.get("SKILLTUNE_REGISTRY_URL") or f"sqlite:///{root / 'registry.db'}"
-        self.Session = make_session_factory(self.url)
-        self.store = ArtifactStore(store or root / "store")
+        self.Session = make_session_factory(self.url, upgrade)
+        self.store = ArtifactStore(Path(store or os.environ.get("SKILLTUNE_STORE") or root / "store"))
 
     @contextmanager
-    def tx(self):
+    def tx(self, lock: str | None = None):
+        """One write transaction. SQLite serialises writers (BEGIN IMMEDIATE); elsewhere ``lock`` (a model
+        name) takes a transaction-scoped advisory lock, so concurrent promotes, rollbacks and adds of one
+        model never interleave their read-check-write."""
         with self.Session() as s, s.begin():
+            if lock is not None and s.bind.dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(lock.encode())})
             yield s
 
     # ------------------------------------------------------------------ reads
@@ -207,7 +219,7 @@ class Registry:
             "skilltune_version": __version__, "git_commit": _git_commit(), "artifact_kind": artifact.name,
             "run_config": run_config,
         }
-        with self.tx() as s:
+        with self.tx(lock=name) as s:
             same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
                     if v.manifest == manifest]
             if same and not allow_duplicate:
@@ -221,17 +233,47 @@ class Registry:
             s.add(v)
         return v
 
+    def versions_of_run(self, run_dir: str | None) -> list[str]:
+        """Every registered version (NAME@vN) made from ``run_dir``."""
+        if not run_dir:
+            return []
+        run = Path(run_dir).resolve()
+        return [f"{v.name}@v{v.number}" for v in self.list()
+                if v.lineage.get("run_dir") and Path(v.lineage["run_dir"]).resolve() == run]
+
+    def record_eval(self, results: dict, version: str | None = None) -> list[str]:
+        """Attach evaluation results (with any gate) to ``version``, else to every version of the evaluated run."""
+        refs = [version] if version else self.versions_of_run(results.get("run_dir"))
+        for ref in refs:
+            self.attach_metrics(ref, "eval", results)
+        return refs
+
     def attach_metrics(self, ref: str, key: str, value: dict) -> None:
-        with self.tx() as s:
+        with self.tx(lock=parse_ref(ref)[0]) as s:
             v = self._version(s, *parse_ref(ref))
             v.metrics = {**(v.metrics or {}), key: value}
 
-    def promote(self, ref: str, alias: str = "production", reason: str = "", who: str | None = None) -> Version:
+    def promote(self, ref: str, alias: str = "production", reason: str = "", who: str | None = None,
+                force: bool = False) -> Version:
+        """Point ``alias`` at ``ref``; a version whose release gate failed needs ``force`` and a reason.
+
+        The gate's outcome (passed, failed and forced, or none run) goes into the alias history.
+        """
         name, tag = parse_ref(ref)
         validate_alias(alias)
         reason = clean_text(reason)
-        with self.tx() as s:
+        with self.tx(lock=name) as s:
             v = self._version(s, name, tag)
+            gate = ((v.metrics or {}).get("eval") or {}).get("gate")
+            if gate and not gate["passed"]:
+                if not (force and reason):
+                    raise RegistryError(f"{name}@v{v.number} failed its release gate against {gate['against']}: "
+                                        f"{gate['verdict']}",
+                                        hint="fix the regression, or pass --force --reason WHY to promote anyway "
+                                             "(recorded in the history)")
+                reason = f"{reason} [forced past a failed gate against {gate['against']}: {gate['verdict']}]"
+            elif gate:
+                reason = f"{reason} [gate passed against {gate['against']}]".strip()
             a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
             prev = s.get(Version, a.version_id).number if a else None
             if a:
@@ -259,7 +301,7 @@ class Registry:
         validate_name(name)
         validate_alias(alias)
         reason = clean_text(reason)
-        with self.tx() as s:
+        with self.tx(lock=name) as s:
             stack = self._stack(s, name, alias)
             a = s.scalars(select(Alias).where(Alias.name == name, Alias.alias == alias)).first()
             if a is None:
@@ -279,7 +321,7 @@ class Registry:
 
     def delete(self, ref: str) -> None:
         name, tag = parse_ref(ref)
-        with self.tx() as s:
+        with self.tx(lock=name) as s:
             v = self._version(s, name, tag)
             pinned = s.scalars(select(Alias.alias).where(Alias.version_id == v.id)).all()
             if pinned:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
+                        event)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from skilltune.paths import private_file, sqlite_file
@@ -49,6 +50,7 @@ class Alias(Base):
 
 class AliasEvent(Base):
     __tablename__ = "alias_events"
+    __table_args__ = (Index("ix_alias_events_name_alias_id", "name", "alias", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
@@ -61,11 +63,29 @@ class AliasEvent(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
 
 
-def make_session_factory(url: str):
+def shown(url: str) -> str:
+    """``url`` fit to print: the password masked (it must never reach a log line or an error)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL: say nothing of it but its scheme
+        return url.split(":", 1)[0] + "://..."
+
+
+def make_engine(url: str):
+    """An engine for ``url``: SQLite files owner-only, writers serialised with BEGIN IMMEDIATE."""
     db_file = sqlite_file(url)
     if db_file is not None:
         private_file(db_file)  # prompts, lineage and who promoted what: owner-only (0600)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    try:
+        engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    except Exception as exc:  # noqa: BLE001 - a bad URL or a missing driver
+        from skilltune.errors import SkilltuneError
+
+        raise SkilltuneError(f"cannot use the registry database {shown(url)}: {type(exc).__name__}",
+                             hint="for PostgreSQL install the driver: pip install 'skilltune[postgres]' and use "
+                                  "postgresql+psycopg://USER@HOST/DB (password from PGPASSWORD or the URL)") from None
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -76,5 +96,25 @@ def make_session_factory(url: str):
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn):
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers serialise: no lost updates between processes
-    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_session_factory(url: str, upgrade: bool | None = None):
+    """Sessions on the registry at ``url``, its schema checked (and created or upgraded, see migrate.py).
+
+    ``upgrade``: None upgrades an older SQLite registry on open and asks for `skilltune registry upgrade`
+    on a shared database.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from skilltune.registry.migrate import ensure
+
+    engine = make_engine(url)
+    try:
+        ensure(engine, shown(url), url.startswith("sqlite") if upgrade is None else upgrade)
+    except OperationalError as exc:
+        from skilltune.errors import SkilltuneError
+
+        raise SkilltuneError(f"cannot open the registry database {shown(url)}: {str(exc.orig).strip()[:200]}",
+                             hint="check --registry-url / SKILLTUNE_REGISTRY_URL and that the server is up") from None
     return sessionmaker(engine, expire_on_commit=False)

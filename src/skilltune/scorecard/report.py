@@ -160,17 +160,11 @@ def record(report: dict) -> None:
     """Keep the result where the readiness checklist reads it: every registry version of the same run."""
     from skilltune.registry.api import Registry
 
-    from pathlib import Path
-
-    if not report["run_dir"]:
-        return
-    run = Path(report["run_dir"]).resolve()
     reg = Registry()
-    for v in reg.list():
-        if v.lineage.get("run_dir") and Path(v.lineage["run_dir"]).resolve() == run:
-            reg.attach_metrics(f"{v.name}@v{v.number}", "scorecard", {
-                "study": report["study"], "passed": report["passed"], "verdict": report["verdict"],
-                "judgements": report["judgements"], "created": report["created"]})
+    for ref in reg.versions_of_run(report["run_dir"]):
+        reg.attach_metrics(ref, "scorecard", {
+            "study": report["study"], "passed": report["passed"], "verdict": report["verdict"],
+            "judgements": report["judgements"], "created": report["created"]})
 
 
 def render_markdown(r: dict) -> str:

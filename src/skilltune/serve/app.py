@@ -147,273 +147,308 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _st(request: Request):
+    """The :class:`skilltune.serve.server.ServerState` this app serves."""
+    return request.app.state.skilltune
+
+
+# ---------------------------------------------------------------- errors: OpenAI-shaped, 4xx for client mistakes
+async def _api_error(request: Request, exc: ApiError):
+    request.state.error = exc.message
+    return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+async def _validation(request: Request, exc: RequestValidationError):
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        request.state.error = "invalid JSON"
+        return _error(400, "the request body is not valid JSON", code="invalid_json")
+    first = errs[0]
+    param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+    request.state.error = f"{param or 'body'}: {first.get('msg')}"
+    return _error(422, request.state.error, param=param, code=first.get("type"))
+
+
+async def _http(request: Request, exc: StarletteHTTPException):
+    request.state.error = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's words for undecodable bytes
+        return _error(400, "the request body is not valid JSON (a UTF-8 JSON object is expected)",
+                      code="invalid_json")
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+async def _internal(request: Request, exc: Exception):  # a bug of ours: no details, no paths
+    return _error(500, "internal server error", "server_error")
+
+
+# ---------------------------------------------------------------- the gate: auth, limits, metrics, the log
+def _record(request: Request, route: str, status: int, t0: float, client: str) -> None:
+    """Metrics and the request log for one request, whatever its outcome."""
+    state = _st(request)
+    latency = time.perf_counter() - t0
+    state.metrics.requests.labels(route=route, status=str(status)).inc()
+    state.metrics.latency.labels(route=route).observe(latency)
+    if status >= 400:
+        state.metrics.errors.labels(route=route).inc()
+    if state.log is None or request.url.path in PROBES or request.url.path == "/metrics":
+        return
+    info = getattr(request.state, "log", None) or {}
+    state.log.write(info.get("version") or state.engine.current.version, route, info.get("prompt", ""),
+                    info.get("output", ""), latency, info.get("prompt_tokens", 0), info.get("completion_tokens", 0),
+                    status, getattr(request.state, "error", ""), client)
+
+
+async def _gate(request: Request, call_next):
+    """Auth, per-key limits, then the route; metrics and the log see every outcome."""
+    state = _st(request)
+    t0 = time.perf_counter()
+    route = route_label(request.app, request.scope)
+    client = "-"
+    if state.keys and request.url.path not in PROBES:
+        client = client_name(state.keys, request.headers.get("authorization", ""))
+        if client is None:
+            request.state.error = "missing or wrong API key"
+            _record(request, route, 401, t0, "unauthenticated")
+            return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error",
+                          code="invalid_api_key")
+    limited = bool(state.keys) and request.url.path.startswith("/v1/")  # limits are per key
+    if limited:
+        wait = state.limits.acquire(client)
+        if wait is not None:
+            request.state.error = f"per-key limit reached for client {client!r}"
+            _record(request, route, 429, t0, client)
+            return _error(429, f"too many requests from this API key ({state.limits.concurrency} at a time"
+                          + (f", {state.limits.rate:g}/s" if state.limits.rate else "") + "); retry shortly",
+                          "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"})
+    try:
+        response = await call_next(request)
+    except Exception:
+        request.state.error = "internal server error"
+        _record(request, route, 500, t0, client)
+        raise
+    finally:
+        if limited:
+            state.limits.release(client)
+    _record(request, route, getattr(request.state, "status", None) or response.status_code, t0, client)
+    if "x-skilltune-version" not in response.headers:  # generation routes set the version that answered
+        response.headers["X-Skilltune-Version"] = state.engine.current.version
+    return response
+
+
+# ---------------------------------------------------------------- request checks, before the queue
+def _check_model(state, name: str) -> None:
+    if name not in state.accepted_names():
+        raise ApiError(404, f"model '{name}' is not served here; this server serves '{state.name}'",
+                       param="model", code="model_not_found")
+
+
+def _limit(state, requested: int | None, default: int) -> int:
+    value = requested or min(default, state.max_tokens_limit)  # an omitted max_tokens never errs
+    if value > state.max_tokens_limit:
+        raise ApiError(400, f"max_tokens {value} is over this server's limit of {state.max_tokens_limit}",
+                       param="max_tokens", code="max_tokens_too_large")
+    return value
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOP} non-empty sequences", param="stop")
+    return stops
+
+
+async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
+    """Refuse, before the queue, a prompt over the context or a request over the compute budget."""
+    limit = state.prompt_limit(loaded)
+    if len(prompt) > CHARS_PER_TOKEN_BOUND * limit:  # over for certain: no need to tokenize megabytes
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
+                       f"hold {len(prompt):,} characters, at least {len(prompt) // CHARS_PER_TOKEN_BOUND:,} "
+                       "tokens. Please shorten them.", param="messages", code="context_length_exceeded")
+    n_prompt = await run_in_threadpool(loaded.count_tokens, prompt)
+    if n_prompt + max_tokens > limit:
+        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
+                       "completion). Please reduce the length of the messages or the completion.",
+                       param="messages", code="context_length_exceeded")
+    if n_prompt * max_tokens > state.cfg.max_request_compute:
+        raise ApiError(400, f"{n_prompt} prompt tokens x max_tokens {max_tokens} = {n_prompt * max_tokens:,} is "
+                       f"over this server's per-request budget of {state.cfg.max_request_compute:,}; lower "
+                       "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
+
+
+async def _run(request: Request, prompt: str, max_tokens: int, temperature: float):
+    """Queue the request and wait for it; a time-out or a client that leaves cancels it in the engine."""
+    state = _st(request)
+    engine: Engine = state.engine
+    timeout = state.request_timeout_s
+    try:
+        fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout)
+    except QueueFull:
+        raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    waiter = asyncio.wrap_future(fut)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
+        fut.cancel()  # nobody waits for it any more: the engine stops decoding it at its next step
+        if gone in done:
+            request.state.status = 499  # logged as nginx does: the client closed the request
+            raise ApiError(499, "the client closed the request", code="client_closed_request")
+        raise TimeoutError
+    except (TimeoutError, asyncio.TimeoutError):
+        fut.cancel()
+        raise ApiError(504, f"generation did not finish within {timeout:g} s", "timeout") from None
+    finally:
+        gone.cancel()
+
+
+# ---------------------------------------------------------------- responses
+def _note(request: Request, version: str, prompt: str, out, output: str) -> None:
+    state = _st(request)
+    request.state.log = {"version": version, "prompt": prompt, "output": output,
+                         "prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens}
+    state.metrics.tokens.labels(kind="prompt").inc(out.prompt_tokens)
+    state.metrics.tokens.labels(kind="completion").inc(out.new_tokens)
+
+
+def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
+    """The answer up to its first stop sequence, and the finish reason."""
+    cuts = [text.index(s) for s in stops if s in text]
+    if cuts:
+        return text[:min(cuts)], "stop"
+    return text, "stop" if stopped else "length"
+
+
+def _stream(kind: str, version: str, text: str, finish: str, rid: str):
+    created = int(time.time())
+
+    def chunk(delta: dict | str, fin=None):
+        if kind == "chat":
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": version,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}
+        else:
+            body = {"id": rid, "object": "text_completion", "created": created, "model": version,
+                    "choices": [{"index": 0, "text": delta, "finish_reason": fin}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def events():
+        if kind == "chat":
+            yield chunk({"role": "assistant", "content": ""})
+        words = text.split(" ")
+        for i, w in enumerate(words):
+            piece = w if i == 0 else " " + w
+            yield chunk({"content": piece} if kind == "chat" else piece)
+        yield chunk({} if kind == "chat" else "", finish)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Skilltune-Version": version})
+
+
+def _usage(out) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
+            "total_tokens": out.prompt_tokens + out.new_tokens}
+
+
+# ---------------------------------------------------------------- routes
+async def chat(req: ChatRequest, request: Request):
+    state = _st(request)
+    _check_model(state, req.model)
+    max_tokens = _limit(state, req.max_completion_tokens or req.max_tokens, state.default_max_tokens)
+    stops = _stops(req.stop)
+    loaded = state.engine.current
+    msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+    if loaded.system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": loaded.system_prompt})
+    if msgs[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be from the user", param="messages")
+    request.state.log = {"prompt": msgs[-1]["content"]}
+    prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    await _admit(state, loaded, prompt, max_tokens)
+    version, out = await _run(request, prompt, max_tokens, req.temperature)
+    text, finish = _cut(out.text, out.stopped, stops)
+    _note(request, version, msgs[-1]["content"], out, text)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        return _stream("chat", version, text, finish, rid)
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": finish}], "usage": _usage(out)},
+                        headers={"X-Skilltune-Version": version})
+
+
+async def completions(req: CompletionRequest, request: Request):
+    state = _st(request)
+    _check_model(state, req.model)
+    if isinstance(req.prompt, list):
+        if len(req.prompt) != 1:
+            raise ApiError(400, "send one prompt per request", param="prompt")
+        prompt = req.prompt[0]
+    else:
+        prompt = req.prompt
+    max_tokens = _limit(state, req.max_tokens, 16)
+    stops = _stops(req.stop)
+    request.state.log = {"prompt": prompt}
+    await _admit(state, state.engine.current, prompt, max_tokens)
+    version, out = await _run(request, prompt, max_tokens, req.temperature)
+    text, finish = _cut(out.text, out.stopped, stops)
+    _note(request, version, prompt, out, text)
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        return _stream("completion", version, text, finish, rid)
+    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
+                         "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": _usage(out)},
+                        headers={"X-Skilltune-Version": version})
+
+
+async def models(request: Request):
+    state = _st(request)
+    v = state.engine.current.version
+    return {"object": "list", "data": [{"id": state.name, "object": "model", "created": int(state.started),
+                                        "owned_by": "skilltune", "version": v}]}
+
+
+async def health(request: Request):
+    """Liveness: the process answers (a load balancer's restart signal)."""
+    return {"status": "ok", "version": _st(request).engine.current.version}
+
+
+async def ready(request: Request):
+    """Readiness: the engine makes progress and the server is not draining (503 otherwise)."""
+    state = _st(request)
+    ok, reason = state.readiness()
+    engine = state.engine
+    body = {"status": "ready" if ok else "not ready", "reason": reason, "version": engine.current.version,
+            "queue_depth": engine.pending(), "busy": engine.busy_since is not None,
+            "last_progress_s_ago": round(time.monotonic() - engine.last_progress, 2)}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request):
+    from prometheus_client import generate_latest
+
+    return PlainTextResponse(generate_latest(_st(request).metrics.registry).decode(),
+                             media_type="text/plain; version=0.0.4")
+
+
 def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
-    """``state`` is a :class:`skilltune.serve.server.ServerState` (engine, name, settings, log, metrics).
+    """The app serving ``state`` (a :class:`skilltune.serve.server.ServerState`).
 
     ``allowed_hosts``: the ``Host`` header values accepted (DNS-rebinding protection); None accepts any.
+    Middleware order, outermost first: trusted hosts, the gate (auth, limits, log), the body limit.
     """
     app = FastAPI(title="skilltune", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        request.state.error = exc.message
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errs):
-            request.state.error = "invalid JSON"
-            return _error(400, "the request body is not valid JSON", code="invalid_json")
-        first = errs[0]
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        request.state.error = f"{param or 'body'}: {first.get('msg')}"
-        return _error(422, request.state.error, param=param, code=first.get("type"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        request.state.error = str(exc.detail)
-        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's words for undecodable bytes
-            return _error(400, "the request body is not valid JSON (a UTF-8 JSON object is expected)",
-                          code="invalid_json")
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):  # a bug of ours: no details, no paths
-        return _error(500, "internal server error", "server_error")
-
+    app.state.skilltune = state
+    for exc, handler in ((ApiError, _api_error), (RequestValidationError, _validation),
+                         (StarletteHTTPException, _http), (Exception, _internal)):
+        app.add_exception_handler(exc, handler)
     app.add_middleware(BodyLimit, limit=state.cfg.max_body_bytes)
-
-    def _record(request: Request, route: str, status: int, t0: float, client: str) -> None:
-        """Metrics and the request log for one request, whatever its outcome."""
-        latency = time.perf_counter() - t0
-        state.metrics.requests.labels(route=route, status=str(status)).inc()
-        state.metrics.latency.labels(route=route).observe(latency)
-        if status >= 400:
-            state.metrics.errors.labels(route=route).inc()
-        if state.log is None or request.url.path in PROBES or request.url.path == "/metrics":
-            return
-        info = getattr(request.state, "log", None) or {}
-        state.log.write(info.get("version") or state.engine.current.version, route, info.get("prompt", ""),
-                        info.get("output", ""), latency, info.get("prompt_tokens", 0),
-                        info.get("completion_tokens", 0), status, getattr(request.state, "error", ""), client)
-
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
-        """Auth, per-key limits, then the route; metrics and the log see every outcome."""
-        t0 = time.perf_counter()
-        route = route_label(app, request.scope)
-        client = "-"
-        if state.keys and request.url.path not in PROBES:
-            client = client_name(state.keys, request.headers.get("authorization", ""))
-            if client is None:
-                request.state.error = "missing or wrong API key"
-                _record(request, route, 401, t0, "unauthenticated")
-                return _error(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error",
-                              code="invalid_api_key")
-        limited = bool(state.keys) and request.url.path.startswith("/v1/")  # limits are per key
-        if limited:
-            wait = state.limits.acquire(client)
-            if wait is not None:
-                request.state.error = f"per-key limit reached for client {client!r}"
-                _record(request, route, 429, t0, client)
-                return _error(429, f"too many requests from this API key ({state.limits.concurrency} at a time"
-                              + (f", {state.limits.rate:g}/s" if state.limits.rate else "") + "); retry shortly",
-                              "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"})
-        try:
-            response = await call_next(request)
-        except Exception:
-            request.state.error = "internal server error"
-            _record(request, route, 500, t0, client)
-            raise
-        finally:
-            if limited:
-                state.limits.release(client)
-        status = getattr(request.state, "status", None) or response.status_code
-        _record(request, route, status, t0, client)
-        if "x-skilltune-version" not in response.headers:  # generation routes set the version that answered
-            response.headers["X-Skilltune-Version"] = state.engine.current.version
-        return response
-
-    def _check_model(name: str) -> None:
-        if name not in state.accepted_names():
-            raise ApiError(404, f"model '{name}' is not served here; this server serves '{state.name}'",
-                           param="model", code="model_not_found")
-
-    def _limit(requested: int | None, default: int) -> int:
-        value = requested or min(default, state.max_tokens_limit)  # an omitted max_tokens never errs
-        if value > state.max_tokens_limit:
-            raise ApiError(400, f"max_tokens {value} is over this server's limit of {state.max_tokens_limit}",
-                           param="max_tokens", code="max_tokens_too_large")
-        return value
-
-    def _stops(stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ApiError(400, f"stop: at most {MAX_STOP} non-empty sequences", param="stop")
-        return stops
-
-    async def _admit(loaded, prompt: str, max_tokens: int) -> None:
-        """Refuse, before the queue, a prompt over the context or a request over the compute budget."""
-        limit = state.prompt_limit(loaded)
-        if len(prompt) > CHARS_PER_TOKEN_BOUND * limit:  # over for certain: no need to tokenize megabytes
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
-                           f"hold {len(prompt):,} characters, at least {len(prompt) // CHARS_PER_TOKEN_BOUND:,} "
-                           "tokens. Please shorten them.", param="messages", code="context_length_exceeded")
-        ids = await run_in_threadpool(lambda: loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if len(ids) + max_tokens > limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
-                           "completion). Please reduce the length of the messages or the completion.",
-                           param="messages", code="context_length_exceeded")
-        if len(ids) * max_tokens > state.cfg.max_request_compute:
-            raise ApiError(400, f"{len(ids)} prompt tokens x max_tokens {max_tokens} = {len(ids) * max_tokens:,} is "
-                           f"over this server's per-request budget of {state.cfg.max_request_compute:,}; lower "
-                           "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
-
-    async def _run(request: Request, prompt: str, max_tokens: int, temperature: float):
-        engine: Engine = state.engine
-        timeout = state.request_timeout_s
-        try:
-            fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout)
-        except QueueFull:
-            raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
-        waiter = asyncio.wrap_future(fut)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
-            fut.cancel()  # nobody waits for it any more: the engine stops decoding it at its next step
-            if gone in done:
-                request.state.status = 499  # logged as nginx does: the client closed the request
-                raise ApiError(499, "the client closed the request", code="client_closed_request")
-            raise TimeoutError
-        except (TimeoutError, asyncio.TimeoutError):
-            fut.cancel()
-            raise ApiError(504, f"generation did not finish within {timeout:g} s", "timeout") from None
-        finally:
-            gone.cancel()
-
-    def _note(request: Request, version: str, prompt: str, out, output: str) -> None:
-        request.state.log = {"version": version, "prompt": prompt, "output": output,
-                             "prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens}
-        state.metrics.tokens.labels(kind="prompt").inc(out.prompt_tokens)
-        state.metrics.tokens.labels(kind="completion").inc(out.new_tokens)
-
-    def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
-        """The answer up to its first stop sequence, and the finish reason."""
-        cuts = [text.index(s) for s in stops if s in text]
-        if cuts:
-            return text[:min(cuts)], "stop"
-        return text, "stop" if stopped else "length"
-
-    def _stream(kind: str, version: str, text: str, finish: str, rid: str):
-        created = int(time.time())
-
-        def chunk(delta: dict | str, fin=None):
-            if kind == "chat":
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": version,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}
-            else:
-                body = {"id": rid, "object": "text_completion", "created": created, "model": version,
-                        "choices": [{"index": 0, "text": delta, "finish_reason": fin}]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        def events():
-            if kind == "chat":
-                yield chunk({"role": "assistant", "content": ""})
-            words = text.split(" ")
-            for i, w in enumerate(words):
-                piece = w if i == 0 else " " + w
-                yield chunk({"content": piece} if kind == "chat" else piece)
-            yield chunk({} if kind == "chat" else "", finish)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"X-Skilltune-Version": version})
-
-    def _usage(out) -> dict:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
-                "total_tokens": out.prompt_tokens + out.new_tokens}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        _check_model(req.model)
-        max_tokens = _limit(req.max_completion_tokens or req.max_tokens, state.default_max_tokens)
-        stops = _stops(req.stop)
-        loaded = state.engine.current
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if loaded.system_prompt and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": loaded.system_prompt})
-        if msgs[-1]["role"] != "user":
-            raise ApiError(400, "the last message must be from the user", param="messages")
-        request.state.log = {"prompt": msgs[-1]["content"]}
-        prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        await _admit(loaded, prompt, max_tokens)
-        version, out = await _run(request, prompt, max_tokens, req.temperature)
-        text, finish = _cut(out.text, out.stopped, stops)
-        _note(request, version, msgs[-1]["content"], out, text)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            return _stream("chat", version, text, finish, rid)
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish}], "usage": _usage(out)},
-                            headers={"X-Skilltune-Version": version})
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        _check_model(req.model)
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                raise ApiError(400, "send one prompt per request", param="prompt")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        max_tokens = _limit(req.max_tokens, 16)
-        stops = _stops(req.stop)
-        request.state.log = {"prompt": prompt}
-        await _admit(state.engine.current, prompt, max_tokens)
-        version, out = await _run(request, prompt, max_tokens, req.temperature)
-        text, finish = _cut(out.text, out.stopped, stops)
-        _note(request, version, prompt, out, text)
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            return _stream("completion", version, text, finish, rid)
-        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
-                             "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": _usage(out)},
-                            headers={"X-Skilltune-Version": version})
-
-    @app.get("/v1/models")
-    async def models():
-        v = state.engine.current.version
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": int(state.started),
-                                            "owned_by": "skilltune", "version": v}]}
-
-    @app.get("/health")
-    async def health():
-        """Liveness: the process answers (a load balancer's restart signal)."""
-        return {"status": "ok", "version": state.engine.current.version}
-
-    @app.get("/ready")
-    async def ready():
-        """Readiness: the engine makes progress and the server is not draining (503 otherwise)."""
-        ok, reason = state.readiness()
-        engine = state.engine
-        body = {"status": "ready" if ok else "not ready", "reason": reason, "version": engine.current.version,
-                "queue_depth": engine.pending(), "busy": engine.busy_since is not None,
-                "last_progress_s_ago": round(time.monotonic() - engine.last_progress, 2)}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        from prometheus_client import generate_latest
-
-        return PlainTextResponse(generate_latest(state.metrics.registry).decode(),
-                                 media_type="text/plain; version=0.0.4")
-
+    app.middleware("http")(_gate)
+    app.post("/v1/chat/completions")(chat)
+    app.post("/v1/completions")(completions)
+    for path, route in (("/v1/models", models), ("/health", health), ("/ready", ready), ("/metrics", metrics)):
+        app.get(path)(route)
     if allowed_hosts is not None:  # added last, so it runs first: a foreign Host header never reaches a route
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 

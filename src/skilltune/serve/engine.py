@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from skilltune.evaluate.generate import Generation, generate
+from skilltune.model.generate import Generation, generate
 
 
 class QueueFull(Exception):
@@ -34,6 +34,22 @@ class Loaded:
     tokenizer: object
     system_prompt: str | None = None
     context_tokens: int = 2048  # the model's context length (prompt + completion)
+    counter: object = None  # a copy of the tokenizer for counting request tokens (see count_tokens)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_tokens(self, text: str) -> int:
+        """Prompt tokens, counted on a copy of the tokenizer.
+
+        A fast tokenizer is not thread-safe: encoding without padding resets the padding
+        setting of the Rust tokenizer the engine is batch-encoding with (left padding) at
+        that moment, and the engine's batch comes out ragged. Counting uses its own copy.
+        """
+        if self.counter is None:
+            import copy
+
+            self.counter = copy.deepcopy(self.tokenizer)
+        with self._count_lock:
+            return len(self.counter(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass

@@ -45,6 +45,8 @@ def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
     errors = sum(r["status"] >= 400 for r in rows)
     lat = [r["latency_s"] for r in rows if r["status"] < 400]
     out = {"requests": n, "error_rate": errors / n if n else 0.0,
+           "by_class": {c: sum(status_class(r["status"]) == c for r in rows)
+                        for c in sorted({status_class(r["status"]) for r in rows})},
            "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
            "latency_p95_s": float(np.percentile(lat, 95)) if lat else None,
            "versions": sorted({r["version"] for r in rows}),
@@ -58,3 +60,52 @@ def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
                  note="" if enough else f"only {len(live)} successful requests; drift needs {MIN_REQUESTS}+")
         out["drift"] = d
     return out
+
+
+def status_class(status: int) -> str:
+    """The class a logged status counts under: ok, 4xx, 429, 499 (client left), 5xx, 504 (time-out)."""
+    if status < 400:
+        return "ok"
+    if status in (429, 499, 504):
+        return str(status)
+    return "5xx" if status >= 500 else "4xx"
+
+
+def windows(rows: list[dict], window_s: float) -> list[dict]:
+    """Per time window: volume, error rate, errors by class, latency percentiles (oldest first)."""
+    if not rows:
+        return []
+    start = min(r["ts"] for r in rows)
+    buckets: dict[int, list[dict]] = {}
+    for r in rows:
+        buckets.setdefault(int((r["ts"] - start) // window_s), []).append(r)
+    out = []
+    for k in range(max(buckets) + 1):
+        rs = buckets.get(k, [])
+        classes: dict[str, int] = {}
+        for r in rs:
+            classes[status_class(r["status"])] = classes.get(status_class(r["status"]), 0) + 1
+        lat = [r["latency_s"] for r in rs if r["status"] < 400]
+        errors = sum(v for c, v in classes.items() if c not in ("ok", "429", "499"))
+        out.append({"start": start + k * window_s, "requests": len(rs), "errors": errors,
+                    "error_rate": errors / len(rs) if rs else 0.0, "by_class": classes,
+                    "rate_limited": classes.get("429", 0),
+                    "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
+                    "latency_p95_s": float(np.percentile(lat, 95)) if lat else None})
+    return out
+
+
+SPIKE_MIN_ERRORS = 5  # fewer errors than this in a window never page anyone
+
+
+def spike(wins: list[dict]) -> dict | None:
+    """The latest window, if its error rate jumped: >= 5 errors and more than twice the earlier windows' rate
+    plus 5 points (errors here are server-side and client mistakes, not 429s or clients that left)."""
+    if not wins:
+        return None
+    last, earlier = wins[-1], wins[:-1]
+    before = sum(w["errors"] for w in earlier) / max(sum(w["requests"] for w in earlier), 1)
+    if last["errors"] >= SPIKE_MIN_ERRORS and last["error_rate"] > 2 * before + 0.05:
+        return {"window_start": last["start"], "error_rate": last["error_rate"], "before": before,
+                "errors": last["errors"], "by_class": last["by_class"]}
+    return None

@@ -46,7 +46,10 @@ def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) 
     target = load_target(str(artifact), policy=base_load_policy(v.lineage, trust_remote_code))
     system = version_system_prompt(v)
     context = getattr(target.model.config, "max_position_embeddings", None) or 2048
-    return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system, int(context))
+    import copy
+
+    return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system, int(context),
+                  counter=copy.deepcopy(target.tokenizer))
 
 
 @dataclass
@@ -116,8 +119,13 @@ class ServerState:
 
 
 def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | None, registry: Registry | None = None,
-                log_path: Path | None = None, poll_s: float = 1.0, trust_remote_code: bool = False) -> ServerState:
-    """Load ``ref`` and everything the app serves it with; ``api_keys``: ``{key: client name}`` (or one key)."""
+                log_path: Path | None = None, poll_s: float = 1.0, trust_remote_code: bool = False,
+                record: bool = True) -> ServerState:
+    """Load ``ref`` and everything the app serves it with; ``api_keys``: ``{key: client name}`` (or one key).
+
+    ``record``: note in the registry that this version is served (monitoring evidence); a load test's
+    private server does not.
+    """
     from skilltune.paths import home
 
     registry = registry or Registry()
@@ -132,7 +140,8 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
                         poll_s=poll_s, trust_remote_code=trust_remote_code,
                         limits=KeyLimits(cfg.per_key_concurrency, cfg.per_key_rate))
     state.metrics.version.labels(name=name, version=loaded.version).set(1)
-    state.record_serving(loaded.version)
+    if record:
+        state.record_serving(loaded.version)
     threading.Thread(target=state.follow_alias, name="skilltune-alias-watch", daemon=True).start()
     return state
 

@@ -48,12 +48,13 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, loop_state: dict,
-                    identity: dict, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    loop_state: dict, identity: dict, keep: int) -> Path:
+    """Write ``step``'s checkpoint; ``trainable`` is the full (gathered) trainable state, name -> tensor."""
     final = ckpt_root / f"step-{step:06d}"
     clean_stale_temp_dirs(ckpt_root, final.name)
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / "state.pt")
         (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))

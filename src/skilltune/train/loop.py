@@ -403,11 +403,12 @@ def validate(s: Session, metrics: dict) -> None:
     metrics["val_loss"] = val
     if loop.best_val is None or val < loop.best_val - 1e-6:
         loop.best_val, loop.best_step, loop.bad_evals = val, loop.step, 0
+        state = _gathered_trainable(s)  # every process takes part (FSDP/DeepSpeed gather the shards)
         if s.acc.is_main_process:
             from safetensors.torch import save_file
 
             with atomic_dir(s.run_path / "best") as tmp:
-                save_file(ckpt.trainable_state(s.model), str(tmp / "trainable.safetensors"))
+                save_file(state, str(tmp / "trainable.safetensors"))
         return
     loop.bad_evals += 1
     patience = cfg.train.early_stopping_patience
@@ -417,9 +418,26 @@ def validate(s: Session, metrics: dict) -> None:
                            f"evaluations (best {loop.best_val:.4f} at step {loop.best_step})")
 
 
+def _gathered_trainable(s: Session) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, by the model's parameter names.
+
+    Through ``accelerator.get_state_dict`` (every process must call it): under FSDP or
+    DeepSpeed ZeRO-3 each process holds only a shard, and reading the parameters on the
+    main process alone would save a fraction of them. Single-process and DDP runs get the
+    same tensors as reading the parameters directly.
+    """
+    wrapper = s.acc.unwrap_model(s.loss_fn)
+    names = {n for n, p in wrapper.named_parameters() if p.requires_grad}
+    full = s.acc.get_state_dict(s.loss_fn)
+    prefix = "model."  # CompletionLoss holds the model as .model
+    return {k[len(prefix):]: v.detach().to("cpu").clone().contiguous() for k, v in (full or {}).items()
+            if k in names}
+
+
 def _save(s: Session, step: int) -> None:
+    state = _gathered_trainable(s)
     if s.acc.is_main_process:
-        ckpt.save_checkpoint(s.ckpt_root, step, s.model, s.optimizer, s.scheduler, s.loop.to_json(), s.identity,
+        ckpt.save_checkpoint(s.ckpt_root, step, state, s.optimizer, s.scheduler, s.loop.to_json(), s.identity,
                              s.cfg.train.save_total_limit)
     s.acc.wait_for_everyone()
 

@@ -74,15 +74,11 @@ def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: 
     return out
 
 
-def preflight(cfg: SkilltuneConfig) -> None:
-    """The checks that need no model, all problems at once: data files, the method, metric names.
-
-    ``skilltune train`` runs them first and ``skilltune config validate`` runs the same ones,
-    so a config that validates does not fail these at training time.
-    """
-    from skilltune.errors import ConfigError
-    from skilltune.evaluate.metrics import METRICS, _entry_point_metrics
+def config_problems(cfg: SkilltuneConfig) -> list[str]:
+    """What is wrong with ``cfg`` for training, found without a model: data files, registered names."""
+    from skilltune.data.formats import FORMATS
     from skilltune.train.methods import METHODS
+    from skilltune.train.trackers import TRACKERS
 
     problems = []
     if not cfg.data.train:
@@ -91,16 +87,26 @@ def preflight(cfg: SkilltuneConfig) -> None:
         value = getattr(cfg.data, field)
         if value and not Path(value).is_file():
             problems.append(f"data.{field}: data file not found: {value}")
-    if cfg.eval.db and not Path(cfg.eval.db).is_file():
-        problems.append(f"eval.db: file not found: {cfg.eval.db}")
+    # names are checked against the registries (what a plug-in registers is valid too), never a fixed list
+    if cfg.data.format != "auto" and cfg.data.format not in FORMATS:
+        problems.append(f"data.format: unknown format {cfg.data.format!r} (known: auto, {', '.join(FORMATS)})")
     if cfg.adapter.method not in METHODS:
         problems.append(f"adapter.method: unknown method {cfg.adapter.method!r} (known: {', '.join(METHODS)})")
-    if any(m not in METRICS and ":" not in m for m in cfg.eval.metrics):
-        _entry_point_metrics()
-    problems += [f"eval.metrics: unknown metric {m!r} (built-in: {', '.join(METRICS)})"
-                 for m in cfg.eval.metrics if ":" not in m and m not in METRICS]
-    if "sql_exec" in cfg.eval.metrics and not cfg.eval.db:
-        problems.append("eval.db: the sql_exec metric needs the SQLite database (set eval.db)")
+    problems += [f"train.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)})"
+                 for t in cfg.train.report_to if t not in TRACKERS]
+    return problems
+
+
+def preflight(cfg: SkilltuneConfig) -> None:
+    """The checks that need no model, every problem at once, then whether this machine can run the method.
+
+    ``skilltune train`` runs them first and ``skilltune config validate`` runs the same ones,
+    so a config that validates does not fail these at training time.
+    """
+    from skilltune.errors import ConfigError
+    from skilltune.train.methods import METHODS
+
+    problems = config_problems(cfg)
     if problems:
         raise ConfigError(problems)
     METHODS[cfg.adapter.method].check(cfg.adapter)  # what this machine can run (QLoRA needs CUDA): TrainingError
