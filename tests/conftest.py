@@ -126,7 +126,9 @@ def server(registered, tmp_path):
         url, base = registered
         reg = Registry(url, store=base / "home" / "registry" / "store")
         cfg = ServeConfig(queue_size=queue_size, max_tokens_limit=max_tokens_limit, **settings)
-        state = build_state("svc@production", cfg, api_key, reg, log_path=tmp_path / "requests.db", poll_s=0.1)
+        shared_log = os.environ.get("SKILLTUNE_REQUESTLOG_URL")  # set by db_backend: log to PostgreSQL
+        state = build_state("svc@production", cfg, api_key, reg, log_path=None if shared_log else tmp_path / "requests.db",
+                            poll_s=0.1)
         port = free_port()
         srv = make_server(state, "127.0.0.1", port)
         th = threading.Thread(target=srv.run, daemon=True)
@@ -202,9 +204,10 @@ def postgres():
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_backend(request, monkeypatch):
-    """Run a test on SQLite (the default home) and on a fresh PostgreSQL database (registry and scorecard)."""
+    """Run a test on SQLite (the default home) and on a fresh PostgreSQL database (registry, scorecard, request log)."""
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres").new_database()
         monkeypatch.setenv("SKILLTUNE_REGISTRY_URL", url)
         monkeypatch.setenv("SKILLTUNE_SCORECARD_URL", url)
+        monkeypatch.setenv("SKILLTUNE_REQUESTLOG_URL", url)
     return request.param

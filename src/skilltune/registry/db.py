@@ -7,6 +7,7 @@ from which version to which, when and why. Rollback reads that history.
 from __future__ import annotations
 
 import datetime as dt
+from functools import lru_cache
 
 from sqlalchemy import (JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine,
                         event)
@@ -74,10 +75,18 @@ def shown(url: str) -> str:
 
 
 def make_engine(url: str):
-    """An engine for ``url``: SQLite files owner-only, writers serialised with BEGIN IMMEDIATE."""
+    """The engine for ``url``, one per URL per process (its pool is shared by every Registry on that URL).
+
+    SQLite files are owner-only and serialise writers with BEGIN IMMEDIATE.
+    """
     db_file = sqlite_file(url)
     if db_file is not None:
         private_file(db_file)  # prompts, lineage and who promoted what: owner-only (0600)
+    return _engine(url)
+
+
+@lru_cache(maxsize=8)  # a few URLs per process at most; evicted engines close with their last user
+def _engine(url: str):
     try:
         engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     except Exception as exc:  # noqa: BLE001 - a bad URL or a missing driver

@@ -39,8 +39,8 @@ def drift(train_prompts: list[str], live_prompts: list[str]) -> dict:
 MIN_REQUESTS = 20  # below this a distribution comparison says nothing
 
 
-def summarize(log_path: Path, train_file: str | None, threshold: float) -> dict:
-    rows = RequestLog(log_path).rows()
+def summarize(log: RequestLog | Path, train_file: str | None, threshold: float) -> dict:
+    rows = (log if isinstance(log, RequestLog) else RequestLog(log)).rows()
     n = len(rows)
     errors = sum(r["status"] >= 400 for r in rows)
     lat = [r["latency_s"] for r in rows if r["status"] < 400]

@@ -1,76 +1,118 @@
-"""The request log: every request's time, version, prompt, output, latency, tokens and status.
+"""The request log: every request's time, version, client, prompt, output, latency, tokens and status.
 
-SQLite, one row per request, PII redacted with the audit's detectors (on by default),
-rotated by size: when the file passes ``max_bytes`` it is renamed ``.1`` (the older
-``.1`` dropped) and a new one started.
+SQLAlchemy over a SQLite file per served model (the default, owner-only, rotated by
+size: past ``max_bytes`` it is renamed ``.1``, the older ``.1`` dropped) or over a
+shared database by URL (``SKILLTUNE_REQUESTLOG_URL``, e.g. the team's PostgreSQL),
+where rows carry the served model's name and the oldest beyond ``max_rows`` are
+deleted. PII is redacted with the audit's detectors (on by default).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from skilltune.data.pii import redact
-from skilltune.paths import private_file
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, insert,
+                        inspect, select, text)
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY, ts REAL, version TEXT, route TEXT, prompt TEXT, output TEXT,
-    latency_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER, status INTEGER, error TEXT,
-    client TEXT DEFAULT '')"""
+from skilltune.data.pii import redact
+from skilltune.paths import private_file, sqlite_file
+
+_META = MetaData()
+REQUESTS = Table(
+    "requests", _META,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, index=True), Column("service", String(200), default="", index=True),
+    Column("version", String(200)), Column("route", String(200)), Column("prompt", Text), Column("output", Text),
+    Column("latency_s", Float), Column("prompt_tokens", Integer), Column("completion_tokens", Integer),
+    Column("status", Integer), Column("error", Text), Column("client", String(200), default=""),
+)
 _COLUMNS = ("ts", "version", "route", "prompt", "output", "latency_s", "prompt_tokens", "completion_tokens",
             "status", "error", "client")
+ADDED_LATER = {"client": "VARCHAR(200) DEFAULT ''", "service": "VARCHAR(200) DEFAULT ''"}
+
+
+def default_target(name: str) -> str | Path:
+    """Where ``name``'s requests are logged: ``$SKILLTUNE_REQUESTLOG_URL``, else a SQLite file in the home."""
+    from skilltune.paths import home
+
+    return os.environ.get("SKILLTUNE_REQUESTLOG_URL") or home() / "serving" / f"{name}.requests.db"
 
 
 class RequestLog:
-    def __init__(self, path: Path, redact_pii: bool = True, max_bytes: int = 100 * 1024**2):
-        self.path, self.redact, self.max_bytes = Path(path), redact_pii, max_bytes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: str | Path, redact_pii: bool = True, max_bytes: int = 100 * 1024**2,
+                 service: str = "", max_rows: int = 5_000_000):
+        """``target``: a SQLite file path, or a database URL (then rows are kept per ``service``)."""
+        is_url = isinstance(target, str) and "://" in target
+        self.url = target if is_url else f"sqlite:///{Path(target)}"
+        self.path = sqlite_file(self.url)
+        self.redact, self.max_bytes, self.max_rows, self.service = redact_pii, max_bytes, max_rows, service
         self._lock = threading.Lock()
+        self._writes = 0
         self._open()
 
     def _open(self) -> None:
-        private_file(self.path)  # prompts and outputs: owner-only (0600), like its -wal/-shm files
-        self.con = sqlite3.connect(self.path, check_same_thread=False)
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute(_SCHEMA)
-        have = {row[1] for row in self.con.execute("PRAGMA table_info(requests)")}
-        if "client" not in have:  # a log written before API keys had names
-            self.con.execute("ALTER TABLE requests ADD COLUMN client TEXT DEFAULT ''")
-        self.con.commit()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # prompts and outputs: owner-only (0600), like its -wal/-shm files
+        self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30}
+                                    if self.path is not None else {})
+        if self.path is not None:
+            @event.listens_for(self.engine, "connect")
+            def _wal(dbapi_conn, _record):
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        _META.create_all(self.engine)
+        with self.engine.begin() as c:  # logs written before these columns existed
+            have = {col["name"] for col in inspect(c).get_columns("requests")}
+            for column, ddl in ADDED_LATER.items():
+                if column not in have:
+                    c.execute(text(f"ALTER TABLE requests ADD COLUMN {column} {ddl}"))
 
-    def _clean(self, text: str) -> str:
-        return redact(text)[0] if self.redact else text
+    def _clean(self, text_: str) -> str:
+        return redact(text_)[0] if self.redact else text_
 
     def write(self, version: str, route: str, prompt: str, output: str, latency_s: float, prompt_tokens: int,
               completion_tokens: int, status: int, error: str = "", client: str = "") -> None:
+        row = {"ts": time.time(), "service": self.service, "version": version, "route": route,
+               "prompt": self._clean(prompt), "output": self._clean(output), "latency_s": latency_s,
+               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "status": status,
+               "error": self._clean(error), "client": client}
         with self._lock:
-            self.con.execute(f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                             (time.time(), version, route, self._clean(prompt), self._clean(output), latency_s,
-                              prompt_tokens, completion_tokens, status, self._clean(error), client))
-            self.con.commit()
-            wal = Path(str(self.path) + "-wal")
-            if self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0) > self.max_bytes:
-                self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self.con.close()
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                for suffix in ("-wal", "-shm"):
-                    Path(str(self.path) + suffix).unlink(missing_ok=True)
-                self._open()
+            with self.engine.begin() as c:
+                c.execute(insert(REQUESTS), row)
+            self._writes += 1
+            self._rotate()
+
+    def _rotate(self) -> None:
+        if self.path is None:  # a shared database: keep the newest max_rows of this service
+            if self._writes % 1000 == 0:
+                with self.engine.begin() as c:
+                    cut = c.execute(select(REQUESTS.c.id).where(REQUESTS.c.service == self.service)
+                                    .order_by(REQUESTS.c.id.desc()).offset(self.max_rows).limit(1)).scalar()
+                    if cut is not None:
+                        c.execute(delete(REQUESTS).where(REQUESTS.c.service == self.service, REQUESTS.c.id <= cut))
+            return
+        wal = Path(str(self.path) + "-wal")
+        if self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0) <= self.max_bytes:
+            return
+        with self.engine.connect() as c:  # fold the WAL in first: only the rows themselves count toward the size
+            c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self.path.stat().st_size > self.max_bytes:
+            self.engine.dispose()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self._open()
 
     def rows(self) -> list[dict]:
-        with self._lock:
-            cur = self.con.execute(f"SELECT {', '.join(_COLUMNS)} FROM requests ORDER BY id")
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+        with self._lock, self.engine.connect() as c:
+            q = select(*(REQUESTS.c[name] for name in _COLUMNS)).order_by(REQUESTS.c.id)
+            if self.path is None:
+                q = q.where(REQUESTS.c.service == self.service)
+            return [dict(r._mapping) for r in c.execute(q)]
 
     def close(self) -> None:
         with self._lock:
-            self.con.close()
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+            self.engine.dispose()

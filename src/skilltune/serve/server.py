@@ -14,9 +14,10 @@ from pathlib import Path
 
 from skilltune.config.schema import ServeConfig
 from skilltune.registry.api import Registry, base_load_policy, parse_ref, version_system_prompt
+from skilltune.registry.db import shown
 from skilltune.serve.clients import KeyLimits
 from skilltune.serve.engine import Engine, Loaded
-from skilltune.serve.requestlog import RequestLog
+from skilltune.serve.requestlog import RequestLog, default_target
 
 
 class Metrics:
@@ -108,7 +109,8 @@ class ServerState:
         promote or rollback too, not only the one it started with)."""
         self.registry.attach_metrics(version, "monitoring", {
             "request_log": self.log is not None, "redact_pii": self.cfg.redact_pii,
-            "log_path": str(self.log.path) if self.log else None, "drift_threshold": self.cfg.drift_threshold,
+            "log_path": (str(self.log.path or shown(self.log.url))) if self.log else None,
+            "drift_threshold": self.cfg.drift_threshold,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def stop(self) -> None:
@@ -126,15 +128,13 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
     ``record``: note in the registry that this version is served (monitoring evidence); a load test's
     private server does not.
     """
-    from skilltune.paths import home
-
     registry = registry or Registry()
     name, _ = parse_ref(ref)
     loaded = load_version(registry, ref, trust_remote_code)
     engine = Engine(loaded, queue_size=cfg.queue_size)
     log = None
     if cfg.log_requests:
-        log = RequestLog(log_path or home() / "serving" / f"{name}.requests.db", redact_pii=cfg.redact_pii)
+        log = RequestLog(log_path or default_target(name), redact_pii=cfg.redact_pii, service=name)
     keys = {api_keys: "default"} if isinstance(api_keys, str) else dict(api_keys or {})
     state = ServerState(name, ref, registry, engine, keys, cfg.max_tokens_limit, cfg.request_timeout_s, log, cfg,
                         poll_s=poll_s, trust_remote_code=trust_remote_code,
