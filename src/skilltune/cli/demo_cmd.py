@@ -15,6 +15,8 @@ from skilltune.cli.common import SET_HELP, ConsoleStages, console, quiet_librari
 def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small subsets (a first look, tests)."),
          workdir: Path = typer.Option(Path("demo-work"), "--workdir", help="Where runs and reports go."),
          name: str = typer.Option("sql-demo", "--name", help="Registry name."),
+         model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the embedded SmolLM2; "
+                                             "embedded:gemma3-270m is the second embedded model)."),
          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Teach the embedded SmolLM2 text-to-SQL: advise, audit, train, eval, register, checklist.
 
@@ -25,7 +27,7 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small
     from skilltune.demo import run_demo
 
     t0 = time.perf_counter()
-    res = run_demo(workdir, quick, set_, name,
+    res = run_demo(workdir, quick, ([f"model.base={model}"] if model else []) + list(set_ or []), name,
                    stage=lambda s: console.rule(f"[bold]{s}"),
                    say=lambda m: console.print(m, highlight=False, markup=False),
                    reporter=RichReporter(), stages=ConsoleStages())

@@ -60,3 +60,21 @@ def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory
     console.print(table)
     console.print("[bold]chat template in use[/bold]:")
     console.print(facts["chat_template"], markup=False, highlight=False)
+
+
+@app.command()
+def families() -> None:
+    """The model families skilltune is tested on: template, end-of-turn token, structure, real weights run here.
+
+    Example: skilltune models families
+    """
+    from skilltune.model.families import FAMILIES
+
+    table = Table("family", "model_type", "chat template (when the model has none)", "end of turn", "structure",
+                  "tested", "real weights run here")
+    for f in FAMILIES.values():
+        table.add_row(f.name, ", ".join(f.model_types), f.template, f.end_of_turn, f.notes,
+                      "contract: LoRA/DoRA/full, kernels vs stock, shared prefix, template + stop, merge, resume, "
+                      "eval, registry, serve, export (tiny model, tests/test_families.py)",
+                      f.real_weights or "-")
+    console.print(table)

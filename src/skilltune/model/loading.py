@@ -5,6 +5,7 @@ Safetensors only unless ``allow_pickle``; remote code only if ``trust_remote_cod
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ from skilltune.config.schema import ModelConfig
 from skilltune.errors import ModelLoadError
 from skilltune.model.sources import ResolvedModel, resolve_model
 from skilltune.model.tokenizer import TokenizerInfo, prepare_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +34,12 @@ def load_tokenizer(cfg: ModelConfig, source: ResolvedModel | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the tokenizer from {source.path}: {exc}") from exc
-    info = prepare_tokenizer(tokenizer, cfg.chat_template)
+    from skilltune.model.families import family_of
+
+    info = prepare_tokenizer(tokenizer, cfg.chat_template, family_of(source.path))
+    if info.added_tokens:
+        log.warning("the tokenizer of %s lacks %s: added to its vocabulary (the embeddings grow to match)",
+                    source.spec, ", ".join(info.added_tokens))
     return tokenizer, info, source
 
 

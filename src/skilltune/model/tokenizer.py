@@ -41,23 +41,31 @@ def _turn_end_token(tokenizer) -> str:
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
     )
     tail = text.split(probe, 1)[1]
-    for token in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
+    # special tokens, and added control tokens a converted tokenizer may not list as special (Gemma's <end_of_turn>)
+    candidates = set(tokenizer.all_special_tokens) | {t for t in tokenizer.get_added_vocab() if len(t) > 2
+                                                      and t[0] in "<[" and t[-1] in ">]"}
+    for token in sorted(candidates, key=len, reverse=True):
         if tail.lstrip(" ").startswith(token):
             return token
     return tokenizer.eos_token
 
 
-def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> TokenizerInfo:
+def prepare_tokenizer(tokenizer, chat_template: str | None = None, family=None) -> TokenizerInfo:
     """Make ``tokenizer`` ready for finetuning, in place, and describe what was done.
 
+    A tokenizer without a template gets its ``family``'s published one (a base model such
+    as Gemma 3 270M) when the family's marker tokens are in the vocabulary, else ChatML.
     Returns a :class:`TokenizerInfo`; if ``added_tokens`` is not empty the model's
     embeddings must be resized (:func:`skilltune.model.loading.load_model` does it).
     """
     added: list[str] = []
+    vocab = tokenizer.get_vocab()
     if chat_template:
         tokenizer.chat_template, source = chat_template, "config"
     elif getattr(tokenizer, "chat_template", None):
         source = "model"
+    elif family is not None and all(m in vocab for m in family.markers):
+        tokenizer.chat_template, source = family.template_text(), f"family:{family.name}"
     else:
         tokenizer.chat_template, source = CHATML_TEMPLATE, "chatml"
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
@@ -66,7 +74,7 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> TokenizerI
             added += missing
 
     end = _turn_end_token(tokenizer)
-    if tokenizer.eos_token is None or (source == "chatml" and tokenizer.eos_token != end):
+    if tokenizer.eos_token is None or (source != "model" and tokenizer.eos_token != end):
         # Generation must stop where the template closes a turn.
         tokenizer.eos_token = end
 

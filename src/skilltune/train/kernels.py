@@ -42,6 +42,7 @@ ATTENTION_NAME = "skilltune_cpu"
 class Kernel:
     name: str
     install: Callable[[torch.nn.Module], tuple[int, Callable[[], None]]]  # -> (modules taken over, undo)
+    steps_aside: str = ""  # when it takes over nothing: why, for the training plan
 
 
 KERNELS: dict[str, Kernel] = {}
@@ -52,7 +53,10 @@ def register_kernel(kernel: Kernel) -> None:
 
 
 def install_kernels(model: torch.nn.Module) -> tuple[dict[str, int], Callable[[], None]]:
-    """Install every registered kernel that applies to ``model``; return counts and one undo."""
+    """Install every registered kernel that applies to ``model``; return counts and one undo.
+
+    A kernel that applies nowhere steps aside (the stock path runs): :func:`skipped_kernels` says why.
+    """
     counts, undos = {}, []
     for kernel in KERNELS.values():
         n, undo = kernel.install(model)
@@ -65,6 +69,11 @@ def install_kernels(model: torch.nn.Module) -> tuple[dict[str, int], Callable[[]
             undo()
 
     return counts, undo_all
+
+
+def skipped_kernels(installed: dict[str, int]) -> dict[str, str]:
+    """The registered kernels not in ``installed``, each with the reason it steps aside."""
+    return {k.name: k.steps_aside for k in KERNELS.values() if k.name not in installed}
 
 
 def _swap_forward(modules: list[torch.nn.Module], make: Callable) -> Callable[[], None]:
@@ -233,7 +242,9 @@ def _install_lora(model) -> tuple[int, Callable[[], None]]:
     return len(mods), undo
 
 
-register_kernel(Kernel("lora_linear", _install_lora))
+register_kernel(Kernel("lora_linear", _install_lora,
+                       "no peft LoRA layer over a plain nn.Linear (full finetuning, or another base layer): "
+                       "peft's own forward"))
 
 
 # ---- rms_norm ------------------------------------------------------------------------------
@@ -301,7 +312,9 @@ def _install_rms_norm(model) -> tuple[int, Callable[[], None]]:
     return len(mods), _swap_forward(mods, _norm_forward)
 
 
-register_kernel(Kernel("rms_norm", _install_rms_norm))
+register_kernel(Kernel("rms_norm", _install_rms_norm,
+                       "no RMSNorm here that the kernel reproduces exactly (Gemma's (1 + weight) norm is not "
+                       "Llama's): stock norms"))
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -528,6 +541,8 @@ def _install_attention(model) -> tuple[int, Callable[[], None]]:
     before = getattr(config, "_attn_implementation", None)
     if before not in ("sdpa", "eager") or not hasattr(base, "set_attn_implementation"):
         return 0, lambda: None
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma 2: only eager attention computes soft-capping
+        return 0, lambda: None
     AttentionInterface.register(ATTENTION_NAME, attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, attention_bias)
     try:
@@ -538,4 +553,6 @@ def _install_attention(model) -> tuple[int, Callable[[], None]]:
     return layers, lambda: base.set_attn_implementation(before)
 
 
-register_kernel(Kernel("attention", _install_attention))
+register_kernel(Kernel("attention", _install_attention,
+                       "the model takes no custom attention function, or soft-caps attention logits (Gemma 2): "
+                       "stock attention"))

@@ -30,8 +30,8 @@ from skilltune.model.target import ADAPTER_META
 from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan, collate, count_label_tokens
-from skilltune.train.kernels import install_kernels
-from skilltune.train.loss import CompletionLoss, mean_loss, supports_shared_prefix
+from skilltune.train.kernels import install_kernels, skipped_kernels
+from skilltune.train.loss import CompletionLoss, mean_loss, shared_prefix_refusal
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
@@ -145,6 +145,7 @@ class Session:
     kernels: dict = field(default_factory=dict)
     undo_kernels: object = lambda: None
     share_prefix: str | None = None
+    share_prefix_refusal: str | None = None  # why this model cannot use the shared-prefix layout
     trainable: int = 0
     total: int = 0
     trackers: Trackers | None = None
@@ -253,7 +254,8 @@ def _setup_model(s: Session, autocast_dtype) -> None:
             model.enable_input_require_grads()
     if cfg.train.kernels and s.acc.device.type == "cpu":
         s.kernels, s.undo_kernels = install_kernels(model)
-    if cfg.train.share_prefix and supports_shared_prefix(model, cfg.train.gradient_checkpointing):
+    s.share_prefix_refusal = shared_prefix_refusal(model, cfg.train.gradient_checkpointing)
+    if cfg.train.share_prefix and s.share_prefix_refusal is None:
         # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
         s.share_prefix = "packed" if "attention" in s.kernels else "cache"
     if s.acc.is_main_process:
@@ -310,9 +312,19 @@ def _write_run_record(s: Session) -> None:
         "precision": s.precision, "processes": s.acc.num_processes,
         "examples": f"{len(s.data.train)} train / {len(s.data.val)} val",
         "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{s.total_steps} ({s.plan.steps_per_epoch}/epoch)",
-        "packing": cfg.train.packing, "shared prefix": s.share_prefix or "off",
-        "kernels": ", ".join(f"{k} x{n}" for k, n in s.kernels.items()) or "stock",
+        "packing": cfg.train.packing,
+        "shared prefix": s.share_prefix or (f"off ({s.share_prefix_refusal})" if s.share_prefix_refusal else "off"),
+        "kernels": _kernel_plan(s),
         "run dir": str(s.run_path)})
+
+
+def _kernel_plan(s: Session) -> str:
+    """Which CPU kernels run, and for those that do not, why (the stock transformers/peft path runs instead)."""
+    if not s.cfg.train.kernels or s.acc.device.type != "cpu":
+        return "stock (" + ("train.kernels is off" if not s.cfg.train.kernels else "CPU kernels; not on a GPU") + ")"
+    ran = ", ".join(f"{k} x{n}" for k, n in s.kernels.items()) or "none"
+    aside = "; ".join(f"{k}: {why}" for k, why in skipped_kernels(s.kernels).items())
+    return ran + (f"; stepped aside: {aside}" if aside else "")
 
 
 # ---------------------------------------------------------------- fit

@@ -143,8 +143,8 @@ def mean_loss(loss_fn: CompletionLoss, items: list[Encoded], pad_id: int, batch_
     return total / max(count_label_tokens(items), 1)
 
 
-def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool) -> bool:
-    """Can this model train on a shared-prefix layout (batches.collate, either layout)?
+def shared_prefix_refusal(model: torch.nn.Module, gradient_checkpointing: bool) -> str | None:
+    """Why this model cannot train on a shared-prefix layout (batches.collate), or None when it can.
 
     Not with gradient checkpointing (transformers turns the KV cache off while training with it,
     and its recomputation would run outside the one-pass layout's attention context), and only
@@ -153,8 +153,17 @@ def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool)
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    if gradient_checkpointing or config.is_encoder_decoder:
-        return False
+    if gradient_checkpointing:
+        return "gradient checkpointing turns the KV cache off"
+    if config.is_encoder_decoder:
+        return "an encoder-decoder model"
     layer_types = getattr(config, "layer_types", None) or []
-    return all(t == "full_attention" for t in layer_types) and not getattr(config, "sliding_window", None)
+    partial = sorted({t for t in layer_types if t != "full_attention"})
+    if partial or getattr(config, "sliding_window", None):
+        return f"{', '.join(partial) or 'sliding-window'} layers do not see the whole prefix"
+    return None
 
+
+def supports_shared_prefix(model: torch.nn.Module, gradient_checkpointing: bool) -> bool:
+    """Can this model train on a shared-prefix layout? (See :func:`shared_prefix_refusal`.)"""
+    return shared_prefix_refusal(model, gradient_checkpointing) is None

@@ -1,0 +1,145 @@
+"""The compatibility matrix (issue #17): one tiny random model per family, with the family's real structure
+(biases, q/k norms, soft-capping, sliding windows, fused projections) and special tokens, through the same
+contract: train (LoRA, DoRA, full), CPU kernels equal to the stock path or stepping aside with a reason,
+shared prefixes exact or refused with a reason, the family's chat template and end-of-turn token, merge equal
+to adapter-on, checkpoint and resume, then eval, registry, serve and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import SQL_ROWS, write_jsonl, write_yaml
+from safetensors.torch import load_file
+from tiny import FAMILY_TOKENS, build_family_model
+
+from skilltune.config import load_config
+from skilltune.model.families import FAMILIES
+from skilltune.registry.api import Registry
+from skilltune.train.loop import TrainingInterrupted, train
+
+SYSTEM = "You write one SQLite query for the question."
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(x)["train_loss"] for x in open(run / "metrics.jsonl") if "train_loss" in json.loads(x)]
+
+
+def _cfg(tmp_path, model_dir, name, **train_kw):
+    data = write_jsonl(tmp_path / "train.jsonl", SQL_ROWS)
+    test = write_jsonl(tmp_path / "test.jsonl", SQL_ROWS[:3])
+    train_cfg = {"max_steps": 3, "batch_size": 4, "precision": "fp32", "lr": 1e-3, "save_steps": 1,
+                 "output_dir": str(tmp_path / "runs"), "max_seq_len": 256, **train_kw}
+    return load_config(write_yaml(tmp_path / f"{name}.yaml", {
+        "model": {"base": str(model_dir)}, "data": {"train": str(data), "test": str(test), "val_split": 0,
+                                                    "system_prompt": SYSTEM},
+        "train": train_cfg, "eval": {"max_new_tokens": 4}}))
+
+
+def _run(tmp_path, model_dir, name, adapter=None, **train_kw):
+    cfg = _cfg(tmp_path, model_dir, name, **train_kw)
+    if adapter:
+        cfg.adapter.method = adapter
+    return train(cfg, run_name=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOKENS))
+def test_family_contract(family, tmp_path):
+    from skilltune.config.schema import ModelConfig
+    from skilltune.data.tokenize import encode_example
+    from skilltune.data.types import Example, Turn
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.model.tokenizer import turn_end_token
+
+    model_dir = build_family_model(tmp_path / "model", family)
+
+    # -- the family's chat template, end-of-turn token and label mask
+    tokenizer, info, _ = load_tokenizer(ModelConfig(base=str(model_dir)))
+    fam = FAMILIES[family]
+    if family == "smollm2":  # model_type llama, ChatML tokens: ChatML, nothing added
+        assert info.chat_template_source == "chatml" and info.added_tokens == []
+    else:
+        assert info.chat_template_source == f"family:{family}" and info.added_tokens == []
+        assert turn_end_token(tokenizer) == fam.end_of_turn
+    end = turn_end_token(tokenizer)
+    assert info.eos_token == end  # generation stops where training ends a turn
+    enc = encode_example(tokenizer, Example([Turn("system", SYSTEM), Turn("user", "Count the orders."),
+                                             Turn("assistant", "SELECT COUNT(*) FROM orders;", True)]), end)
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert tokenizer.decode(trained).strip() == "SELECT COUNT(*) FROM orders;" + end  # exactly the answer + end
+
+    # -- LoRA: the CPU kernels and the shared-prefix layout give the stock path's loss, or step aside with a reason
+    stock = _run(tmp_path, model_dir, "stock", kernels=False, share_prefix=False)
+    fast = _run(tmp_path, model_dir, "fast", kernels=True, share_prefix=True)
+    run_json = json.loads((fast.run_dir / "run.json").read_text())
+    assert _losses(fast.run_dir) == pytest.approx(_losses(stock.run_dir), abs=1e-5), (family, run_json["kernels"])
+    refusal = None if run_json["share_prefix"] else "refused"
+    if family in ("gemma2", "gemma3"):
+        assert refusal == "refused"  # sliding-window layers: a shared prefix would be cut
+    else:
+        assert run_json["share_prefix"] in ("packed", "cache")
+
+    # -- DoRA and full finetuning train too
+    for method in ("dora", "full"):
+        res = _run(tmp_path, model_dir, method, adapter=method)
+        assert all(x == x and x < 50 for x in _losses(res.run_dir)), method
+
+    # -- checkpoint, interrupt, resume: the same adapter as the uninterrupted run
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp_path, model_dir, "fast", kernels=True, share_prefix=True), run_name="cut", stop_after=2)
+    [cut] = (tmp_path / "runs").glob("cut-*")
+    resumed = train(_cfg(tmp_path, model_dir, "fast", kernels=True, share_prefix=True), run_name="cut", resume=True,
+                    run_dir=cut)
+    a = load_file(str(fast.artifact_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.artifact_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    # -- merge gives the adapter's logits
+    from skilltune.model.target import load_target
+
+    target = load_target(str(fast.run_dir))
+    assert target.model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(end)
+    ids = target.tokenizer("SELECT name FROM users", return_tensors="pt").input_ids
+    with torch.no_grad():
+        on = target.model(ids).logits
+        merged = target.model.merge_and_unload()(ids).logits
+    assert torch.allclose(on, merged, atol=1e-4)
+
+    # -- eval, registry, serve, export
+    from fastapi.testclient import TestClient
+
+    from skilltune.config.schema import ServeConfig
+    from skilltune.evaluate.runner import evaluate, plan_eval
+    from skilltune.registry.export import export
+    from skilltune.serve.app import create_app
+    from skilltune.serve.server import build_state
+
+    results = evaluate(plan_eval(str(fast.run_dir), None, None, ["exact_match"], None, forgetting=False),
+                       tmp_path / "eval")
+    assert results["n_examples"] == 3 and "exact_match" in results["metrics"]
+    reg = Registry()
+    reg.add(fast.run_dir, family)
+    state = build_state(f"{family}@v1", ServeConfig(max_tokens_limit=8), None, reg)
+    try:
+        r = TestClient(create_app(state)).post("/v1/chat/completions", json={
+            "model": family, "max_tokens": 4, "messages": [{"role": "user", "content": "Count the orders."}]})
+        assert r.status_code == 200 and r.json()["model"] == f"{family}@v1"
+    finally:
+        state.stop()
+    out = export(reg, f"{family}@v1", tmp_path / "merged", merged=True)
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, merged, atol=1e-4)
+
+
+def test_models_families_prints_the_matrix():
+    from helpers import cli
+
+    code, out = cli("models", "families")
+    assert code == 0
+    for family in FAMILY_TOKENS:
+        assert family in out
+    assert "<end_of_turn>" in out and "Gemma 3 270M" in out and "contract" in out
