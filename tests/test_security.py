@@ -66,10 +66,11 @@ def _evil_base(folder: Path, tiny_model_dir: Path, marker: Path) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------- 1. remote code from adapter metadata
-def test_adapter_metadata_cannot_switch_on_remote_code(run_dir, tiny_model_dir, tmp_path):
+def _crafted_run(run_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of ``run_dir`` whose adapter record switches on remote code and points at an evil base.
+
+    Returns (the crafted run, the marker file the evil code would write)."""
     from skilltune.model.sources import model_fingerprint
-    from skilltune.model.target import load_target
 
     marker = tmp_path / "pwned"
     evil = _evil_base(tmp_path / "evilbase", tiny_model_dir, marker)
@@ -79,7 +80,14 @@ def test_adapter_metadata_cannot_switch_on_remote_code(run_dir, tiny_model_dir, 
     meta["model"].update(base=str(evil), trust_remote_code=True, allow_pickle=True)
     meta["base_hash"] = model_fingerprint(evil)  # the attacker controls the recorded hash too
     meta_file.write_text(json.dumps(meta))
+    return crafted, marker
 
+
+# ---------------------------------------------------------------- 1. remote code from adapter metadata
+def test_adapter_metadata_cannot_switch_on_remote_code(run_dir, tiny_model_dir, tmp_path):
+    from skilltune.model.target import load_target
+
+    crafted, marker = _crafted_run(run_dir, tiny_model_dir, tmp_path)
     with pytest.raises(SkilltuneError):
         load_target(str(crafted / "adapter"))
     code, out = cli("generate", str(crafted / "adapter"), "hi", "--max-new-tokens", "2")
@@ -89,17 +97,9 @@ def test_adapter_metadata_cannot_switch_on_remote_code(run_dir, tiny_model_dir, 
 
 def test_served_version_takes_its_base_from_the_registry_not_the_artifact(run_dir, tiny_model_dir, tmp_path):
     """A version whose artifact names an evil base still loads the base its lineage recorded, by hash."""
-    from skilltune.model.sources import model_fingerprint
     from skilltune.serve.server import load_version
 
-    marker = tmp_path / "pwned"
-    evil = _evil_base(tmp_path / "evilbase", tiny_model_dir, marker)
-    crafted = _copy_run(run_dir, tmp_path / "crafted")
-    meta_file = crafted / "adapter" / "skilltune_adapter.json"
-    meta = json.loads(meta_file.read_text())
-    meta["model"].update(base=str(evil), trust_remote_code=True)
-    meta["base_hash"] = model_fingerprint(evil)
-    meta_file.write_text(json.dumps(meta))
+    crafted, marker = _crafted_run(run_dir, tiny_model_dir, tmp_path)
     reg = Registry()
     reg.add(crafted, "svc")
     loaded = load_version(reg, "svc@v1")
