@@ -59,12 +59,10 @@ def _registry_plan(ref: str, overrides: list[str] | None, trust_remote_code: boo
     The run directory it came from is never read: it may have changed (or been
     replaced) since the version was registered.
     """
-    from skilltune.registry.api import Registry, base_load_policy
+    from skilltune.registry.api import Registry
 
-    registry = Registry()
-    v = registry.get(ref)
-    version = f"{v.name}@v{v.number}"
-    artifact = registry.materialize(version)
+    co = Registry().checkout(ref, trust_remote_code)
+    v, version = co.version, co.ref
     run_config = v.lineage.get("run_config")
     if run_config is None:
         raise EvalError(f"{version} was registered by an older skilltune that kept no copy of its config, so "
@@ -72,7 +70,7 @@ def _registry_plan(ref: str, overrides: list[str] | None, trust_remote_code: boo
                         hint=f"re-register the run (skilltune registry add RUN_DIR --name {v.name}), or evaluate "
                              "the run directory itself")
     cfg = config_from_dict(run_config, overrides, source=f"the registry's config of {version}")
-    return artifact, cfg, base_load_policy(v.lineage, trust_remote_code), version, v.lineage.get("run_dir")
+    return co.path, cfg, co.policy, version, v.lineage.get("run_dir")
 
 
 def _is_registry_ref(target: str) -> bool:
@@ -119,13 +117,10 @@ def plan_eval(target: str, test: str | None, baseline: str | None, metrics: list
     if against:
         if baseline:
             raise EvalError("pass --baseline or --against, not both")
-        from skilltune.registry.api import Registry, base_load_policy
+        from skilltune.registry.api import Registry
 
-        registry = Registry()
-        v = registry.get(against)  # the release gate: same prompts, same decoding, paired differences
-        plan.against = f"{v.name}@v{v.number}"
-        plan.baseline = str(registry.materialize(plan.against))
-        plan.baseline_policy = base_load_policy(v.lineage, trust_remote_code)
+        co = Registry().checkout(against, trust_remote_code)  # the release gate: same prompts, same decoding
+        plan.against, plan.baseline, plan.baseline_policy = co.ref, str(co.path), co.policy
     return plan
 
 

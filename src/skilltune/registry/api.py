@@ -13,6 +13,7 @@ import re
 import subprocess
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, text
@@ -106,9 +107,8 @@ def resolve_spec(spec: str, trust_remote_code: bool = False):
 
     if Path(spec).exists() or "@" not in spec or spec.startswith("embedded:"):
         return spec, LoadPolicy(trust_remote_code=trust_remote_code)
-    registry = Registry()
-    v = registry.get(spec)
-    return str(registry.materialize(f"{v.name}@v{v.number}")), base_load_policy(v.lineage, trust_remote_code)
+    co = Registry().checkout(spec, trust_remote_code)
+    return str(co.path), co.policy
 
 
 def _git_commit() -> str | None:
@@ -333,9 +333,25 @@ class Registry:
     # ------------------------------------------------------------------ artifacts
     def materialize(self, ref: str) -> Path:
         """A verified local copy of the version's artifact (refuses a tampered store)."""
+        return self._materialize(self.get(ref))
+
+    def _materialize(self, v: Version) -> Path:
+        return self.store.materialize(v.manifest, home() / "registry" / "checkout" / v.name / f"v{v.number}")
+
+    def checkout(self, ref: str, trust_remote_code: bool = False) -> "Checkout":
+        """What every command that loads a version needs: the version, its verified files, and how to load its
+        base (the model and hash its lineage recorded; remote code only by the operator's flag)."""
         v = self.get(ref)
-        dest = home() / "registry" / "checkout" / v.name / f"v{v.number}"
-        return self.store.materialize(v.manifest, dest)
+        return Checkout(v, f"{v.name}@v{v.number}", self._materialize(v),
+                        base_load_policy(v.lineage, trust_remote_code))
+
+
+@dataclass(frozen=True)
+class Checkout:
+    version: Version
+    ref: str  # NAME@vN
+    path: Path  # the verified artifact folder
+    policy: object  # LoadPolicy for its base model
 
 
 def diff_versions(a: Version, b: Version) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from skilltune.model.target import ADAPTER_META, load_target, read_adapter_meta
 from skilltune.paths import atomic_dir
 from skilltune.progress import SILENT, Stages
 from skilltune.model.tokenizer import with_default_system
-from skilltune.registry.api import Registry, RegistryError, base_load_policy, version_system_prompt
+from skilltune.registry.api import Registry, RegistryError, version_system_prompt
 
 
 def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_code: bool = False,
@@ -24,9 +24,9 @@ def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_c
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RegistryError(f"{out} exists and is not empty", hint="choose a new folder")
-    v = registry.get(ref)
-    with stages.stage(f"verifying {v.name}@v{v.number} from the registry store"):
-        src = registry.materialize(f"{v.name}@v{v.number}")
+    with stages.stage(f"verifying {ref} from the registry store"):
+        co = registry.checkout(ref, trust_remote_code)
+    v, src = co.version, co.path
     meta = read_adapter_meta(src)
     system = version_system_prompt(v)
     with atomic_dir(out) as tmp:
@@ -40,7 +40,7 @@ def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_c
                 tokenizer.save_pretrained(tmp)
         else:
             with stages.stage("loading the base model and merging the adapter into it"):
-                target = load_target(str(src), torch.float32, base_load_policy(v.lineage, trust_remote_code))
+                target = load_target(str(src), torch.float32, co.policy)
                 model = target.model.merge_and_unload()
             tokenizer = target.tokenizer
             if system:  # vLLM, TGI and transformers then ask the way training did
@@ -51,6 +51,6 @@ def export(registry: Registry, ref: str, out: Path, merged: bool, trust_remote_c
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             record = json.loads((src / ADAPTER_META).read_text())
-            (tmp / "skilltune_export.json").write_text(json.dumps({"from": f"{v.name}@v{v.number}", "merged": True,
+            (tmp / "skilltune_export.json").write_text(json.dumps({"from": co.ref, "merged": True,
                                                                   **record, "system_prompt": system}, indent=2))
     return out

@@ -7,13 +7,14 @@ moves it, the new version is loaded in the background and swapped in atomically.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from skilltune.config.schema import ServeConfig
-from skilltune.registry.api import Registry, base_load_policy, parse_ref, version_system_prompt
+from skilltune.registry.api import Registry, parse_ref, version_system_prompt
 from skilltune.registry.db import shown
 from skilltune.serve.clients import KeyLimits
 from skilltune.serve.engine import Engine, Loaded
@@ -42,14 +43,10 @@ def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) 
     """
     from skilltune.model.target import load_target
 
-    v = registry.get(ref)
-    artifact = registry.materialize(f"{v.name}@v{v.number}")
-    target = load_target(str(artifact), policy=base_load_policy(v.lineage, trust_remote_code))
-    system = version_system_prompt(v)
+    co = registry.checkout(ref, trust_remote_code)
+    target = load_target(str(co.path), policy=co.policy)
     context = getattr(target.model.config, "max_position_embeddings", None) or 2048
-    import copy
-
-    return Loaded(f"{v.name}@v{v.number}", target.model, target.tokenizer, system, int(context),
+    return Loaded(co.ref, target.model, target.tokenizer, version_system_prompt(co.version), int(context),
                   counter=copy.deepcopy(target.tokenizer))
 
 
@@ -192,8 +189,8 @@ def vllm_command(registry: Registry, ref: str, host: str, port: int) -> list[str
     from skilltune.model.tokenizer import with_default_system
     from skilltune.paths import atomic_write_text, home
 
-    v = registry.get(ref)
-    artifact = registry.materialize(f"{v.name}@v{v.number}")
+    co = registry.checkout(ref)
+    v, artifact = co.version, co.path
     base = v.lineage["base_model"]
     base_path = base.get("path") or base.get("spec")
     cmd = ["vllm", "serve", str(base_path), "--enable-lora", "--lora-modules", f"{v.name}={artifact}",
