@@ -205,20 +205,78 @@ def test_bad_inputs_fail_clearly_before_loading(tmp_path, tiny_model_dir):
     assert code == 1 and "also appear in the training data" in out
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir):
-    """Data-parallel (2 CPU processes, gloo) equals 1 process with the same global batch."""
-    rows = SQL_ROWS[:8]
-    one = _config(tmp_path / "one", tiny_model_dir, rows=rows, epochs=2, batch_size=2, grad_accum=2)
-    two = _config(tmp_path / "two", tiny_model_dir, rows=rows, epochs=2, batch_size=2, grad_accum=1)
+_DDP_SCRIPT = """
+import sys
+from skilltune.config import load_config
+from skilltune.train.loop import TrainingInterrupted, train
+cfg, run_dir, stop = load_config(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cfg.data.val_split = 0
+try:
+    train(cfg, run_dir=run_dir, resume=stop < 0, stop_after=stop if stop > 0 else None)
+except TrainingInterrupted:
+    pass
+"""
+
+
+def test_two_processes_match_one_and_resume_exactly(tmp_path, tiny_model_dir):
+    """Data-parallel with accumulation (2 CPU processes, gloo, grad_accum 2) equals 1 process with
+    grad_accum 4; a 2-process run interrupted after a step and resumed (each process gets its own
+    optimizer and RNG state back) equals the uninterrupted one."""
+    rows = SQL_ROWS[:12]
+    one = _config(tmp_path / "one", tiny_model_dir, rows=rows, epochs=2, batch_size=1, grad_accum=4)
+    two = _config(tmp_path / "two", tiny_model_dir, rows=rows, epochs=2, batch_size=1, grad_accum=2)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    for cfg, extra, rd in ((one, [], tmp_path / "r1"), (two, ["--nproc", "2"], tmp_path / "r2")):
-        r = subprocess.run([sys.executable, "-m", "skilltune.cli.main", "train", str(cfg), "--run-dir", str(rd),
-                            "--set", "data.val_split=0", *extra], env=env, capture_output=True, text=True,
-                           timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    for cmd in ([sys.executable, str(script), str(one), str(tmp_path / "r1"), "0"],
+                [*torchrun, str(two), str(tmp_path / "r2"), "0"],
+                [*torchrun, str(two), str(tmp_path / "cut"), "2"],
+                [*torchrun, str(two), str(tmp_path / "cut"), "-1"]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert json.loads((tmp_path / "r2" / "run.json").read_text())["world_size"] == 2
-    a, b = _adapter(tmp_path / "r1"), _adapter(tmp_path / "r2")
+    assert all((d / "state-rank1.pt").is_file() for d in (tmp_path / "cut" / "checkpoints").glob("step-*"))
+    a, b, c = _adapter(tmp_path / "r1"), _adapter(tmp_path / "r2"), _adapter(tmp_path / "cut")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+    assert max(float((b[k] - c[k]).abs().max()) for k in a) <= 1e-6
+    metrics = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))  # 12 rows / (2 processes x 2 x 1) x 2 epochs
+
+
+def test_a_short_last_step_is_still_one_whole_optimizer_step(tmp_path, tiny_model_dir):
+    """10 rows in micro-batches of 2 with grad_accum 2 make steps of 2, 2 and 1 micro-batches; the short
+    one must still be an accumulation boundary (one optimizer step over its tokens), exactly as batches of
+    4, 4 and 2 without accumulation."""
+    rows = SQL_ROWS[:10]
+    runs = {}
+    for name, bs, accum in (("accum", 2, 2), ("whole", 4, 1)):
+        cfg = load_config(_config(tmp_path / name, tiny_model_dir, rows=rows, epochs=2, batch_size=bs,
+                                  grad_accum=accum, **{"save_steps": 100}))
+        cfg.data.val_split = 0
+        runs[name] = train(cfg, run_name=name)
+    assert runs["accum"].summary["steps"] == runs["whole"].summary["steps"] == 6
+    a, b = _adapter(runs["accum"].run_dir), _adapter(runs["whole"].run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_a_launcher_accumulation_count_that_differs_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    cfg = load_config(_config(tmp_path, tiny_model_dir, grad_accum=2))
+    with pytest.raises(TrainingError, match="accumulates over 3 micro-batches .* train.grad_accum is 2"):
+        train(cfg, run_name="gas")
+
+
+def test_resuming_with_another_process_count_is_refused(tmp_path, tiny_model_dir):
+    from skilltune.train import checkpoint as ckpt
+
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=4))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, run_name="r", stop_after=2)
+    step = sorted((tmp_path / "runs").glob("r-*/checkpoints/step-*"))[-1]
+    with pytest.raises(TrainingError, match=r"written by 1 process\(es\); this run has 2") as err:
+        ckpt.load_checkpoint(step, None, None, rank=1, world_size=2)
+    assert "--nproc 1" in err.value.hint
 
 
 def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):

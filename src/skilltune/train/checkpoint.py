@@ -48,15 +48,30 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    loop_state: dict, identity: dict, keep: int) -> Path:
-    """Write ``step``'s checkpoint; ``trainable`` is the full (gathered) trainable state, name -> tensor."""
+def process_state(optimizer) -> dict:
+    """What each process keeps of its own: the optimizer state (a shard's under FSDP/ZeRO) and its RNG."""
+    return {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+
+
+def _rank_file(rank: int) -> str:
+    return "state.pt" if rank == 0 else f"state-rank{rank}.pt"
+
+
+def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], per_process: list[dict],
+                    scheduler, loop_state: dict, identity: dict, keep: int) -> Path:
+    """Write ``step``'s checkpoint.
+
+    ``trainable`` is the full (gathered) trainable state, name -> tensor; ``per_process`` is
+    each process's :func:`process_state`, in rank order: rank 0's goes in ``state.pt`` with
+    the scheduler, the others' in ``state-rankN.pt``.
+    """
     final = ckpt_root / f"step-{step:06d}"
     clean_stale_temp_dirs(ckpt_root, final.name)
     with atomic_dir(final) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "state.pt")
+        for rank, own in enumerate(per_process):
+            extra = {"scheduler": scheduler.state_dict(), "world_size": len(per_process)} if rank == 0 else {}
+            torch.save({**own, **extra}, tmp / _rank_file(rank))
         (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))
         (tmp / "identity.json").write_text(json.dumps(identity, indent=2, sort_keys=True))
         (tmp / MARKER).write_text("ok\n")
@@ -71,7 +86,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.glob("step-*") if (p / MARKER).is_file())
 
 
-def _load_state(path: Path) -> dict:
+def _load_state(path: Path, needed: set[str]) -> dict:
     """Optimizer, scheduler and RNG state without unpickling code.
 
     ``weights_only=True`` restricts torch's unpickler to tensors and plain containers
@@ -80,6 +95,9 @@ def _load_state(path: Path) -> dict:
     """
     import pickle
 
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing from the checkpoint",
+                            hint="resume from an earlier checkpoint (delete this one) or start a new run")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
@@ -87,19 +105,32 @@ def _load_state(path: Path) -> dict:
         raise TrainingError(f"{path} is not a checkpoint state this version can load safely ({first[:300]})",
                             hint="it may be damaged or crafted; resume from an earlier checkpoint (delete this "
                                  "one) or start a new run") from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
-        raise TrainingError(f"{path} does not hold optimizer, scheduler and RNG state",
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise TrainingError(f"{path} does not hold {', '.join(sorted(needed))}",
                             hint="resume from an earlier checkpoint (delete this one) or start a new run")
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    state = _load_state(path / "state.pt")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+def load_trainable_file(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "trainable.safetensors"))
+
+
+def load_checkpoint(path: Path, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore this process's optimizer and RNG state and the scheduler from ``path``; return the loop state.
+
+    The trainable weights are loaded separately (:func:`load_trainable_file`), into the
+    whole model before a distributed wrapper shards it.
+    """
+    main = _load_state(path / "state.pt", {"optimizer", "scheduler", "rng"})
+    saved_world = int(main.get("world_size", 1))
+    if saved_world != world_size:
+        raise TrainingError(f"{path} was written by {saved_world} process(es); this run has {world_size}",
+                            hint=f"resume with --nproc {saved_world} (the data order and each process's "
+                                 "optimizer state depend on it), or start a new run")
+    own = main if rank == 0 else _load_state(path / _rank_file(rank), {"optimizer", "rng"})
+    optimizer.load_state_dict(own["optimizer"])
+    scheduler.load_state_dict(main["scheduler"])
+    _set_rng_state(own["rng"])
     return json.loads((path / "loop.json").read_text())
 
 

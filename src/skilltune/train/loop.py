@@ -10,7 +10,6 @@ and every resume agrees on the data.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -188,6 +187,8 @@ def setup(cfg: SkilltuneConfig, run_name: str, resume: bool, run_dir: str | Path
     s = Session(cfg, acc, reporter, run_name, run_path, resuming, latest, identity, base_hash, source, tokenizer,
                 tok_info, data, METHODS[cfg.adapter.method], precision)
     _setup_model(s, autocast_dtype)
+    if latest is not None:  # into the whole model, before FSDP or DeepSpeed shard it
+        ckpt.load_trainable_state(s.model, ckpt.load_trainable_file(latest))
     _setup_optimizer(s, autocast_dtype)
     if latest is not None:
         _restore(s)
@@ -204,10 +205,25 @@ def _accelerator(cfg: SkilltuneConfig):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, autocast_dtype = choose_precision(cfg.train.precision, device)
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no")
+    # accelerate runs the accumulation (train_step): under DeepSpeed the engine must know the
+    # micro-step boundary, and DDP must skip the all-reduce of every micro-batch but the last.
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no",
+                      gradient_accumulation_steps=cfg.train.grad_accum)
+    _check_accumulation(acc, cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     return acc, precision, autocast_dtype
+
+
+def _check_accumulation(acc, cfg: SkilltuneConfig) -> None:
+    """accelerate takes its accumulation count from the launcher (ACCELERATE_GRADIENT_ACCUMULATION_STEPS)
+    and from a DeepSpeed config over ours: a different count would step the optimizer mid-step."""
+    if acc.gradient_accumulation_steps != cfg.train.grad_accum:
+        raise TrainingError(f"accelerate accumulates over {acc.gradient_accumulation_steps} micro-batches (from "
+                            f"the launcher's config or ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but train.grad_accum "
+                            f"is {cfg.train.grad_accum}",
+                            hint="make them equal: set gradient_accumulation_steps in the accelerate/DeepSpeed "
+                                 "config to train.grad_accum, or remove it there")
 
 
 def _shared_run_dir(acc, cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
@@ -280,10 +296,14 @@ def _setup_optimizer(s: Session, autocast_dtype) -> None:
                                 optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * s.total_steps),
                                 num_training_steps=s.total_steps)
     s.loss_fn, s.optimizer = acc.prepare(CompletionLoss(s.model, autocast_dtype), optimizer)
+    _check_accumulation(acc, cfg)  # DeepSpeed's config wins inside prepare
 
 
 def _restore(s: Session) -> None:
-    s.loop = LoopState.from_json(ckpt.load_checkpoint(s.latest, s.model, s.optimizer, s.scheduler))
+    """This process's optimizer, scheduler and RNG state (the weights went in before ``prepare``)."""
+    acc = s.acc
+    s.loop = LoopState.from_json(ckpt.load_checkpoint(s.latest, s.optimizer, s.scheduler, acc.process_index,
+                                                      acc.num_processes))
     if s.acc.is_main_process:  # forget what the interrupted run logged after its last checkpoint
         metrics_file = s.run_path / "metrics.jsonl"
         if metrics_file.is_file():
@@ -371,21 +391,25 @@ def train_step(s: Session) -> tuple[dict, float]:
     t0 = time.perf_counter()
     step_tokens = sum(count_label_tokens([train[i] for i in mb]) for mb in s.plan.micro_batches(step))
     mine = s.plan.micro_batches(step, acc.process_index)
+    # accelerate syncs (and DeepSpeed steps) on its count of micro-batches reaching grad_accum;
+    # start the count so that this step's last micro-batch is the boundary, a short last step too.
+    acc.step = acc.gradient_accumulation_steps - len(mine)
+    # DDP averages gradients over processes and accelerate divides by grad_accum: scale so the
+    # step's gradient is the mean over all its tokens.
+    scale = acc.num_processes * acc.gradient_accumulation_steps / step_tokens
     step_loss = 0.0
     seen = computed = 0
-    for j, mb in enumerate(mine):
+    for mb in mine:
         items = [train[i] for i in mb]
         seen += sum(len(e.input_ids) for e in items)
         batch = {k: v.to(acc.device) for k, v in collate(items, s.tokenizer.pad_token_id, cfg.train.packing,
                                                          cfg.train.max_seq_len, s.share_prefix).items()}
         computed += sum(batch[k].numel() for k in ("input_ids", "prefix_ids") if k in batch)
-        sync = j == len(mine) - 1
-        ctx = acc.no_sync(s.loss_fn) if not sync and acc.num_processes > 1 else contextlib.nullcontext()
-        with ctx:
-            # DDP averages gradients over processes; scale so the step's mean is over all its tokens.
-            loss = s.loss_fn(**batch) * (acc.num_processes / step_tokens)
-            acc.backward(loss)
-        step_loss += float(loss.detach()) / acc.num_processes
+        with acc.accumulate(s.loss_fn):
+            loss = s.loss_fn(**batch)
+            acc.backward(loss * scale)
+        step_loss += float(loss.detach()) / step_tokens
+    assert acc.sync_gradients, "the step's last micro-batch must be an accumulation boundary"
     if acc.num_processes > 1:
         step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
         seen = int(acc.reduce(torch.tensor(seen, device=acc.device), "sum"))
@@ -448,10 +472,27 @@ def _gathered_trainable(s: Session) -> dict[str, torch.Tensor]:
 
 def _save(s: Session, step: int) -> None:
     state = _gathered_trainable(s)
+    per_process = _gathered_to_main(s.acc, ckpt.process_state(s.optimizer))
     if s.acc.is_main_process:
-        ckpt.save_checkpoint(s.ckpt_root, step, state, s.optimizer, s.scheduler, s.loop.to_json(), s.identity,
+        ckpt.save_checkpoint(s.ckpt_root, step, state, per_process, s.scheduler, s.loop.to_json(), s.identity,
                              s.cfg.train.save_total_limit)
     s.acc.wait_for_everyone()
+
+
+def _gathered_to_main(acc, obj) -> list | None:
+    """Every process's ``obj``, in rank order, on the main process (None elsewhere).
+
+    The optimizer state is per process: under FSDP and DeepSpeed ZeRO each process holds
+    the moments of its own shard, so a checkpoint keeps one per process and resume gives
+    each process its own back.
+    """
+    if acc.num_processes == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * acc.num_processes if acc.is_main_process else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def _interrupted(s: Session) -> None:
@@ -471,15 +512,17 @@ def _interrupted(s: Session) -> None:
 def finish(s: Session) -> TrainResult:
     """The artifact (best validation weights when there was validation), summary and loss plot."""
     cfg, acc, loop, run_path = s.cfg, s.acc, s.loop, s.run_path
-    if loop.best_step is not None and (run_path / "best" / "trainable.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        ckpt.load_trainable_state(s.model, load_file(str(run_path / "best" / "trainable.safetensors")))
+    best = run_path / "best" / "trainable.safetensors"
+    # The weights saved are the gathered ones (whole under FSDP/DeepSpeed too), never a shard.
+    if loop.best_step is not None and best.is_file():
+        state = ckpt.load_trainable_file(best.parent)
+    else:
+        state = _gathered_trainable(s)
     artifact = run_path / ("adapter" if s.method.is_adapter else "model")
     summary = {}
     if acc.is_main_process:
         with atomic_dir(artifact) as tmp:
-            acc.unwrap_model(s.loss_fn).model.save_pretrained(tmp)
+            acc.unwrap_model(s.loss_fn).model.save_pretrained(tmp, state_dict=state)  # full: every weight is trainable
             s.tokenizer.save_pretrained(tmp)
             (tmp / ADAPTER_META).write_text(json.dumps({
                 "method": cfg.adapter.method, "model": cfg.model.model_dump(mode="json"),
