@@ -67,7 +67,7 @@ def test_a_missing_argument_is_a_usage_message_with_exit_2(path):
     (["eval", "x", "--ouy", "y"], "(Possible options: --out)"),
     (["train", "--bogus"], "No such option: --bogus"),
     (["registry", "add"], "Missing argument"),
-    (["export", "m@v1", "--format", "gguf"], "No such option: --format"),
+    (["export", "m@v1", "--fomat", "gguf"], "No such option: --fomat"),
 ])
 def test_usage_errors_in_a_real_process(argv, needle):
     proc = subprocess.run([sys.executable, "-m", "skilltune.cli.main", *argv], capture_output=True, text=True,

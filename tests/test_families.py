@@ -111,7 +111,7 @@ def test_family_contract(family, tmp_path):
 
     from skilltune.config.schema import ServeConfig
     from skilltune.evaluate.runner import evaluate, plan_eval
-    from skilltune.registry.export import export
+    from skilltune.export.build import ExportRequest, export
     from skilltune.serve.app import create_app
     from skilltune.serve.server import build_state
 
@@ -127,7 +127,7 @@ def test_family_contract(family, tmp_path):
         assert r.status_code == 200 and r.json()["model"] == f"{family}@v1"
     finally:
         state.stop()
-    out = export(reg, f"{family}@v1", tmp_path / "merged", merged=True)
+    out = export(reg, ExportRequest(f"{family}@v1", tmp_path / "merged", "hf", check=False)).out
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(out))

@@ -75,13 +75,13 @@ def test_export_and_vllm_answer_one_request(tmp_path):
     import httpx
 
     from skilltune.registry.api import Registry
-    from skilltune.registry.export import export
+    from skilltune.export.build import ExportRequest, export
     from skilltune.serve.server import vllm_command
 
     res = _train(_config(tmp_path))
     reg = Registry()
     reg.add(res.run_dir, "gpu")
-    merged = export(reg, "gpu@v1", tmp_path / "merged", merged=True)
+    merged = export(reg, ExportRequest("gpu@v1", tmp_path / "merged", "hf", check=False)).out
     assert (merged / "config.json").is_file()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -48,7 +48,7 @@ def test_nothing_recorded_is_missing_and_exit_1(run_dir):
     _, rows = checklist("x@v1", reg)
     assert set(_status(rows).values()) == {"MISSING"}
     code, out = cli("checklist", "x@v1")
-    assert code == 1 and "0/8 items pass" in out
+    assert code == 1 and "0/9 items pass" in out
 
 
 def test_evidence_turns_rows_to_pass_and_fail(run_dir):
@@ -77,7 +77,7 @@ def test_evidence_turns_rows_to_pass_and_fail(run_dir):
     code, out = cli("checklist", "y@v2", "--format", "json")
     assert code == 1
     doc = json.loads(out)
-    assert doc["ready"] is False and len(doc["items"]) == 8
+    assert doc["ready"] is False and len(doc["items"]) == 9
 
 
 def test_all_pass_exits_zero(run_dir, tmp_path):
@@ -106,7 +106,7 @@ def test_all_pass_exits_zero(run_dir, tmp_path):
     reg.rollback("z", dry_run=True)
     code, out = cli("checklist", "z@production")
     assert code == 0, out
-    assert "8/8 items pass" in out
+    assert "9/9 items pass" in out
 
 
 def test_advisor_skill_vs_knowledge(tmp_path):

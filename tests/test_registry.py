@@ -125,10 +125,11 @@ def test_export_adapter_and_merged_give_same_greedy_output(two_runs, tmp_path):
     from skilltune.model.target import load_target
 
     Registry().add(two_runs[1], "e")
-    code, out = cli("export", "e@v1", "--adapter", str(tmp_path / "ad"))
+    test = write_jsonl(tmp_path / "test.jsonl", SQL_ROWS[:3])  # the runs have no test set of their own
+    code, out = cli("export", "e@v1", "--adapter", str(tmp_path / "ad"), "--test", str(test))
     assert code == 0, out
-    code, out = cli("export", "e@v1", "--merged", str(tmp_path / "merged"))
-    assert code == 0, out
+    code, out = cli("export", "e@v1", "--merged", str(tmp_path / "merged"), "--test", str(test))
+    assert code == 0 and "3/3 greedy answers identical" in out, out
     ours = load_target(str(two_runs[1]))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     prompt = tok.apply_chat_template([{"role": "user", "content": "List all users."}], tokenize=False,

@@ -16,9 +16,14 @@ err_console = Console(stderr=True)
 SET_HELP = "Override a config field, e.g. --set train.lr=1e-4 (repeatable)."
 
 
-def quiet_libraries() -> None:
-    """Silence the progress bars and warnings of transformers/hub; skilltune shows its own."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def quiet_libraries(offline: bool = True) -> None:
+    """Silence the progress bars and warnings of transformers/hub; skilltune shows its own.
+
+    ``offline``: nothing reaches the Hub (every command but a real ``push``).
+    """
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws a bar of its own
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings

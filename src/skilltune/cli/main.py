@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from skilltune import __version__
-from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, generate_cmd, models_cmd, readiness_cmd,
+from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, export_cmd, generate_cmd, models_cmd, readiness_cmd,
                            registry_cmd, scorecard_cmd, serve_cmd, train_cmd)
 from skilltune.cli.common import err_console
 from skilltune.errors import SkilltuneError
@@ -34,7 +34,8 @@ app.command("eval", rich_help_panel="3. Evaluate")(eval_cmd.eval_)
 app.add_typer(scorecard_cmd.app, name="scorecard", rich_help_panel="3. Evaluate")
 app.command("generate", rich_help_panel="3. Evaluate")(generate_cmd.generate)
 app.add_typer(registry_cmd.app, name="registry", rich_help_panel="4. Ship")
-app.command("export", rich_help_panel="4. Ship")(registry_cmd.export)
+app.command("export", rich_help_panel="4. Ship")(export_cmd.export)
+app.command("push", rich_help_panel="4. Ship")(export_cmd.push)
 app.command("serve", rich_help_panel="4. Ship")(serve_cmd.serve)
 app.command("monitor", rich_help_panel="4. Ship")(serve_cmd.monitor)
 app.command("loadtest", rich_help_panel="4. Ship")(serve_cmd.loadtest)

@@ -1,4 +1,4 @@
-"""`skilltune registry ...` and `skilltune export`: versions, aliases, rollback, export."""
+"""`skilltune registry ...`: versions, aliases, rollback."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import ConsoleStages, console, quiet_libraries
+from skilltune.cli.common import console
 
 app = typer.Typer(help="Versions with lineage, promote and one-command rollback.\n\n"
                        "Example: skilltune registry rollback sql-demo", no_args_is_help=True)
@@ -69,8 +69,13 @@ def show(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
     console.print_json(json.dumps({"version": f"{v.name}@v{v.number}", "aliases": aliases, "note": v.note,
                                    "created": v.created.isoformat(), "method": v.method, "lineage": v.lineage,
                                    "metrics": {k: (val.get("metrics") if isinstance(val, dict) and "metrics" in val
-                                                   else val) for k, val in (v.metrics or {}).items()},
+                                                   else val) for k, val in (v.metrics or {}).items()
+                                               if k != "exports"},  # summarised below
                                    "files": v.manifest}, default=str))
+    from skilltune.readiness.checklist import export_summary
+
+    for key, record in ((v.metrics or {}).get("exports") or {}).items():
+        console.print(f"export {key}: {export_summary(record)}", highlight=False, markup=False)
 
 
 @app.command()
@@ -155,23 +160,3 @@ def delete(ref: str, url: Optional[str] = typer.Option(None, "--registry-url", h
     """
     _reg(url).delete(ref)
     console.print(f"deleted {ref}")
-
-
-def export(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
-           adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write the peft adapter here."),
-           merged: Optional[Path] = typer.Option(None, "--merged", help="Write a merged HF model here."),
-           trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                                  help="Run modelling code shipped with the base model."),
-           url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)) -> None:
-    """Export a version as a peft adapter or merged into its base (plain transformers/vLLM/TGI load it).
-
-    Example: skilltune export sql-demo@production --merged out/sql-merged
-    """
-    quiet_libraries()
-    from skilltune.errors import SkilltuneError
-    from skilltune.registry.export import export as do_export
-
-    if (adapter is None) == (merged is None):
-        raise SkilltuneError("pass exactly one of --adapter OUT or --merged OUT")
-    out = do_export(_reg(url), ref, adapter or merged, merged is not None, trust_remote_code, ConsoleStages())
-    console.print(f"exported {ref} -> {out}")

