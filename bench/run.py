@@ -1,11 +1,14 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
-    python bench/run.py [audit] [generate] [step] [matmul] [compare]     (default: all; `make bench`)
+    python bench/run.py [audit] [generate] [step] [matmul] [runtimes] [compare]     (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
 - step:     where a default training step's time goes, by category, with the matmuls' TFLOP/s (bench/step.py)
 - matmul:   the decoder's matmul shapes at 1 and 2 threads against a 2048^3 product (bench/step.py)
+- runtimes: the same 24 SQL prompts answered by transformers (one at a time and batched) and by llama.cpp
+            (llama-cpp-python, `make llamacpp`) from GGUF exports at f16 and q8_0: tokens/s (one stream unless
+            batched), embedded SmolLM2, greedy, 48 new tokens at most
 - compare:  the same LoRA job three ways, each in its own process (bench/jobs.py): skilltune's
             defaults, TRL SFTTrainer with use_cpu=True, TRL with the best CPU settings found;
             tokens/s, training time, peak RSS, final train loss, held-out loss and SQL accuracy, MFU.
@@ -81,6 +84,44 @@ def bench_generate() -> dict:
             "one_at_a_time_s": round(single, 1), "speedup": round(single / batched, 2), "target": ">= 4x"}
 
 
+def bench_runtimes() -> list[dict]:
+    import tempfile
+
+    from skilltune.config import load_config
+    from skilltune.data.reader import load_examples
+    from skilltune.data.tokenize import prompt_text
+    from skilltune.export import gguf, runtime
+    from skilltune.model.generate import generate
+    from skilltune.model.sources import resolve_model
+    from skilltune.model.target import load_target
+
+    cfg = load_config(ROOT / "examples/sql/config.yaml")
+    target = load_target("embedded:smollm2-135m-instruct")
+    prompts = [prompt_text(target.tokenizer, e)
+               for e in load_examples(cfg.data.test, system_prompt=cfg.data.system_prompt)[:24]]
+    rows = []
+
+    def row(name, tokens, seconds, note=""):
+        rows.append({"runtime": name, "generated_tokens": tokens, "seconds": round(seconds, 1),
+                     "tokens_per_s": round(tokens / seconds, 1), "note": note})
+
+    for name, bs in (("transformers fp32, one at a time", 1), ("transformers fp32, batch 24", 24)):
+        t0 = time.perf_counter()
+        gens = generate(target.model, target.tokenizer, prompts, max_new_tokens=48, batch_size=bs)
+        row(name, sum(g.new_tokens for g in gens), time.perf_counter() - t0)
+    if not runtime.available():
+        rows.append({"runtime": "llama.cpp", "note": "not installed: make llamacpp"})
+        return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in ("f16", "q8_0"):
+            path = gguf.convert(resolve_model("embedded:smollm2-135m-instruct").path, Path(tmp) / f"m-{quant}.gguf",
+                                quant)
+            _, _, timing = runtime.llama_cpp_answers(path, prompts, 48)
+            row(f"llama.cpp {quant}, one at a time", timing["generated_tokens"], timing["wall_s"],
+                f"{timing['threads']} threads")
+    return rows
+
+
 def bf16_matmul_peak() -> float:
     """Measured bf16 matmul throughput (TFLOP/s), best of 30 2048^3 products: the MFU denominator.
 
@@ -148,9 +189,10 @@ def bench_compare() -> list[dict]:
 
 
 BENCHES = {"audit": bench_audit, "generate": bench_generate, "step": bench_step, "matmul": bench_matmul,
-           "compare": bench_compare}
+           "runtimes": bench_runtimes, "compare": bench_compare}
 TITLES = {"step": "one default training step (SQL example), own time of its ops by category, mean of 3 steps",
-          "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)"}
+          "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)",
+          "runtimes": "greedy generation, 24 SQL prompts, SmolLM2-135M: transformers against llama.cpp"}
 
 
 def main(argv: list[str]) -> None:

@@ -6,7 +6,6 @@ recognises; it is trained a few steps with a system prompt and a test set, then 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -181,3 +180,20 @@ def test_export_refuses_what_it_cannot_check(version, tmp_path):
     (tmp_path / "y" / "keep.txt").write_text("mine")
     code, out = cli("export", version, "--out", str(tmp_path / "y"))
     assert code == 1 and "not an empty folder" in out and (tmp_path / "y" / "keep.txt").read_text() == "mine"
+
+
+def _has_llama_cpp() -> bool:
+    from skilltune.export import runtime
+
+    return runtime.available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed (make llamacpp compiles it)")
+def test_gguf_runs_in_llama_cpp_itself_with_the_training_ids(version, tmp_path):
+    """llama.cpp's own tokenizer, given the prompt rendered from the file's template, yields the training ids."""
+    code, out = cli("export", version, "--format", "ollama", "--quant", "q4_k_m", "--out", str(tmp_path / "o"))
+    assert code == 0, out
+    assert "llama.cpp: ok - its tokenizer gives the training ids for 6/6 prompts" in out
+    runtime = _exports(version)["ollama:q4_k_m"]["parity"]["runtime"]
+    assert runtime["template_identical"] == runtime["n"] == 6 and runtime["wall_s"] > 0

@@ -51,5 +51,5 @@ def demo(quick: bool = typer.Option(False, "--quick", help="A few steps on small
                   f"  skilltune registry show {res.version}\n"
                   f"  skilltune checklist {res.version}\n"
                   f"  skilltune registry rollback {res.version.split('@')[0]} --dry-run\n"
-                  f"  skilltune export {res.version} --merged sql-merged\n"
+                  f"  skilltune export {res.version} --format ollama --out sql-ollama\n"
                   f"  skilltune generate {res.run_dir} \"How many users are in Europe?\"", highlight=False)

@@ -179,7 +179,7 @@ def _write_gguf(job: Job, tmp: Path) -> Target:
         return llama_cpp_text(tok.apply_chat_template(msgs, chat_template=info.chat_template, tokenize=False,
                                                       add_generation_prompt=True))
 
-    return Target(f"GGUF {job.req.quant}", job.req.quant, render, tok, info.stop_ids, load_model=load)
+    return Target(f"GGUF {job.req.quant}", job.req.quant, render, tok, info.stop_ids, load_model=load, gguf_path=path)
 
 
 def _write_ollama(job: Job, tmp: Path) -> Target:
@@ -195,7 +195,7 @@ def _write_ollama(job: Job, tmp: Path) -> Target:
         return llama_cpp_text(ollama.render(mf.template, mf.system, msgs[-1]["content"]))
 
     return Target(f"Ollama Modelfile + GGUF {job.req.quant}", job.req.quant, render, tok, set(), mf.stops,
-                  load_model=load, single_turn=True)
+                  load_model=load, single_turn=True, gguf_path=path)
 
 
 register_format(Format("adapter", "the peft adapter with its model card (vLLM --enable-lora, TGI, the Hub)",

@@ -17,6 +17,7 @@ them without the training system prompt, which the export supplies itself.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 IDENTICAL_SHARE = 0.99
@@ -35,6 +36,7 @@ class Target:
     stop_texts: list[str] = field(default_factory=list)
     load_model: Callable[[], object] | None = None  # None: no output check (an adapter is the version itself)
     single_turn: bool = False  # Ollama's TEMPLATE: one user message
+    gguf_path: Path | None = None  # also checked in llama.cpp itself when llama-cpp-python is installed
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Parity:
     template: dict
     stop: dict
     output: dict | None
+    runtime: dict | None = None  # llama.cpp itself (GGUF exports, when llama-cpp-python is installed)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,6 +62,12 @@ class Parity:
                     f"export {o['export_score']:.3f} (quantisation cost {o['cost_points']:+.1f} points; "
                     f"{o['rule']})")
             out.append(line)
+        r = self.runtime
+        if r:
+            out.append(f"llama.cpp: {'ok' if r['ok'] else 'FAILED'} - its tokenizer gives the training ids for "
+                       f"{r['template_identical']}/{r['n']} prompts; {r['metric']} {r['llama_cpp_score']:.3f} "
+                       f"(registry {r['registry_score']:.3f}, {r['cost_points']:+.1f} points; {r['rule']}); "
+                       f"{r['tokens_per_s']:.0f} tokens/s")
         return out
 
 
@@ -100,12 +109,27 @@ def check(version_target, examples, system: str | None, target: Target, metric, 
     target_stop_ids = {target.tokenizer.convert_tokens_to_ids(t) for t in target.stop_texts} | target.stop_ids
     stop = {"ok": end_id in target_stop_ids or end in target.stop_texts, "trained": end, "trained_id": end_id,
             "target": sorted(f"{target.tokenizer.convert_ids_to_tokens(i)!s} ({i})" for i in target_stop_ids)}
-    output = None
+    output = runtime = None
     if target.load_model is not None and examples:
-        output = _output(version_target, train_prompts, target, target_prompts, examples, metric, ctx,
-                         max_new_tokens, batch_size, stages)
-    ok = template["ok"] and stop["ok"] and (output is None or output["ok"])
-    return Parity(ok, template, stop, output)
+        output, ours = _output(version_target, train_prompts, target, target_prompts, examples, metric, ctx,
+                               max_new_tokens, batch_size, stages)
+        if target.gguf_path is not None:
+            runtime = _runtime(target, target_prompts, trained_ids, ours, examples, metric, ctx, max_new_tokens,
+                               stages)
+    ok = template["ok"] and stop["ok"] and (output is None or output["ok"]) and (runtime is None or runtime["ok"])
+    return Parity(ok, template, stop, output, runtime)
+
+
+def _runtime(target: Target, target_prompts, trained_ids, ours, examples, metric, ctx, max_new_tokens, stages):
+    from skilltune.export import runtime
+    from skilltune.progress import SILENT
+
+    if not runtime.available():
+        (stages or SILENT).message("llama.cpp itself not checked: llama-cpp-python is not installed (make llamacpp)")
+        return None
+    with (stages or SILENT).stage(f"answering them in llama.cpp itself ({target.label})"):
+        return runtime.check(target.gguf_path, target_prompts, trained_ids, [g.text for g in ours],
+                             [ex.completion for ex in examples], metric, ctx, max_new_tokens)
 
 
 def _output(version_target, train_prompts, target: Target, target_prompts, examples, metric, ctx, max_new_tokens,
@@ -137,4 +161,4 @@ def _output(version_target, train_prompts, target: Target, target_prompts, examp
                  for ex, a, b in zip(examples, ours, theirs) if a.text != b.text][:5]
     return {"ok": ok, "n": len(refs), "identical": identical, "identical_share": share, "metric": metric.name,
             "registry_score": reg, "export_score": exp, "cost_points": (reg - exp) * 100, "rule": rule,
-            "examples_differing": differing}
+            "examples_differing": differing}, ours
