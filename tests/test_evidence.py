@@ -362,4 +362,4 @@ def test_readme_walkthrough_runs_as_written(tmp_path, tiny_model_dir, monkeypatc
     assert codes["registry add"] == 0 and codes["registry promote"] == 0
     assert codes["registry rollback"] == 1  # one version: nothing to roll back to yet, said plainly
     assert codes["checklist sql@production"] == 1  # not every item passes on a first run, and it says which
-    assert codes["export sql@production"] == 0 and (tmp_path / "out" / "sql-merged" / "config.json").is_file()
+    assert codes["export sql@production"] == 0 and (tmp_path / "out" / "sql-hf" / "config.json").is_file()
