@@ -95,12 +95,12 @@ def _run_converter(hf_dir: Path, out_file: Path, outtype: str) -> Path:
 
 
 def _quantize_check() -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    from skilltune.export import runtime
+
+    if not runtime.available():
         raise ExportError("q4_k_m needs llama.cpp's quantizer (llama-cpp-python), which is not installed",
                           hint="make llamacpp (compiles llama.cpp once, minutes on two cores), or "
-                               "pip install 'skilltune[llamacpp]'; or export --quant q8_0") from None
+                               "pip install 'skilltune[llamacpp]'; or export --quant q8_0")
 
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
