@@ -49,8 +49,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 def process_state(optimizer) -> dict:
-    """What each process keeps of its own: the optimizer state (a shard's under FSDP/ZeRO) and its RNG."""
-    return {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+    """What each process keeps of its own: the optimizer state (a shard's under FSDP/ZeRO) and its RNG.
+
+    On the CPU, so that it can travel to the main process (which writes it) whatever the device;
+    ``load_state_dict`` moves it back to the parameters' device.
+    """
+    return {"optimizer": _to_cpu(optimizer.state_dict()), "rng": _rng_state()}
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _rank_file(rank: int) -> str:
