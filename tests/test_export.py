@@ -197,3 +197,17 @@ def test_gguf_runs_in_llama_cpp_itself_with_the_training_ids(version, tmp_path):
     assert "llama.cpp: ok - its tokenizer gives the training ids for 6/6 prompts" in out
     runtime = _exports(version)["ollama:q4_k_m"]["parity"]["runtime"]
     assert runtime["template_identical"] == runtime["n"] == 6 and runtime["wall_s"] > 0
+
+
+def test_a_system_prompt_a_modelfile_cannot_hold_is_refused_with_what_to_do(tmp_path):
+    from tiny import build_tiny_model
+    from transformers import AutoTokenizer
+
+    from skilltune.export import ollama
+    from skilltune.export.gguf import ExportError
+
+    tok = AutoTokenizer.from_pretrained(str(build_tiny_model(tmp_path / "m")))
+    for bad in ('Reply in triple quotes: """like this"""', "Fill {{ .Prompt }} in"):
+        with pytest.raises(ExportError, match="cannot hold literally") as err:
+            ollama.derive(tok, "m.gguf", bad, "<|im_end|>", strip_bos=False)
+        assert "write the Modelfile by hand" in err.value.hint

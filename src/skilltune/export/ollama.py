@@ -71,14 +71,14 @@ def derive(tokenizer, gguf_name: str, system: str | None, stop_token: str, strip
     end = after_answer[:after_answer.find(stop_token) + len(stop_token)] if stop_token in after_answer else stop_token
     template = (f"{{{{ if .System }}}}{_go(head)}{{{{ .System }}}}{_go(between)}{{{{ else }}}}{_go(bare_head)}"
                 f"{{{{ end }}}}{{{{ .Prompt }}}}{_go(after_user)}{{{{ .Response }}}}{_go(end)}")
-    return Modelfile(gguf_name, template, [stop_token], system)
+    return Modelfile(gguf_name, template, [stop_token], _go(system) if system else None)
 
 
 def _go(text: str) -> str:
     """Literal text inside a Go template (``{{`` would open an action) and a triple-quoted Modelfile string."""
     if "{{" in text or '"""' in text:
-        raise ExportError("the chat template's literal text contains '{{' or '\"\"\"', which a Modelfile "
-                          "TEMPLATE cannot hold", hint="export --format gguf and write the Modelfile by hand")
+        raise ExportError("the chat template or the system prompt contains '{{' or '\"\"\"', which a Modelfile "
+                          "cannot hold literally", hint="export --format gguf and write the Modelfile by hand")
     return text
 
 
