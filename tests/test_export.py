@@ -211,3 +211,25 @@ def test_a_system_prompt_a_modelfile_cannot_hold_is_refused_with_what_to_do(tmp_
         with pytest.raises(ExportError, match="cannot hold literally") as err:
             ollama.derive(tok, "m.gguf", bad, "<|im_end|>", strip_bos=False)
         assert "write the Modelfile by hand" in err.value.hint
+
+
+def test_llama_cpp_is_not_given_the_bos_it_adds_itself(monkeypatch):
+    """A file whose vocabulary adds BOS (Gemma): the prompt text llama.cpp tokenizes must not carry one too,
+    or it would start with two (found on Gemma 3 270M's real weights, where llama.cpp warned of a double BOS)."""
+    from types import SimpleNamespace
+
+    from skilltune.export import parity, runtime
+
+    seen = {}
+
+    def fake_check(path, prompts, *rest):
+        seen["prompts"] = prompts
+        return {"ok": True}
+
+    monkeypatch.setattr(runtime, "available", lambda: True)
+    monkeypatch.setattr(runtime, "check", fake_check)
+    target = parity.Target("gguf", "q8_0", lambda m: "", None, set(), gguf_path=Path("m.gguf"), runtime_adds="<bos>")
+    ex = SimpleNamespace(completion="x")
+    parity._runtime(target, ["<bos><start_of_turn>user\nhi", "no bos here"], [[1]], [SimpleNamespace(text="x")] * 2,
+                    [ex, ex], None, {}, 4, None)
+    assert seen["prompts"] == ["<start_of_turn>user\nhi", "no bos here"]

@@ -141,11 +141,25 @@ def _write_hf(job: Job, tmp: Path) -> Target:
     return _tokenizer_target("merged transformers folder", tmp, load)
 
 
-def _gguf_target(job: Job, path: Path, info: gguf.GGUFInfo) -> tuple[object, Callable[[str], str], Callable]:
-    """The GGUF's own tokenizer (transformers' GGUF reader), llama.cpp's BOS rule, and a model loader."""
+def _gguf_target(job: Job, path: Path, info: gguf.GGUFInfo) -> tuple[object, Callable[[str], str], Callable, str]:
+    """The GGUF's own tokenizer (transformers' GGUF reader), llama.cpp's BOS rule, a model loader, and the BOS
+    text llama.cpp adds by itself ("" when the file says not to)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 - transformers' GGUF tokenizer reader covers some vocabularies only
+        from skilltune.export import runtime
+
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if not runtime.available():
+            raise ExportError(f"transformers cannot read the tokenizer back from {path.name} ({why}), so the "
+                              "prompts cannot be checked token by token here",
+                              hint="make llamacpp (llama.cpp then checks the file itself), or --no-check to "
+                                   "export unchecked") from None
+        job.stages.message(f"transformers cannot read {path.name}'s tokenizer ({why}); the token ids are checked "
+                           "by llama.cpp's own tokenizer, the answers with the export's tokenizer")
+        tok = job.merged()[1]
     bos = tok.convert_ids_to_tokens(info.bos_id) if info.bos_id is not None else ""
 
     def llama_cpp_text(text: str) -> str:
@@ -157,7 +171,7 @@ def _gguf_target(job: Job, path: Path, info: gguf.GGUFInfo) -> tuple[object, Cal
     def load():
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
-    return tok, llama_cpp_text, load
+    return tok, llama_cpp_text, load, bos if info.add_bos else ""
 
 
 def _write_gguf_file(job: Job, tmp: Path) -> tuple[Path, gguf.GGUFInfo]:
@@ -173,13 +187,14 @@ def _write_gguf(job: Job, tmp: Path) -> Target:
     path, info = _write_gguf_file(job, tmp)
     if not info.chat_template:
         raise ExportError(f"{path.name} carries no chat template, so llama.cpp would not ask the way training did")
-    tok, llama_cpp_text, load = _gguf_target(job, path, info)
+    tok, llama_cpp_text, load, adds = _gguf_target(job, path, info)
 
     def render(msgs):
         return llama_cpp_text(tok.apply_chat_template(msgs, chat_template=info.chat_template, tokenize=False,
                                                       add_generation_prompt=True))
 
-    return Target(f"GGUF {job.req.quant}", job.req.quant, render, tok, info.stop_ids, load_model=load, gguf_path=path)
+    return Target(f"GGUF {job.req.quant}", job.req.quant, render, tok, info.stop_ids, load_model=load, gguf_path=path,
+                  runtime_adds=adds)
 
 
 def _write_ollama(job: Job, tmp: Path) -> Target:
@@ -189,13 +204,13 @@ def _write_ollama(job: Job, tmp: Path) -> Target:
     mf = ollama.derive(tokenizer, path.name, job.system, end, strip_bos=info.add_bos)
     (tmp / "Modelfile").write_text(mf.text())
     mf = ollama.parse((tmp / "Modelfile").read_text())  # check what was written, not what was meant
-    tok, llama_cpp_text, load = _gguf_target(job, path, info)
+    tok, llama_cpp_text, load, adds = _gguf_target(job, path, info)
 
     def render(msgs):
         return llama_cpp_text(ollama.render(mf.template, mf.system, msgs[-1]["content"]))
 
     return Target(f"Ollama Modelfile + GGUF {job.req.quant}", job.req.quant, render, tok, set(), mf.stops,
-                  load_model=load, single_turn=True, gguf_path=path)
+                  load_model=load, single_turn=True, gguf_path=path, runtime_adds=adds)
 
 
 register_format(Format("adapter", "the peft adapter with its model card (vLLM --enable-lora, TGI, the Hub)",

@@ -37,6 +37,7 @@ class Target:
     load_model: Callable[[], object] | None = None  # None: no output check (an adapter is the version itself)
     single_turn: bool = False  # Ollama's TEMPLATE: one user message
     gguf_path: Path | None = None  # also checked in llama.cpp itself when llama-cpp-python is installed
+    runtime_adds: str = ""  # the BOS text llama.cpp adds itself (so it is not given it in the prompt)
 
 
 @dataclass
@@ -128,7 +129,9 @@ def _runtime(target: Target, target_prompts, trained_ids, ours, examples, metric
         (stages or SILENT).message("llama.cpp itself not checked: llama-cpp-python is not installed (make llamacpp)")
         return None
     with (stages or SILENT).stage(f"answering them in llama.cpp itself ({target.label})"):
-        return runtime.check(target.gguf_path, target_prompts, trained_ids, [g.text for g in ours],
+        own = target.runtime_adds
+        prompts = [p[len(own):] if own and p.startswith(own) else p for p in target_prompts]
+        return runtime.check(target.gguf_path, prompts, trained_ids, [g.text for g in ours],
                              [ex.completion for ex in examples], metric, ctx, max_new_tokens)
 
 
@@ -142,7 +145,15 @@ def _output(version_target, train_prompts, target: Target, target_prompts, examp
         ours = generate(version_target.model, version_target.tokenizer, train_prompts, max_new_tokens, batch_size,
                         progress=adv)
     with stages.stage(f"loading the export ({target.label}) with an independent reader"):
-        model = target.load_model()
+        try:
+            model = target.load_model()
+        except Exception as exc:  # noqa: BLE001 - whatever the reader raises, the export cannot be checked
+            from skilltune.export.gguf import ExportError
+
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"the export ({target.label}) could not be loaded back to check it: {why}",
+                              hint="the runtime may not support this architecture yet; --no-check exports it "
+                                   "unchecked (recorded as such)") from None
     eos = min(target.stop_ids) if target.stop_ids else None
     with stages.stage(f"answering them with the export ({target.label})", total=len(examples)) as adv:
         theirs = generate(model, target.tokenizer, target_prompts, max_new_tokens, batch_size, eos_token_id=eos,

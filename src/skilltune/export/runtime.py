@@ -44,8 +44,10 @@ def llama_cpp_answers(path: Path, prompts: list[str], max_new_tokens: int, n_ctx
         generated += out["usage"]["completion_tokens"]
         llm.reset()
     wall = time.perf_counter() - t0
+    threads = llm.n_threads if hasattr(llm, "n_threads") else threads
+    llm.close()  # now, not in a destructor at interpreter exit
     return ids, answers, {"generated_tokens": generated, "wall_s": wall, "tokens_per_s": generated / max(wall, 1e-9),
-                          "threads": llm.n_threads if hasattr(llm, "n_threads") else threads}
+                          "threads": threads}
 
 
 def check(path: Path, target_prompts: list[str], trained_ids: list[list[int]], registry_answers: list[str],
