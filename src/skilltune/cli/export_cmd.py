@@ -12,12 +12,6 @@ from skilltune.cli.common import ConsoleStages, console, quiet_libraries
 URL_HELP = "Registry database URL (default: SQLite in the skilltune home; or $SKILLTUNE_REGISTRY_URL)."
 
 
-def _formats_help() -> str:
-    from skilltune.export.build import FORMATS
-
-    return "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
-
-
 def _request(ref, out, fmt, quant, force, no_check, test, limit, db, trust_remote_code):
     from skilltune.export.build import ExportRequest
 
@@ -35,7 +29,7 @@ def _print_parity(result) -> None:
 
 def export(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
            out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (new or empty)."),
-           fmt: str = typer.Option("hf", "--format", help="adapter | hf | gguf | ollama."),
+           fmt: str = typer.Option("hf", "--format", help="adapter | hf | gguf | ollama (and any registered)."),
            quant: str = typer.Option("q8_0", "--quant", help="GGUF quantisation: f32, f16, q8_0, q4_k_m."),
            adapter: Optional[Path] = typer.Option(None, "--adapter", help="Shorthand: --format adapter --out DIR."),
            merged: Optional[Path] = typer.Option(None, "--merged", help="Shorthand: --format hf --out DIR."),
