@@ -152,13 +152,14 @@ def _gguf_target(job: Job, path: Path, info: gguf.GGUFInfo) -> tuple[object, Cal
         from skilltune.export import runtime
 
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        if not runtime.available():
+        if job.req.check and not runtime.available():
             raise ExportError(f"transformers cannot read the tokenizer back from {path.name} ({why}), so the "
                               "prompts cannot be checked token by token here",
                               hint="make llamacpp (llama.cpp then checks the file itself), or --no-check to "
                                    "export unchecked") from None
-        job.stages.message(f"transformers cannot read {path.name}'s tokenizer ({why}); the token ids are checked "
-                           "by llama.cpp's own tokenizer, the answers with the export's tokenizer")
+        if job.req.check:
+            job.stages.message(f"transformers cannot read {path.name}'s tokenizer ({why}); the token ids are "
+                               "checked by llama.cpp's own tokenizer, the answers with the export's tokenizer")
         tok = job.merged()[1]
     bos = tok.convert_ids_to_tokens(info.bos_id) if info.bos_id is not None else ""
 
