@@ -233,3 +233,25 @@ def test_llama_cpp_is_not_given_the_bos_it_adds_itself(monkeypatch):
     parity._runtime(target, ["<bos><start_of_turn>user\nhi", "no bos here"], [[1]], [SimpleNamespace(text="x")] * 2,
                     [ex, ex], None, {}, 4, None)
     assert seen["prompts"] == ["<start_of_turn>user\nhi", "no bos here"]
+
+
+def test_a_gguf_tokenizer_transformers_cannot_read_needs_llama_cpp_or_no_check(version, tmp_path, monkeypatch):
+    """As for Gemma 3's GGUF: transformers' reader fails on its tokenizer; llama.cpp must check the ids then."""
+    from transformers import AutoTokenizer
+
+    from skilltune.export import runtime
+
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("gguf_file"):
+            raise Exception("Error while initializing BPE: Token `\n` out of vocabulary")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(runtime, "available", lambda: False)
+    code, out = cli("export", version, "--format", "gguf", "--quant", "f16", "--out", str(tmp_path / "g"))
+    assert code == 1 and "cannot read the tokenizer back" in out and "make llamacpp" in out
+    assert not (tmp_path / "g").exists() and "Traceback" not in out
+    code, out = cli("export", version, "--format", "gguf", "--quant", "f16", "--out", str(tmp_path / "g"), "--no-check")
+    assert code == 0 and (tmp_path / "g" / "exp-v1-f16.gguf").is_file(), out
