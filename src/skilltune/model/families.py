@@ -57,7 +57,7 @@ register_family(Family("llama", ("llama",), "llama3.jinja", "<|eot_id|>", ("<|st
                        "Llama 3.x: grouped-query attention, tied or untied embeddings"))
 register_family(Family("smollm2", ("smollm2",), "chatml.jinja", "<|im_end|>", ("<|im_start|>", "<|im_end|>"),
                        "Llama-shaped (SmolLM2 reports model_type llama)",
-                       real_weights="SmolLM2-135M-Instruct (embedded)"))
+                       real_weights="SmolLM2-135M-Instruct (embedded): the demo, and exports checked in llama.cpp"))
 register_family(Family("mistral", ("mistral",), "mistral.jinja", "</s>", ("[INST]", "[/INST]"),
                        "sliding-window attention in its config (None in 7B v0.2+): shared prefixes refused when set"))
 register_family(Family("qwen2", ("qwen2",), "chatml.jinja", "<|im_end|>", ("<|im_start|>", "<|im_end|>"),
@@ -69,6 +69,7 @@ register_family(Family("gemma2", ("gemma2",), "gemma.jinja", "<end_of_turn>", ("
 register_family(Family("gemma3", ("gemma3_text", "gemma3"), "gemma.jinja", "<end_of_turn>",
                        ("<start_of_turn>", "<end_of_turn>"),
                        "sliding-window layers, (1 + weight) RMSNorm with q/k norms, GeGLU, tied embeddings",
-                       real_weights="Gemma 3 270M (embedded:gemma3-270m)"))
+                       real_weights="Gemma 3 270M (embedded:gemma3-270m): the demo, and an Ollama export "
+                                    "checked in llama.cpp"))
 register_family(Family("phi3", ("phi3",), "phi3.jinja", "<|end|>", ("<|user|>", "<|assistant|>", "<|end|>"),
                        "fused qkv_proj and gate_up_proj"))
