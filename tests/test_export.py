@@ -6,6 +6,7 @@ recognises; it is trained a few steps with a system prompt and a test set, then 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,8 @@ def test_hf_export_has_a_card_passes_parity_and_is_recorded(version, tmp_path):
     assert results["dataset"]["name"].startswith("test.jsonl (6 held-out examples")
     assert [m["name"] for m in results["metrics"]] == ["exact_match (finetuned)", "exact_match (base model)"]
     assert SYSTEM in card.text and "sha256" in card.text
+    shipped = json.loads((tmp_path / "hf" / "skilltune_export.json").read_text())
+    assert shipped["from"] == "exp@v1" and "run" not in shipped  # no path of the training machine in the repo
     rec = _exports(version)["hf"]
     assert rec["ok"] is True and rec["checked"] and rec["out"] == str((tmp_path / "hf").resolve())
     assert rec["parity"]["template"]["identical"] == 6

@@ -129,6 +129,7 @@ def _write_adapter(job: Job, tmp: Path) -> Target:
 def _write_hf(job: Job, tmp: Path) -> Target:
     job.write_merged(tmp)
     record = json.loads((job.co.path / ADAPTER_META).read_text())
+    record.pop("run", None)  # a path on the training machine: nothing for a repo that may be shared
     (tmp / "skilltune_export.json").write_text(json.dumps({"from": job.co.ref, "merged": True, **record,
                                                            "system_prompt": job.system}, indent=2))
     (tmp / "README.md").write_text(card.build(job.co.version, job.co.ref, merged=True, system=job.system))
