@@ -159,6 +159,16 @@ def test_modelfile_template_renders_what_the_family_template_renders(family, tmp
         assert mf.stops == [end] and mf.system == "Be brief."
 
 
+def test_adapter_export_loads_and_carries_no_training_path(version, tmp_path):
+    from skilltune.model.target import load_target
+
+    code, out = cli("export", version, "--format", "adapter", "--out", str(tmp_path / "a"))
+    assert code == 0 and "template parity: ok - 6/6" in out, out
+    record = json.loads((tmp_path / "a" / "skilltune_adapter.json").read_text())
+    assert "run" not in record and record["method"] == "lora"
+    assert load_target(str(tmp_path / "a")).adapter_dir is not None
+
+
 def test_push_dry_run_validates_without_the_network(version, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     code, out = cli("push", version, "--repo", "acme/sql-demo", "--dry-run")

@@ -114,8 +114,16 @@ def _tokenizer_target(label: str, folder: Path, load_model: Callable | None) -> 
                   tok, stops, load_model=load_model)
 
 
+def _shareable_record(artifact: Path) -> dict:
+    """The artifact's skilltune record without the training machine's run path (the export may be shared)."""
+    record = json.loads((artifact / ADAPTER_META).read_text())
+    record.pop("run", None)
+    return record
+
+
 def _write_adapter(job: Job, tmp: Path) -> Target:
     shutil.copytree(job.co.path, tmp, dirs_exist_ok=True)
+    (tmp / ADAPTER_META).write_text(json.dumps(_shareable_record(job.co.path), indent=2))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp), trust_remote_code=False)
@@ -128,9 +136,8 @@ def _write_adapter(job: Job, tmp: Path) -> Target:
 
 def _write_hf(job: Job, tmp: Path) -> Target:
     job.write_merged(tmp)
-    record = json.loads((job.co.path / ADAPTER_META).read_text())
-    record.pop("run", None)  # a path on the training machine: nothing for a repo that may be shared
-    (tmp / "skilltune_export.json").write_text(json.dumps({"from": job.co.ref, "merged": True, **record,
+    (tmp / "skilltune_export.json").write_text(json.dumps({"from": job.co.ref, "merged": True,
+                                                           **_shareable_record(job.co.path),
                                                            "system_prompt": job.system}, indent=2))
     (tmp / "README.md").write_text(card.build(job.co.version, job.co.ref, merged=True, system=job.system))
 
