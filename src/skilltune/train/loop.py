@@ -512,10 +512,10 @@ def _interrupted(s: Session) -> None:
 def finish(s: Session) -> TrainResult:
     """The artifact (best validation weights when there was validation), summary and loss plot."""
     cfg, acc, loop, run_path = s.cfg, s.acc, s.loop, s.run_path
-    best = run_path / "best" / "trainable.safetensors"
+    best = run_path / "best"
     # The weights saved are the gathered ones (whole under FSDP/DeepSpeed too), never a shard.
-    if loop.best_step is not None and best.is_file():
-        state = ckpt.load_trainable_file(best.parent)
+    if loop.best_step is not None and (best / "trainable.safetensors").is_file():
+        state = ckpt.load_trainable_file(best)
     else:
         state = _gathered_trainable(s)
     artifact = run_path / ("adapter" if s.method.is_adapter else "model")
