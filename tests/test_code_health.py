@@ -24,7 +24,7 @@ def test_loop_state_round_trips_and_reads_older_checkpoints():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("adapter.method", "lorra", "unknown method 'lorra' (known: lora, dora, qlora, full"),
-    ("data.format", "chatml", "unknown format 'chatml' (known: auto, prompt_completion"),
+    ("data.format", "chatml", "unknown format 'chatml' (known: auto, preference, prompt_completion"),
     ("train.report_to", "[tensorbord]", "unknown tracker 'tensorbord' (known: tensorboard, wandb, mlflow)"),
 ])
 def test_names_are_checked_against_the_registries(tmp_path, field, value, needle):

@@ -208,14 +208,15 @@ def test_head_cross_entropy_matches_the_stock_loss(monkeypatch, dtype):
     hidden = torch.randn(10, 16, generator=g).to(dtype)
     weight = torch.randn(500, 16, generator=g).to(dtype)
     targets = torch.randint(0, 500, (10,), generator=g)
+    upstream = torch.linspace(-1.0, 2.0, 10)
 
     def run(fused: bool):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if fused:
             loss = loss_mod._HeadCrossEntropy.apply(h, w, targets)
         else:
-            loss = torch.nn.functional.cross_entropy((h @ w.t()).float(), targets, reduction="sum")
-        (loss * 0.5).backward()  # an upstream gradient other than 1
+            loss = torch.nn.functional.cross_entropy((h @ w.t()).float(), targets, reduction="none")
+        (loss * upstream).sum().backward()  # a different upstream gradient for each token (DPO's per-answer sums)
         return loss.detach(), h.grad.float(), w.grad.float()
 
     ref, got = run(False), run(True)

@@ -34,6 +34,20 @@ TOPICS = {
     "transfer workspace ownership": "open Team, choose the new owner and select Make owner; both of you get an email",
     "update your payment card": "open Billing > Payment method and add the new card; we charge it from the next invoice",
 }
+# Questions for the review round (the worked example's scorecard study): topics no split holds, so the
+# preference pairs people make from them never touch the test set that measures the result.
+REVIEW_TOPICS = {
+    "rename a project": "open Projects, choose the project and edit its name under Settings",
+    "change the notification emails": "open Settings > Notifications and pick which emails we send you",
+    "move a file to another folder": "select the file, choose Move and pick the folder",
+    "see who edited a document": "open the document and choose History; every edit is listed with its author",
+    "archive a workspace": "open Settings > General and choose Archive; you can restore it for 90 days",
+    "share a folder with a client": "open the folder, choose Share and enter their email; choose view or edit access",
+    "change the workspace language": "open Settings > General and pick the language; it applies to everyone",
+    "download the desktop app": "open Settings > Apps and choose Download for your system",
+    "turn off email digests": "open Settings > Notifications and switch off Weekly digest",
+    "add a custom domain": "open Settings > Domains, add the domain and follow the DNS steps we show",
+}
 ASKS = ["How do I {t}?", "Can you help me {t}?", "What's the way to {t}?", "I need to {t}, what should I do?",
         "Quick question: how can I {t}?", "Is it possible to {t}?", "Where do I go to {t}?",
         "Please explain how to {t}.", "What are the steps to {t}?", "I'm trying to {t}. Any tips?",
@@ -65,6 +79,12 @@ def main() -> None:
         rng.shuffle(rows)
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(name, len(rows))
+    review_rng = random.Random(11)
+    review = [{"prompt": (q := ask.format(t=topic))[0].upper() + q[1:], "completion": answer(topic, how, review_rng)}
+              for topic, how in REVIEW_TOPICS.items() for ask in ASKS]
+    review_rng.shuffle(review)
+    (out / "review.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in review))
+    print("review", len(review))
 
 
 if __name__ == "__main__":

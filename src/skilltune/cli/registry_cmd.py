@@ -73,7 +73,9 @@ def show(ref: str = typer.Argument(..., help="NAME@vN or NAME@alias."),
                                                if k != "exports"},  # summarised below
                                    "files": v.manifest}, default=str))
     from skilltune.readiness.checklist import export_summary
+    from skilltune.registry.api import lineage_chain
 
+    console.print("chain: " + " -> ".join(lineage_chain(v)), highlight=False, markup=False)
     for key, record in ((v.metrics or {}).get("exports") or {}).items():
         console.print(f"export {key}: {export_summary(record)}", highlight=False, markup=False)
 

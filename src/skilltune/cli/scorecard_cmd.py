@@ -87,16 +87,48 @@ def report(name: str, fmt: str = typer.Option("md", "--format", help="md | json 
 
 
 @app.command()
-def export(name: str, out: Path = typer.Option(..., "--out", help="File to write (.jsonl or .csv)."),
+def export(name: str, out: Optional[Path] = typer.Option(None, "--out", help="File to write (.jsonl or .csv)."),
+           preferences: Optional[Path] = typer.Option(None, "--preferences", help="Write the A/B judgements as "
+                                                      "preference pairs (JSONL) for `train.objective: dpo`."),
            url: Optional[str] = URL) -> None:
-    """Write every judgement as JSONL or CSV.
+    """Write every judgement as JSONL or CSV, or (--preferences) the agreed A/B winners as preference pairs.
 
     Example: skilltune scorecard export sql-review --out judgements.csv
+    Example: skilltune scorecard export voice-1 --preferences prefs.jsonl
     """
     from skilltune.paths import atomic_write_text
     from skilltune.scorecard.study import export_rows, to_csv
 
+    if (out is None) == (preferences is None):
+        raise typer.BadParameter("pass exactly one of --out FILE (the judgements) or --preferences FILE (the pairs)")
+    if preferences is not None:
+        _export_preferences(name, preferences, url)
+        return
     rows = export_rows(name, url)
     text = to_csv(rows) if out.suffix == ".csv" else "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_text(out, text)
     console.print(f"{len(rows)} judgements -> {out}")
+
+
+def _export_preferences(name: str, out: Path, url: Optional[str]) -> None:
+    from skilltune.paths import atomic_write_text
+    from skilltune.scorecard.study import PREFERENCE_RULE, preference_pairs
+
+    from skilltune.scorecard.study import StudyError
+
+    rows, counts = preference_pairs(name, url)
+    left = ", ".join(f"{counts[k]} {k}" for k in ("tie", "both bad", "no majority", "empty or identical answers",
+                                                  "not judged") if counts.get(k))
+    if not rows:
+        raise StudyError(f"no preference pairs in study {name!r}: of {counts['items']} items, {left or 'none'}",
+                         hint=f"{PREFERENCE_RULE}; judge more items (skilltune scorecard serve {name})")
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tuned = sum(r["chosen_model"] == "tuned" for r in rows)
+    console.print(f"{len(rows)} preference pairs from {counts['items']} items ({counts['votes']} judgements) -> {out}",
+                  highlight=False)
+    console.print(f"left out: {left or 'none'}", highlight=False)
+    console.print(f"rule: {PREFERENCE_RULE}", highlight=False)
+    if rows:
+        console.print(f"the finetuned model's answer was chosen in {tuned} of {len(rows)} pairs", highlight=False)
+    console.print(f"next: audit them (skilltune data audit {out}), then train with train.objective: dpo",
+                  highlight=False)

@@ -23,8 +23,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     base: str = Field(
         EMBEDDED_DEFAULT,
-        description="Base model: 'embedded:smollm2-135m-instruct', a local HF model directory, "
-        "a .gguf file, or a hub id that is already in the local Hugging Face cache.",
+        description="Base model: 'embedded:smollm2-135m-instruct', a registered version 'NAME@vN' (train on top of "
+        "it, e.g. DPO after SFT), a local HF model directory, a .gguf file, or a hub id that is already in the "
+        "local Hugging Face cache.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(
@@ -80,6 +81,11 @@ class AdapterConfig(Section):
 
 
 class TrainConfig(Section):
+    objective: str = Field(
+        "sft", description="Training objective from the objectives registry: sft (demonstrations, the default) or "
+        "dpo (preference pairs: prompt/chosen/rejected; the reference is the starting model).")
+    dpo_beta: float = Field(
+        0.1, gt=0, le=10, description="DPO's beta: how far the policy may move from the reference (higher: closer).")
     epochs: float = Field(3, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -196,4 +202,9 @@ class SkilltuneConfig(Section):
         if self.adapter.method == "full" and self.adapter.r != 16:
             # r is ignored by full finetuning; a changed value hints at a mix-up.
             raise ValueError("adapter.r is set but adapter.method is 'full', which trains all weights (no rank)")
+        if self.train.objective == "dpo" and self.train.train_on_inputs:
+            raise ValueError("train.train_on_inputs is set but train.objective is 'dpo', which scores the two answers "
+                             "only (the prompt they share cancels out)")
+        if self.train.dpo_beta != 0.1 and self.train.objective == "sft":
+            raise ValueError("train.dpo_beta is set but train.objective is 'sft'; set train.objective: dpo to use it")
         return self

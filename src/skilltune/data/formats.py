@@ -1,7 +1,8 @@
 """Row formats, each a small registered parser from a JSON object to turns.
 
-Built-ins: ``prompt_completion``, ``messages`` (OpenAI/HF chat, optional per-message
-``weight``), ``alpaca`` and ``sharegpt``. A third party registers its own with
+Built-ins: ``preference`` (pairs for DPO: ``prompt``/``chosen``/``rejected``, or ``messages`` plus
+``chosen``/``rejected`` assistant turns), ``prompt_completion``, ``messages`` (OpenAI/HF chat, optional
+per-message ``weight``), ``alpaca`` and ``sharegpt``. A third party registers its own with
 :func:`register_format`, exactly as the built-ins do.
 """
 
@@ -26,6 +27,10 @@ class RowFormat:
     name: str
     detect: Callable[[dict], bool]
     parse: Callable[[dict], list[Turn]]
+    # Preference formats: the rejected answer (the turns end with the chosen one). None for SFT formats.
+    rejected: Callable[[dict], str] | None = None
+    # Fields kept on the example as provenance (e.g. the scorecard study and item a pair came from).
+    keep: tuple[str, ...] = ()
 
 
 FORMATS: dict[str, RowFormat] = {}
@@ -84,6 +89,10 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model
 
 
 def _chat(obj: dict, key: str, role_key: str, content_key: str, aliases: bool) -> list[Turn]:
+    return validate_turns(_chat_turns(obj, key, role_key, content_key, aliases), key)
+
+
+def _chat_turns(obj: dict, key: str, role_key: str, content_key: str, aliases: bool) -> list[Turn]:
     msgs = obj.get(key)
     if msgs is None:
         raise FieldProblem(key, f"missing field '{key}'", "missing_field")
@@ -111,7 +120,7 @@ def _chat(obj: dict, key: str, role_key: str, content_key: str, aliases: bool) -
         if weight not in (0, 1):
             raise FieldProblem(f"{where}.weight", f"weight must be 0 or 1, got {weight!r}", "bad_field")
         turns.append(Turn(mapped, content, train=(mapped == "assistant" and weight == 1)))
-    return validate_turns(turns, key)
+    return turns
 
 
 def _alpaca(obj: dict) -> list[Turn]:
@@ -125,6 +134,42 @@ def _alpaca(obj: dict) -> list[Turn]:
     return turns + [Turn("user", prompt), Turn("assistant", _text(obj, "output"), train=True)]
 
 
+def _answer(obj: dict, key: str) -> str:
+    """A preference side: a string, an assistant message, or a list holding one (TRL's conversational form)."""
+    value = obj.get(key)
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise FieldProblem(key, f"'{key}' must hold exactly one assistant message, got {len(value)}", "bad_field")
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant":
+            raise FieldProblem(f"{key}.role", f"'{key}' must be an assistant message, got role {value.get('role')!r}",
+                               "role_order")
+        return _text(value, "content") if "content" in value else _text({key: None}, key)
+    return _text(obj, key)
+
+
+def _preference(obj: dict) -> list[Turn]:
+    """The prompt's turns, then the chosen answer as the trained assistant turn (the rejected one: ``_answer``)."""
+    if "messages" in obj:
+        # earlier assistant turns are context, never trained: only the chosen answer carries labels
+        turns = [Turn(t.role, t.content) for t in _chat_turns(obj, "messages", "role", "content", aliases=False)]
+        if turns and turns[-1].role == "assistant":
+            raise FieldProblem(f"messages[{len(turns) - 1}]", "the prompt's messages must end on a user turn; the "
+                               "two answers go in 'chosen' and 'rejected'", "role_order")
+    else:
+        turns = [Turn("system", _text(obj, "system"))] if _text(obj, "system", required=False) else []
+        turns.append(Turn("user", _text(obj, "prompt")))
+    chosen, rejected = _answer(obj, "chosen"), _answer(obj, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise FieldProblem("rejected", "chosen and rejected are the same answer: the pair teaches nothing",
+                           "identical_pair")
+    return validate_turns(turns + [Turn("assistant", chosen, train=True)], "messages" if "messages" in obj else "prompt")
+
+
+# Preference rows first: they also carry 'prompt' or 'messages', which the SFT formats would claim.
+register_format(RowFormat("preference", lambda o: "chosen" in o or "rejected" in o, _preference,
+                          rejected=lambda o: _answer(o, "rejected"), keep=("study", "item_id", "id")))
 register_format(RowFormat("prompt_completion", lambda o: "prompt" in o or "completion" in o, _prompt_completion))
 register_format(RowFormat("messages", lambda o: "messages" in o,
                           lambda o: _chat(o, "messages", "role", "content", aliases=False)))

@@ -162,7 +162,8 @@ def iter_examples(path: str | Path, fmt: str = "auto", columns=None,
         if shape is None:
             yield RowProblem(str(path), lineno, None,
                              f"unrecognised row with keys {sorted(obj)[:6]}; expected prompt/completion, messages, "
-                             "instruction/output (alpaca) or conversations (sharegpt)", "unknown_format")
+                             "instruction/output (alpaca), conversations (sharegpt) or prompt/chosen/rejected "
+                             "(preference)", "unknown_format")
             continue
         report.first_line_of_format.setdefault(shape, lineno)
         if report.format is None:
@@ -173,12 +174,15 @@ def iter_examples(path: str | Path, fmt: str = "auto", columns=None,
                              f"this row is {shape} but the file is {report.format} ({firsts}); "
                              "one file must use one format", "mixed_format")
             continue
+        row_format = FORMATS[shape]
         try:
-            turns = FORMATS[shape].parse(obj)
+            turns = row_format.parse(obj)
+            rejected = row_format.rejected(obj) if row_format.rejected else None
         except FieldProblem as exc:
             yield RowProblem(str(path), lineno, exc.field, exc.message, exc.kind)
             continue
-        yield Example(turns=turns, source=str(path), line=lineno)
+        yield Example(turns=turns, source=str(path), line=lineno, rejected=rejected,
+                      meta={k: obj[k] for k in row_format.keep if k in obj})
 
 
 def read_file(path: str | Path, fmt: str = "auto", columns=None) -> ReadReport:

@@ -1,8 +1,9 @@
 """Resolve a ``model.base`` string to a local Hugging Face model directory.
 
 A registry of sources, tried in order: ``embedded:NAME`` (models shipped inside a
-Python package), a ``.gguf`` file, a local HF directory, and a hub id that is
-already in the local Hugging Face cache. Nothing here ever downloads: a hub id
+Python package), a registered version ``NAME@vN`` (its adapter merged into its base),
+a ``.gguf`` file, a local HF directory, and a hub id that is already in the local
+Hugging Face cache. Nothing here ever downloads: a hub id
 that is not cached fails at once with what to pass instead.
 """
 
@@ -28,8 +29,8 @@ CACHE_MARKER = "skilltune.json"  # written last into a converted cache entry
 class ResolvedModel:
     """A model spec resolved to a loadable local directory."""
 
-    spec: str  # what the user wrote
-    kind: str  # embedded | gguf | local | hub
+    spec: str  # what the user wrote (a registry alias: the NAME@vN it pointed at)
+    kind: str  # embedded | registry | gguf | local | hub
     path: Path  # HF-format directory with config.json and safetensors weights
 
 
@@ -163,7 +164,8 @@ def model_fingerprint(path: Path) -> str:
     """
     meta = Path(path) / CACHE_MARKER
     if meta.is_file():
-        return "gguf:" + json.loads(meta.read_text())["sha256"]
+        marker = json.loads(meta.read_text())
+        return marker.get("kind", "gguf") + ":" + marker["sha256"]
     h = hashlib.sha256()
     for f in sorted(list(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]):
         h.update(f.name.encode())
@@ -198,6 +200,43 @@ def _local(spec: str, revision: str | None) -> ResolvedModel:
     return ResolvedModel(spec, "local", path)
 
 
+def _registry(spec: str, revision: str | None) -> ResolvedModel:
+    """A registered version (``NAME@vN``, ``NAME@ALIAS``) as a whole model, to train on top of (DPO after SFT).
+
+    Its artifact is checked out verified; a LoRA/DoRA adapter is merged into its base (loaded by the
+    registry's lineage and base hash, as serving does) once, into the model cache, keyed by the version's
+    manifest. The tokenizer and chat template are the version's own.
+    """
+    import torch
+
+    from skilltune.model.target import load_target
+    from skilltune.registry.api import Registry
+
+    co = Registry().checkout(spec)
+    version = co.version
+    if version.method == "full":  # the artifact is the whole model already
+        return ResolvedModel(co.ref, "registry", co.path)
+    digest = hashlib.sha256(json.dumps(version.manifest, sort_keys=True).encode()).hexdigest()
+    final = models_cache() / f"registry-{version.name}-v{version.number}-{digest[:16]}"
+    if _cache_entry_intact(final):
+        return ResolvedModel(co.ref, "registry", final)
+    clean_stale_temp_dirs(final.parent, final.name)
+    log.info("merging %s into its base once (cached in %s)", co.ref, final)
+    with atomic_dir(final) as tmp:
+        target = load_target(str(co.path), torch.float32, co.policy)
+        model = target.model.merge_and_unload() if hasattr(target.model, "merge_and_unload") else target.model
+        model.save_pretrained(tmp)
+        target.tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps({"kind": "registry", "source": co.ref, "sha256": digest,
+                                                    "name": co.ref, "files": _file_hashes(tmp)}, indent=2))
+    return ResolvedModel(co.ref, "registry", final)  # NAME@vN: an alias may move, the lineage must not
+
+
+def _is_registry_ref(spec: str) -> bool:
+    """``NAME@TAG`` that is not a file or folder: hub ids and paths never look like it."""
+    return "@" in spec and "/" not in spec and not spec.startswith("embedded:") and not Path(spec).expanduser().exists()
+
+
 def _hub(spec: str, revision: str | None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
@@ -218,6 +257,7 @@ def _hub(spec: str, revision: str | None) -> ResolvedModel:
 # Order matters: the first source whose predicate matches resolves the spec.
 SOURCES: list[tuple[str, Callable[[str], bool], Callable[[str, str | None], ResolvedModel]]] = [
     ("embedded", lambda s: s.startswith("embedded:"), _embedded),
+    ("registry", _is_registry_ref, _registry),
     ("gguf", lambda s: s.lower().endswith(".gguf"), _gguf),
     ("local", lambda s: Path(s).expanduser().is_dir(), _local),
     ("hub", lambda s: True, _hub),

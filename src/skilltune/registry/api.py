@@ -111,6 +111,23 @@ def resolve_spec(spec: str, trust_remote_code: bool = False):
     return str(co.path), co.policy
 
 
+def lineage_chain(v: Version) -> list[str]:
+    """How a version came to be, one step a line: review studies -> preference file -> run -> this version."""
+    lineage = v.lineage or {}
+    steps = []
+    studies = (lineage.get("provenance") or {}).get("studies") or {}
+    if studies:
+        steps.append("scorecard " + ", ".join(f"study {k!r} ({n} pairs)" for k, n in studies.items()))
+    train = (lineage.get("data") or {}).get("train") or {}
+    if train:
+        steps.append(f"data {train.get('path')} (sha256 {str(train.get('sha256'))[:12]}, {train.get('rows')} rows)")
+    steps.append(f"{lineage.get('objective', 'sft')} run {lineage.get('run_dir')} ({lineage.get('method')})")
+    base = (lineage.get("base_model") or {}).get("spec")
+    start = f"on top of {lineage['parent']}" if lineage.get("parent") else f"on {base}"
+    steps.append(f"{v.name}@v{v.number} ({start})")
+    return steps
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -217,7 +234,10 @@ class Registry:
             "final_train_loss": summary.get("final_train_loss"), "final_val_loss": summary.get("final_val_loss"),
             "best_val_loss": summary.get("best_val_loss"), "environment": run["environment"],
             "skilltune_version": __version__, "git_commit": _git_commit(), "artifact_kind": artifact.name,
-            "run_config": run_config,
+            "run_config": run_config, "objective": run.get("objective", "sft"),
+            # trained on top of a registered version (DPO after SFT): the chain registry show prints
+            "parent": run["base_model"]["spec"] if run["base_model"].get("kind") == "registry" else None,
+            "provenance": run.get("provenance") or {},
         }
         with self.tx(lock=name) as s:
             same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
@@ -328,6 +348,11 @@ class Registry:
                 raise RegistryError(f"{name}@v{v.number} is the target of alias(es) {', '.join(pinned)}; "
                                     "deleting it would leave them pointing at nothing",
                                     hint=f"promote another version to {pinned[0]} first")
+            children = [f"{c.name}@v{c.number}" for c in s.scalars(select(Version)).all()
+                        if (c.lineage or {}).get("parent") == f"{v.name}@v{v.number}"]
+            if children:
+                raise RegistryError(f"{name}@v{v.number} is the base of {', '.join(children)}: they load it to run",
+                                    hint=f"delete {children[0]} first")
             s.delete(v)
 
     # ------------------------------------------------------------------ artifacts

@@ -162,3 +162,91 @@ def to_csv(rows: list[dict]) -> str:
         for r in rows:
             w.writerow({k: csv_cell(v) for k, v in {**r, "scores": json.dumps(r["scores"])}.items()})
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- preferences (the DPO loop)
+CHOICES = ("A", "B", "tie", "both_bad")
+PREFERENCE_RULE = ("an item becomes a pair when more than half of its raters chose the same answer (A or B); "
+                   "items whose majority is tie or both bad, or whose raters split, are left out")
+
+
+def preference_pairs(name: str, url: str | None = None) -> tuple[list[dict], dict]:
+    """Each A/B item with an agreed winner as a preference row, and the counts of what was left out."""
+    from collections import Counter, defaultdict
+
+    study, Session = get_study(name, url)
+    if study.mode != "ab":
+        raise StudyError(f"study {name!r} is a rubric study: preference pairs need A/B judgements",
+                         hint="create a study with --mode ab (the default)")
+    with Session() as s:
+        items = s.scalars(select(Item).where(Item.study_id == study.id).order_by(Item.id)).all()
+        votes: dict[int, list[str]] = defaultdict(list)
+        q = select(Judgement).join(Item, Judgement.item_id == Item.id).where(Item.study_id == study.id)
+        for j in s.scalars(q).all():
+            if j.choice in CHOICES:
+                votes[j.item_id].append(j.choice)
+    counts: Counter = Counter()
+    rows = []
+    for item in items:
+        cast = votes.get(item.id, [])
+        if not cast:
+            counts["not judged"] += 1
+            continue
+        top, n = Counter(cast).most_common(1)[0]
+        if 2 * n <= len(cast):
+            counts["no majority"] += 1
+            continue
+        if top in ("tie", "both_bad"):
+            counts[top.replace("_", " ")] += 1
+            continue
+        other = "B" if top == "A" else "A"
+        answers = {"A": item.output_a, "B": item.output_b}
+        if not answers[top].strip() or not answers[other].strip() or answers[top].strip() == answers[other].strip():
+            counts["empty or identical answers"] += 1
+            continue
+        model = {"A": item.a_is, "B": "base" if item.a_is == "tuned" else "tuned"}
+        rows.append({"prompt": item.prompt, "chosen": answers[top], "rejected": answers[other],
+                     "study": study.name, "item_id": item.id, "raters": len(cast), "agreeing": n,
+                     "chosen_model": model[top]})
+        counts["pairs"] += 1
+    counts["votes"] = sum(len(v) for v in votes.values())
+    return rows, {"items": len(items), **counts}
+
+
+def record_judgement(name: str, rater: str, item_id: int, choice: str | None, scores: dict,
+                     notes: str = "", url: str | None = None) -> None:
+    """Save one rater's judgement of one item, as the rater app does (for imports and scripted raters).
+
+    ``scores``: {criterion: {"A": 1-5, "B": 1-5}} (rubric studies: side "A" only).
+    """
+    study, Session = get_study(name, url)
+    sides = ["A", "B"] if study.mode == "ab" else ["A"]
+    if study.mode == "ab" and choice not in CHOICES:
+        raise StudyError(f"choice {choice!r}: use one of {', '.join(CHOICES)}")
+    for c in study.criteria:
+        for side in sides:
+            if (scores.get(c["name"]) or {}).get(side) not in (1, 2, 3, 4, 5):
+                raise StudyError(f"score {c['name']} ({side}) from 1 to 5 for item {item_id}")
+    with Session() as s, s.begin():
+        r = s.scalars(select(Rater).where(Rater.study_id == study.id, Rater.name == rater)).first()
+        if r is None:
+            raise StudyError(f"study {name!r} has no rater {rater!r}")
+        if not s.scalars(select(Assignment).where(Assignment.rater_id == r.id, Assignment.item_id == item_id)).first():
+            raise StudyError(f"item {item_id} is not in {rater}'s queue")
+        j = s.scalars(select(Judgement).where(Judgement.rater_id == r.id, Judgement.item_id == item_id)).first()
+        if j is None:
+            j = Judgement(rater_id=r.id, item_id=item_id)
+            s.add(j)
+        j.scores, j.choice, j.notes = scores, choice if study.mode == "ab" else None, notes
+
+
+def rater_items(name: str, rater: str, url: str | None = None) -> list[dict]:
+    """The items in one rater's queue, in order, with what the rater sees (prompt, A, B)."""
+    study, Session = get_study(name, url)
+    with Session() as s:
+        r = s.scalars(select(Rater).where(Rater.study_id == study.id, Rater.name == rater)).first()
+        if r is None:
+            raise StudyError(f"study {name!r} has no rater {rater!r}")
+        q = (select(Item).join(Assignment, Assignment.item_id == Item.id).where(Assignment.rater_id == r.id)
+             .order_by(Assignment.position))
+        return [{"item_id": i.id, "prompt": i.prompt, "A": i.output_a, "B": i.output_b} for i in s.scalars(q).all()]

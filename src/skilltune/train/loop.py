@@ -28,10 +28,11 @@ from skilltune.model.sources import model_fingerprint
 from skilltune.model.target import ADAPTER_META
 from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint
 from skilltune.train import checkpoint as ckpt
-from skilltune.train.batches import StepPlan, collate, count_label_tokens
+from skilltune.train.batches import StepPlan
 from skilltune.train.kernels import install_kernels, skipped_kernels
-from skilltune.train.loss import CompletionLoss, mean_loss, shared_prefix_refusal
+from skilltune.train.loss import shared_prefix_refusal
 from skilltune.train.methods import METHODS, trainable_summary
+from skilltune.train.objectives import OBJECTIVES
 from skilltune.train.precision import choose_precision
 from skilltune.train.reporter import Reporter
 from skilltune.train.prepare import preflight, prepare_data
@@ -133,6 +134,7 @@ class Session:
     data: object  # PreparedData
     method: object  # Method
     precision: str
+    objective: object  # Objective (train/objectives.py)
     model: torch.nn.Module = None
     loss_fn: object = None
     optimizer: object = None
@@ -177,6 +179,7 @@ def setup(cfg: SkilltuneConfig, run_name: str, resume: bool, run_dir: str | Path
     preflight(cfg)
     acc, precision, autocast_dtype = _accelerator(cfg)
     tokenizer, tok_info, source = load_tokenizer(cfg.model)
+    cfg = _inherit_system_prompt(cfg, source, reporter)
     data = prepare_data(cfg, tokenizer)
     data_fp = {"train": file_fingerprint(cfg.data.train, len(data.train_examples) + (0 if cfg.data.val else len(data.val))),
                "val": file_fingerprint(cfg.data.val, len(data.val)) if cfg.data.val else None}
@@ -185,18 +188,33 @@ def setup(cfg: SkilltuneConfig, run_name: str, resume: bool, run_dir: str | Path
     run_path, resuming = _shared_run_dir(acc, cfg, run_name, resume, run_dir)
     latest = _resume_point(run_path / "checkpoints", resuming, identity, force)
     s = Session(cfg, acc, reporter, run_name, run_path, resuming, latest, identity, base_hash, source, tokenizer,
-                tok_info, data, METHODS[cfg.adapter.method], precision)
+                tok_info, data, METHODS[cfg.adapter.method], precision, OBJECTIVES[cfg.train.objective])
     _setup_model(s, autocast_dtype)
     if latest is not None:  # into the whole model, before FSDP or DeepSpeed shard it
         ckpt.load_trainable_state(s.model, ckpt.load_trainable_file(latest))
     _setup_optimizer(s, autocast_dtype)
-    if latest is not None:
-        _restore(s)
     if acc.is_main_process:
         _write_run_record(s)
+    s.objective.start(s)  # DPO: the reference log-probabilities of the starting model
+    if latest is not None:
+        _restore(s)
     s.trackers = (Trackers(run_path, cfg.train.report_to, cfg.model_dump(mode="json"), cfg.train.logging_steps)
                   if acc.is_main_process else None)
     return s
+
+
+def _inherit_system_prompt(cfg: SkilltuneConfig, source, reporter: Reporter) -> SkilltuneConfig:
+    """Training on top of a registered version: its system prompt, unless the config sets one (the version
+    answers in the context it was trained in; a round without it would train another distribution)."""
+    if source.kind != "registry" or cfg.data.system_prompt:
+        return cfg
+    from skilltune.registry.api import Registry, version_system_prompt
+
+    system = version_system_prompt(Registry().get(source.spec))
+    if not system:
+        return cfg
+    reporter.message(f"data.system_prompt: {system!r}, as {source.spec} was trained")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"system_prompt": system})})
 
 
 def _accelerator(cfg: SkilltuneConfig):
@@ -270,10 +288,17 @@ def _setup_model(s: Session, autocast_dtype) -> None:
             model.enable_input_require_grads()
     if cfg.train.kernels and s.acc.device.type == "cpu":
         s.kernels, s.undo_kernels = install_kernels(model)
-    s.share_prefix_refusal = shared_prefix_refusal(model, cfg.train.gradient_checkpointing)
-    if cfg.train.share_prefix and s.share_prefix_refusal is None:
-        # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
-        s.share_prefix = "packed" if "attention" in s.kernels else "cache"
+    if s.objective.data_kind == "preference":  # each pair's prompt once (preference.py), else a row per answer
+        from skilltune.train.preference import layout_refusal
+
+        s.share_prefix_refusal = layout_refusal(model)
+        if cfg.train.share_prefix and s.share_prefix_refusal is None:
+            s.share_prefix = "shared"
+    else:
+        s.share_prefix_refusal = shared_prefix_refusal(model, cfg.train.gradient_checkpointing)
+        if cfg.train.share_prefix and s.share_prefix_refusal is None:
+            # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
+            s.share_prefix = "packed" if "attention" in s.kernels else "cache"
     if s.acc.is_main_process:
         _check_disk(s.run_path, model, cfg)
     s.model = model
@@ -295,7 +320,7 @@ def _setup_optimizer(s: Session, autocast_dtype) -> None:
     s.scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler),
                                 optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * s.total_steps),
                                 num_training_steps=s.total_steps)
-    s.loss_fn, s.optimizer = acc.prepare(CompletionLoss(s.model, autocast_dtype), optimizer)
+    s.loss_fn, s.optimizer = acc.prepare(s.objective.loss(s, autocast_dtype), optimizer)
     _check_accumulation(acc, cfg)  # DeepSpeed's config wins inside prepare
 
 
@@ -319,14 +344,17 @@ def _write_run_record(s: Session) -> None:
         atomic_write_text(s.run_path / "config.yaml", dump_config(cfg))
         atomic_write_text(s.run_path / "run.json", json.dumps({
             "name": s.run_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "identity": s.identity,
-            "base_model": {"spec": cfg.model.base, "kind": s.source.kind, "path": str(s.source.path),
+            "base_model": {"spec": s.source.spec if s.source.kind == "registry" else cfg.model.base,
+                           "kind": s.source.kind, "path": str(s.source.path),
                            "hash": s.base_hash},
             "tokenizer": s.tok_info.__dict__, "environment": environment(s.precision),
-            "method": cfg.adapter.method, "world_size": s.acc.num_processes, "kernels": s.kernels,
-            "share_prefix": s.share_prefix}, indent=2))
+            "method": cfg.adapter.method, "objective": cfg.train.objective, "world_size": s.acc.num_processes,
+            "kernels": s.kernels, "share_prefix": s.share_prefix, "provenance": _provenance(s)}, indent=2))
     tokens_per_epoch = sum(len(e.input_ids) for e in s.data.train)
     s.reporter.plan({
         "base model": f"{cfg.model.base} ({s.source.kind})", "method": cfg.adapter.method,
+        "objective": f"{cfg.train.objective}" + (f" (beta {cfg.train.dpo_beta}; reference: the starting model)"
+                                                 if cfg.train.objective == "dpo" else ""),
         "trainable": f"trainable params: {s.trainable:,} || all params: {s.total:,} || "
                      f"trainable%: {100 * s.trainable / s.total:.4f}",
         "precision": s.precision, "processes": s.acc.num_processes,
@@ -336,6 +364,15 @@ def _write_run_record(s: Session) -> None:
         "shared prefix": s.share_prefix or (f"off ({s.share_prefix_refusal})" if s.share_prefix_refusal else "off"),
         "kernels": _kernel_plan(s),
         "run dir": str(s.run_path)})
+
+
+def _provenance(s: Session) -> dict:
+    """Where the training rows came from, as the rows say (a scorecard study and item for each exported pair)."""
+    studies: dict[str, int] = {}
+    for ex in s.data.train_examples + s.data.val_examples:
+        if ex.meta.get("study"):
+            studies[str(ex.meta["study"])] = studies.get(str(ex.meta["study"]), 0) + 1
+    return {"studies": studies} if studies else {}
 
 
 def _kernel_plan(s: Session) -> str:
@@ -389,26 +426,26 @@ def train_step(s: Session) -> tuple[dict, float]:
     acc, cfg, loop, train = s.acc, s.cfg, s.loop, s.data.train
     step = loop.step
     t0 = time.perf_counter()
-    step_tokens = sum(count_label_tokens([train[i] for i in mb]) for mb in s.plan.micro_batches(step))
+    # the step's loss is a mean over all its units (trained tokens; pairs), whichever process holds them
+    step_units = sum(s.objective.units([train[i] for i in mb]) for mb in s.plan.micro_batches(step))
     mine = s.plan.micro_batches(step, acc.process_index)
     # accelerate syncs (and DeepSpeed steps) on its count of micro-batches reaching grad_accum;
     # start the count so that this step's last micro-batch is the boundary, a short last step too.
     acc.step = acc.gradient_accumulation_steps - len(mine)
     # DDP averages gradients over processes and accelerate divides by grad_accum: scale so the
-    # step's gradient is the mean over all its tokens.
-    scale = acc.num_processes * acc.gradient_accumulation_steps / step_tokens
+    # step's gradient is the mean over all its units.
+    scale = acc.num_processes * acc.gradient_accumulation_steps / step_units
     step_loss = 0.0
     seen = computed = 0
     for mb in mine:
         items = [train[i] for i in mb]
         seen += sum(len(e.input_ids) for e in items)
-        batch = {k: v.to(acc.device) for k, v in collate(items, s.tokenizer.pad_token_id, cfg.train.packing,
-                                                         cfg.train.max_seq_len, s.share_prefix).items()}
+        batch = {k: v.to(acc.device) for k, v in s.objective.collate(s, items).items()}
         computed += sum(batch[k].numel() for k in ("input_ids", "prefix_ids") if k in batch)
         with acc.accumulate(s.loss_fn):
             loss = s.loss_fn(**batch)
             acc.backward(loss * scale)
-        step_loss += float(loss.detach()) / step_tokens
+        step_loss += float(loss.detach()) / step_units
     assert acc.sync_gradients, "the step's last micro-batch must be an accumulation boundary"
     if acc.num_processes > 1:
         step_loss = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum"))
@@ -425,18 +462,17 @@ def train_step(s: Session) -> tuple[dict, float]:
     loop.computed_tokens += computed
     loop.train_time_s += dt
     return {"train_loss": step_loss, "lr": s.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "tokens_per_s": seen / dt, "epoch": loop.step / s.plan.steps_per_epoch}, dt
+            "tokens_per_s": seen / dt, "epoch": loop.step / s.plan.steps_per_epoch, **s.objective.step_metrics(s)}, dt
 
 
 def validate(s: Session, metrics: dict) -> None:
     """Validation loss into ``metrics``; keep the best weights; count toward early stopping."""
     cfg, loop = s.cfg, s.loop
-    val = mean_loss(s.loss_fn, s.data.val, s.tokenizer.pad_token_id, cfg.train.batch_size,
-                    packing=cfg.train.packing, max_len=cfg.train.max_seq_len, share_prefix=s.share_prefix,
-                    device=s.acc.device)
-    if val is None:
+    found = s.objective.validate(s, s.data.val)
+    if not found:
         return
-    metrics["val_loss"] = val
+    metrics.update(found)
+    val = found["val_loss"]
     if loop.best_val is None or val < loop.best_val - 1e-6:
         loop.best_val, loop.best_step, loop.bad_evals = val, loop.step, 0
         state = _gathered_trainable(s)  # every process takes part (FSDP/DeepSpeed gather the shards)
@@ -543,6 +579,8 @@ def _summary(s: Session, artifact: Path) -> dict:
         last.update(json.loads(line))
     return {
         "run_dir": str(s.run_path), "artifact": str(artifact), "method": s.cfg.adapter.method,
+        "objective": s.cfg.train.objective,
+        **{k: v for k, v in last.items() if k.startswith("val_reward")},  # dpo: held-out reward accuracy, margin
         "steps": loop.step, "total_steps": s.total_steps, "stopped_early": loop.stopped_early,
         "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
         "best_val_loss": loop.best_val, "best_step": loop.best_step,

@@ -65,11 +65,15 @@ class CompletionLoss(torch.nn.Module):
             targets = labels[:, 1:]  # (rows, width-1): token t predicts t+1
             keep = targets != IGNORE
             trained = hidden[:, :-1][keep]  # (n_trained, hidden)
-            if _plain_head(head, trained):
-                with torch.autocast(device_type, enabled=False):  # its dtypes already are autocast's
-                    return _HeadCrossEntropy.apply(trained, head.weight, targets[keep])
-            logits = head(trained)  # (n_trained, vocab)
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            return token_nll(trained, head, targets[keep]).sum()
+
+
+def token_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Each position's negative log-likelihood of its target, fp32, (n,): the head's logits never leave blocks."""
+    if _plain_head(head, hidden):
+        with torch.autocast(hidden.device.type, enabled=False):  # its dtypes already are autocast's
+            return _HeadCrossEntropy.apply(hidden, head.weight, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def _plain_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
@@ -82,7 +86,7 @@ def _plain_head(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy((h @ W^T).float(), targets, reduction="sum")`` without its fp32 copies of the logits.
+    """``F.cross_entropy((h @ W^T).float(), targets, reduction="none")`` without its fp32 copies of the logits.
 
     The stock path casts the (tokens, vocab) logits to fp32, takes log-softmax, and in the backward
     fills a zero tensor of that size, scatters, and casts back: five passes over a ~60 MB tensor
@@ -100,7 +104,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             lse[i:i + rows] = torch.logsumexp(logits[i:i + rows].float(), dim=-1)
         picked = logits.gather(1, targets[:, None]).squeeze(1).float()
         ctx.save_for_backward(hidden, weight, logits, lse, targets)
-        return (lse - picked).sum()
+        return lse - picked
 
     @staticmethod
     def backward(ctx, grad):
@@ -110,7 +114,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for i in range(0, logits.shape[0], rows):
             block = logits[i:i + rows].to(torch.float32, copy=True).sub_(lse[i:i + rows, None]).exp_()  # softmax
             block[torch.arange(block.shape[0], device=block.device), targets[i:i + rows]] -= 1
-            dlogits[i:i + rows] = block.mul_(grad)
+            dlogits[i:i + rows] = block.mul_(grad[i:i + rows, None])
         dhidden = dlogits @ weight if ctx.needs_input_grad[0] else None
         dweight = dlogits.t() @ hidden if ctx.needs_input_grad[1] else None
         return dhidden, dweight, None

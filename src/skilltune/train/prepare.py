@@ -14,30 +14,34 @@ import numpy as np
 
 from skilltune.config.schema import SkilltuneConfig
 from skilltune.data.reader import load_examples
-from skilltune.data.tokenize import Encoded, encode_example
 from skilltune.data.types import Example
 from skilltune.errors import DataError, TrainingError
-from skilltune.model.tokenizer import turn_end_token
 
 
 @dataclass
 class PreparedData:
-    train: list[Encoded]
-    val: list[Encoded]
+    train: list  # the objective's encoded items (Encoded for sft, EncodedPair for dpo)
+    val: list
     train_examples: list[Example]
     val_examples: list[Example]
 
 
+def _split_key(e: Example) -> str:
+    """What must stay on one side of a split: the example, or for a pair its prompt (all its pairs together)."""
+    return Example(e.turns[:-1]).key() if e.is_pair else e.key()
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out about ``fraction`` of ``examples`` (deterministic in ``seed``); duplicates stay together."""
+    """Hold out about ``fraction`` of ``examples`` (deterministic in ``seed``); duplicates (and the pairs of one
+    prompt) stay together."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []
-    keys = sorted({e.key() for e in examples})
+    keys = sorted({_split_key(e) for e in examples})
     order = np.random.default_rng([seed, 7]).permutation(len(keys))
     target = max(1, int(round(len(examples) * fraction)))
     counts: dict[str, int] = {}
     for e in examples:
-        counts[e.key()] = counts.get(e.key(), 0) + 1
+        counts[_split_key(e)] = counts.get(_split_key(e), 0) + 1
     val_keys, n = set(), 0
     for i in order:
         if n >= target:
@@ -46,19 +50,20 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
         n += counts[keys[i]]
     if len(val_keys) == len(keys):  # never hold out everything
         return examples, []
-    return [e for e in examples if e.key() not in val_keys], [e for e in examples if e.key() in val_keys]
+    return ([e for e in examples if _split_key(e) not in val_keys], [e for e in examples if _split_key(e) in val_keys])
 
 
-def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: str) -> list[Encoded]:
-    end = turn_end_token(tokenizer)
-    out, too_long, empty = [], [], []
-    for ex in examples:
-        enc = encode_example(tokenizer, ex, end, cfg.train.train_on_inputs)
-        if len(enc.input_ids) > cfg.train.max_seq_len:
-            too_long.append(f"{ex.where} ({len(enc.input_ids)} tokens)")
-        if enc.n_trained == 0:
+def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: str, first_index: int = 0) -> list:
+    from skilltune.train.objectives import OBJECTIVES
+
+    objective = OBJECTIVES[cfg.train.objective]
+    out = objective.encode(tokenizer, examples, first_index, cfg.train.train_on_inputs)
+    too_long, empty = [], []
+    for ex, enc in zip(examples, out):
+        if objective.length(enc) > cfg.train.max_seq_len:
+            too_long.append(f"{ex.where} ({objective.length(enc)} tokens)")
+        if objective.units([enc]) == 0:
             empty.append(ex.where)
-        out.append(enc)
     if too_long:
         longest = max(int(s.rsplit("(", 1)[1].split()[0]) for s in too_long)
         raise TrainingError(
@@ -78,6 +83,7 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
     """What is wrong with ``cfg`` for training, found without a model: data files, registered names."""
     from skilltune.data.formats import FORMATS
     from skilltune.train.methods import METHODS
+    from skilltune.train.objectives import OBJECTIVES
     from skilltune.train.trackers import TRACKERS
 
     problems = []
@@ -90,6 +96,8 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
     # names are checked against the registries (what a plug-in registers is valid too), never a fixed list
     if cfg.data.format != "auto" and cfg.data.format not in FORMATS:
         problems.append(f"data.format: unknown format {cfg.data.format!r} (known: auto, {', '.join(FORMATS)})")
+    if cfg.train.objective not in OBJECTIVES:
+        problems.append(f"train.objective: unknown objective {cfg.train.objective!r} (known: {', '.join(OBJECTIVES)})")
     if cfg.adapter.method not in METHODS:
         problems.append(f"adapter.method: unknown method {cfg.adapter.method!r} (known: {', '.join(METHODS)})")
     problems += [f"train.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)})"
@@ -123,6 +131,7 @@ def prepare_data(cfg: SkilltuneConfig, tokenizer) -> PreparedData:
         train, val = split_validation(train, cfg.data.val_split, cfg.train.seed)
     if not train:
         raise DataError(f"{cfg.data.train}: no training examples")
+    _check_data_kind(cfg, train, val)
     train_keys = {e.key() for e in train}
     overlap = [e for e in val if e.key() in train_keys]
     if overlap:
@@ -131,5 +140,24 @@ def prepare_data(cfg: SkilltuneConfig, tokenizer) -> PreparedData:
             f"(first: {overlap[0].where}); validation loss would measure memory, not the skill",
             hint="split with `skilltune data split`, which keeps duplicates in one split",
         )
-    return PreparedData(_encode_all(tokenizer, train, cfg, "training"), _encode_all(tokenizer, val, cfg, "validation"),
-                        train, val)
+    return PreparedData(_encode_all(tokenizer, train, cfg, "training"),
+                        _encode_all(tokenizer, val, cfg, "validation", first_index=len(train)), train, val)
+
+
+def _check_data_kind(cfg: SkilltuneConfig, train: list[Example], val: list[Example]) -> None:
+    """The objective's kind of data: demonstrations for sft, preference pairs for dpo."""
+    from skilltune.train.objectives import OBJECTIVES
+
+    wants_pairs = OBJECTIVES[cfg.train.objective].data_kind == "preference"
+    for name, examples in (("data.train", train), ("data.val", val if cfg.data.val else [])):
+        wrong = next((e for e in examples if e.is_pair != wants_pairs), None)
+        if wrong is None:
+            continue
+        if wants_pairs:
+            raise DataError(f"{name}: {wrong.where} is a demonstration, but train.objective {cfg.train.objective!r} "
+                            "learns from preference pairs",
+                            hint='give rows {"prompt", "chosen", "rejected"} (`skilltune scorecard export NAME '
+                                 '--preferences OUT.jsonl` writes them from a study), or set train.objective: sft')
+        raise DataError(f"{name}: {wrong.where} is a preference pair (chosen/rejected), but train.objective is "
+                        f"{cfg.train.objective!r}",
+                        hint="set train.objective: dpo to learn from the pairs (--set train.objective=dpo)")

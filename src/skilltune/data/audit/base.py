@@ -53,12 +53,18 @@ class AuditContext:
     def examples(self) -> list[Example]:
         return self.report.examples
 
+    @property
+    def kind(self) -> str:
+        """What the file teaches: ``preference`` (pairs, for DPO) or ``sft`` (demonstrations)."""
+        return "preference" if self.report.format == "preference" else "sft"
+
 
 @dataclass(frozen=True)
 class Check:
     name: str
     description: str
     run: Callable[[AuditContext], CheckResult]
+    kinds: tuple[str, ...] = ("sft", "preference")  # the data it applies to (AuditContext.kind)
 
 
 CHECKS: dict[str, Check] = {}

@@ -129,7 +129,9 @@ def token_counts(ctx: AuditContext) -> list[tuple[int, int]] | None:
         for ex in ctx.examples:
             enc = encode_example(ctx.tokenizer, ex, ctx.end_token)
             trained = enc.n_trained
-            counts.append((len(enc.input_ids) - trained, trained))
+            if ex.is_pair:  # the longer side decides whether the pair fits
+                trained = max(trained, encode_example(ctx.tokenizer, ex.with_answer(ex.rejected), ctx.end_token).n_trained)
+            counts.append((len(enc.input_ids) - enc.n_trained, trained))
         ctx.cache["tokens"] = counts
     return ctx.cache["tokens"]
 
@@ -174,13 +176,15 @@ def check_pii(ctx: AuditContext) -> CheckResult:
     findings = []
     secrets = 0
     for ex in ctx.examples:
-        for i, turn in enumerate(ex.turns):
-            for hit in find_pii(turn.content):
+        texts = [(t.content, f"turn {i} ({t.role})") for i, t in enumerate(ex.turns)]
+        texts += [(ex.rejected, "the rejected answer")] if ex.is_pair else []
+        for text, part in texts:
+            for hit in find_pii(text):
                 kinds[hit.kind] += 1
                 secrets += hit.secret
                 if len(findings) < MAX_FINDINGS:
                     shown = hit.text if not hit.secret else hit.text[:6] + "…"
-                    findings.append(Finding(ex.where, f"{hit.kind} in turn {i} ({turn.role}): {shown!r}"))
+                    findings.append(Finding(ex.where, f"{hit.kind} in {part}: {shown!r}"))
     total = sum(kinds.values())
     status = FAIL if secrets else (WARN if total else PASS)
     return CheckResult("pii_secrets", status, total,
@@ -295,15 +299,66 @@ def check_balance(ctx: AuditContext) -> CheckResult:
                        stats=stats)
 
 
+# ---------------------------------------------------------------- preference pairs
+def check_contradictions(ctx: AuditContext) -> CheckResult:
+    """A > B and B > A for the same prompt: the two rows cancel and teach noise."""
+    groups: dict[tuple, dict[tuple, list[Example]]] = defaultdict(lambda: defaultdict(list))
+    for ex in ctx.examples:
+        chosen, rejected = _norm(ex.completion), _norm(ex.rejected)
+        groups[(_prompt_key(ex), min(chosen, rejected), max(chosen, rejected))][(chosen, rejected)].append(ex)
+    findings = []
+    for ways in groups.values():
+        if len(ways) == 2:
+            one, other = ways.values()
+            findings.append(Finding(" / ".join(e.where for e in one[:3]) + " <-> " + " / ".join(e.where for e in other[:3]),
+                                    f"the same two answers, preferred both ways ({len(one)} vs {len(other)} rows)"))
+    return CheckResult("contradicting_pairs", FAIL if findings else PASS, len(findings),
+                       f"{len(findings)} pair(s) of answers preferred both ways (A > B and B > A for one prompt)",
+                       findings[:MAX_FINDINGS],
+                       fix="drop both rows or have the item judged again: `skilltune scorecard export --preferences` "
+                           "keeps only items whose raters agree")
+
+
+def _length(ctx: AuditContext, text: str) -> int:
+    if ctx.tokenizer is not None:
+        return len(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(text.split())
+
+
+def check_length_bias(ctx: AuditContext) -> CheckResult:
+    """Chosen answers systematically longer: DPO then learns verbosity, not quality."""
+    pairs = [(_length(ctx, ex.completion), _length(ctx, ex.rejected)) for ex in ctx.examples]
+    if not pairs:
+        return CheckResult("length_bias", PASS, 0, "no pairs")
+    unit = "tokens" if ctx.tokenizer is not None else "words"
+    longer = sum(c > r for c, r in pairs) / len(pairs)
+    # geometric mean: a pair twice as long and one half as long average to 1, not 1.25
+    ratio = float(np.exp(np.mean([np.log(max(c, 1) / max(r, 1)) for c, r in pairs])))
+    biased = len(pairs) >= 10 and (longer >= LENGTH_BIAS_SHARE or ratio >= LENGTH_BIAS_RATIO)
+    stats = {"chosen_longer_share": round(longer, 3), "mean_length_ratio": round(ratio, 3), "unit": unit,
+             "chosen": _dist([c for c, _ in pairs]), "rejected": _dist([r for _, r in pairs])}
+    summary = (f"chosen is longer in {longer:.0%} of {len(pairs)} pairs; chosen/rejected length ratio "
+               f"{ratio:.2f} (geometric mean, {unit})")
+    return CheckResult("length_bias", WARN if biased else PASS, round(longer * len(pairs)), summary,
+                       fix="balance the pairs (add ones where the shorter answer wins) or keep DPO's beta high: "
+                           "a length bias teaches the model that longer is better", stats=stats)
+
+
+# A preference file is length-biased when the chosen answer is longer this often, or this much longer on average.
+LENGTH_BIAS_SHARE, LENGTH_BIAS_RATIO = 0.75, 1.5
+
+SFT, PREFERENCE = ("sft",), ("preference",)
 for _check in [
     Check("format", "rows parse and have the right fields and role order", check_format),
-    Check("duplicates", "exact and near-duplicate rows", check_duplicates),
-    Check("conflicting_completions", "same prompt, different answers", check_conflicts),
+    Check("duplicates", "exact and near-duplicate rows (pairs: the same prompt and answers)", check_duplicates),
+    Check("conflicting_completions", "same prompt, different answers", check_conflicts, SFT),
+    Check("contradicting_pairs", "A preferred to B and B to A for the same prompt", check_contradictions, PREFERENCE),
+    Check("length_bias", "chosen answers systematically longer than rejected ones", check_length_bias, PREFERENCE),
     Check("length", "token counts and truncation at max_seq_len", check_length),
     Check("pii_secrets", "emails, phones, cards, IBANs, IPs, API keys, private keys", check_pii),
     Check("leakage", "test examples that also appear in train", check_leakage),
     Check("volume", "number of examples against the 100 / 500-2,000 guidance", check_volume),
-    Check("json_targets", "JSON completions parse and share keys", check_targets),
-    Check("balance", "one answer dominating", check_balance),
+    Check("json_targets", "JSON completions parse and share keys", check_targets, SFT),
+    Check("balance", "one answer dominating", check_balance, SFT),
 ]:
     register_check(_check)

@@ -48,7 +48,7 @@ def audit_file(path: str, test: str | None = None, tokenizer=None, max_seq_len: 
     ctx = AuditContext(path=str(path), report=report, test_report=read_file(test, fmt, columns) if test else None,
                        tokenizer=tokenizer, end_token=turn_end_token(tokenizer) if tokenizer is not None else None,
                        max_seq_len=max_seq_len, near_dup_threshold=near_dup_threshold)
-    results = [check.run(ctx) for check in CHECKS.values()]
+    results = [check.run(ctx) for check in CHECKS.values() if ctx.kind in check.kinds]
     return AuditReport(str(path), results, file_fingerprint(path, report.rows), time.perf_counter() - t0)
 
 
