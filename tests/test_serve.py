@@ -226,3 +226,68 @@ def test_failures_reach_the_log_through_the_real_server(server):
     assert rows[-1]["error"] == "internal server error"
     metrics = httpx.get(f"{base}/metrics", headers=auth).text
     assert 'route="/v1/completions",status="500"' in metrics and 'route="/v1/models",status="401"' in metrics
+
+
+def test_streaming_sends_each_token_as_it_is_decoded(server):
+    """Token-by-token SSE: the first chunk arrives after the prefill, long before the answer is finished;
+    the chunks join to the non-streamed answer; the request log records the whole answer once."""
+    from openai import OpenAI
+
+    base, state, _ = server()
+    model = state.engine.current.model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "prompt": "SELECT name FROM", "max_tokens": 12, "temperature": 0}
+    whole = client.completions.create(**ask)
+    hook = inner.register_forward_pre_hook(lambda module, args: time.sleep(0.15))  # every decode step: 0.15 s
+    try:
+        t0 = time.perf_counter()
+        arrivals, texts = [], []
+        for chunk in client.completions.create(**ask, stream=True):
+            if chunk.choices[0].text:
+                arrivals.append(time.perf_counter() - t0)
+                texts.append(chunk.choices[0].text)
+        total = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    assert "".join(texts) == whole.choices[0].text
+    n_tokens = whole.usage.completion_tokens
+    assert n_tokens >= 6, whole  # enough decode steps to see them arrive one by one
+    assert len(texts) >= n_tokens // 2  # pieces, not one blob
+    assert arrivals[0] < 0.5 * total  # the first piece long before the end
+    rows = state.log.rows()
+    assert rows[-1]["output"] == whole.choices[0].text and rows[-1]["status"] == 200
+    assert rows[-1]["completion_tokens"] == n_tokens
+
+
+def test_streaming_holds_back_a_stop_sequence(server):
+    from openai import OpenAI
+
+    base, state, _ = server()
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "prompt": "SELECT name FROM", "max_tokens": 12, "temperature": 0}
+    whole = client.completions.create(**ask).choices[0].text
+    assert len(whole) > 4, whole
+    stop = whole[len(whole) // 2: len(whole) // 2 + 3]
+    expected = client.completions.create(**ask, stop=[stop]).choices[0]
+    chunks = list(client.completions.create(**ask, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected.text == whole[:whole.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert state.log.rows()[-1]["output"] == expected.text
+
+
+def test_incremental_text_sends_whole_characters_only(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from skilltune.serve.engine import IncrementalText
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "héllo 😀 wörld — SELECT naïve"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2  # byte-level pieces: characters span several tokens
+    stream = IncrementalText(tok, tok.eos_token_id, limit=len(ids) + 5)
+    pieces = [stream.add(i) for i in ids] + [stream.add(tok.eos_token_id), stream.add(ids[0])]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    short = IncrementalText(tok, tok.eos_token_id, limit=3)  # the request's own max_tokens
+    assert "".join(short.add(i) for i in ids) == tok.decode(ids[:3]).rstrip("\ufffd")

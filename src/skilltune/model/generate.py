@@ -38,16 +38,38 @@ def _row_stopper(stop_rows: Callable[[list[int]], list[bool]], idx: list[int]):
     return _Stop()
 
 
+def _step_streamer(on_step: Callable[[list[int], list[int]], None], idx: list[int]):
+    """A transformers streamer that hands each decode step's new tokens, one per row, to ``on_step``."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Steps(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # the first call carries the prompts themselves
+                self.prompt_seen = True
+                return
+            on_step(idx, value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            pass
+
+    return _Steps()
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
              temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
-             stop_rows: Callable[[list[int]], list[bool]] | None = None) -> list[Generation]:
+             stop_rows: Callable[[list[int]], list[bool]] | None = None,
+             on_step: Callable[[list[int], list[int]], None] | None = None) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
         progress: called with the number of prompts finished after each batch.
         stop_rows: called every decode step with the prompts' indices in the running batch; a True
             ends that prompt's decoding early (its text is what was decoded so far).
+        on_step: called after every decode step with the prompts' indices in the running batch and the
+            token each row just produced (a finished row produces padding): token streaming.
     """
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     old_side = tokenizer.padding_side
@@ -66,6 +88,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
                 from transformers import StoppingCriteriaList
 
                 sampling["stopping_criteria"] = StoppingCriteriaList([_row_stopper(stop_rows, idx)])
+            if on_step is not None:
+                sampling["streamer"] = _step_streamer(on_step, idx)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
             elapsed = time.perf_counter() - t0

@@ -225,14 +225,31 @@ async def _gate(request: Request, call_next):
     except Exception:
         request.state.error = "internal server error"
         _record(request, route, 500, t0, client)
-        raise
-    finally:
         if limited:
             state.limits.release(client)
-    _record(request, route, getattr(request.state, "status", None) or response.status_code, t0, client)
+        raise
+
+    def done() -> None:
+        if limited:
+            state.limits.release(client)
+        _record(request, route, getattr(request.state, "status", None) or response.status_code, t0, client)
+
     if "x-skilltune-version" not in response.headers:  # generation routes set the version that answered
         response.headers["X-Skilltune-Version"] = state.engine.current.version
+    if getattr(request.state, "streaming", False):  # recorded once the answer has been sent, whole
+        response.body_iterator = _then(response.body_iterator, done)
+    else:
+        done()
     return response
+
+
+async def _then(body, done):
+    """``body``, then ``done()`` — however the stream ends (finished, failed, or the client left)."""
+    try:
+        async for part in body:
+            yield part
+    finally:
+        done()
 
 
 # ---------------------------------------------------------------- request checks, before the queue
@@ -321,27 +338,96 @@ def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
     return text, "stop" if stopped else "length"
 
 
-def _stream(kind: str, version: str, text: str, finish: str, rid: str):
-    created = int(time.time())
+class _Chunks:
+    """The OpenAI server-sent events of one streamed answer (chat.completion.chunk or text_completion)."""
 
-    def chunk(delta: dict | str, fin=None):
-        if kind == "chat":
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": version,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}
+    def __init__(self, kind: str, rid: str, version: str):
+        self.kind, self.rid, self.version, self.created = kind, rid, version, int(time.time())
+
+    def piece(self, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            body = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.version,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         else:
-            body = {"id": rid, "object": "text_completion", "created": created, "model": version,
-                    "choices": [{"index": 0, "text": delta, "finish_reason": fin}]}
+            body = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.version,
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
         return f"data: {json.dumps(body)}\n\n"
 
-    def events():
-        if kind == "chat":
-            yield chunk({"role": "assistant", "content": ""})
-        words = text.split(" ")
-        for i, w in enumerate(words):
-            piece = w if i == 0 else " " + w
-            yield chunk({"content": piece} if kind == "chat" else piece)
-        yield chunk({} if kind == "chat" else "", finish)
-        yield "data: [DONE]\n\n"
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop sequence (not sent yet)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, temperature: float, stops: list[str],
+                  logged_prompt: str, rid: str):
+    """Token-by-token streaming: each chunk goes out as its tokens are decoded (the first after the prefill).
+
+    Text that could be the start of a stop sequence is held back until it is not; at a stop sequence the
+    stream ends with finish_reason "stop". The request log records the full answer once, at the end. Errors
+    after the response has started (a time-out while decoding) arrive as an ``error`` event, as OpenAI's do.
+    """
+    state = _st(request)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        fut = state.engine.submit(prompt, max_tokens, temperature, timeout_s=state.request_timeout_s,
+                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+    except QueueFull:
+        raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
+    request.state.streaming = True  # the gate records the request when its body has been sent
+    version = state.engine.current.version
+    chunks = _Chunks(kind, rid, version)
+
+    async def events():
+        sent, held, finish = "", "", None
+        waiter = asyncio.wrap_future(fut)
+        try:
+            if kind == "chat":
+                yield chunks.piece(role=True)
+            while finish is None:
+                nxt = asyncio.ensure_future(pieces.get())
+                done, _ = await asyncio.wait({nxt, waiter}, timeout=state.request_timeout_s + 5,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break  # finished (or, past the time-out, stuck): the result decides
+                text = sent + held + nxt.result()
+                cuts = [text.find(s, max(0, len(sent) - len(s))) for s in stops]
+                cut = min((c for c in cuts if c >= 0), default=-1)
+                if cut >= 0:  # a stop sequence: send up to it, then only wait for the result (usage, log)
+                    text, finish = text[:cut], "stop"
+                keep = 0 if finish else _held_back(text, stops)
+                if len(text) - keep > len(sent):
+                    yield chunks.piece(text[len(sent):len(text) - keep])
+                sent, held = text[:len(text) - keep], text[len(text) - keep:]
+            answer_version, out = await asyncio.wait_for(waiter, state.request_timeout_s + 5)
+            full, stop_finish = _cut(out.text, out.stopped, stops)
+            if finish is None:
+                finish = stop_finish
+                if full.startswith(sent) and len(full) > len(sent):
+                    yield chunks.piece(full[len(sent):])
+                sent = full if full.startswith(sent) else sent
+            _note(request, answer_version, logged_prompt, out, sent)
+            yield chunks.piece(finish=finish)
+            yield "data: [DONE]\n\n"
+        except (TimeoutError, asyncio.TimeoutError):
+            request.state.status, request.state.error = 504, "generation did not finish within the time-out"
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            yield f"data: {json.dumps({'error': {'message': request.state.error, 'type': 'timeout'}})}\n\n"
+        except Exception:  # a failure inside the engine, after the response started: say so, never a traceback
+            request.state.status, request.state.error = 500, "internal server error"
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'server_error'}})}\n\n"
+        finally:
+            if not fut.done():  # the client left (or we stopped early): the engine stops decoding it
+                fut.cancel()
+                if getattr(request.state, "status", None) is None:
+                    request.state.status, request.state.error = 499, "the client closed the request"
+                    request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Skilltune-Version": version})
 
@@ -366,12 +452,12 @@ async def chat(req: ChatRequest, request: Request):
     request.state.log = {"prompt": msgs[-1]["content"]}
     prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     await _admit(state, loaded, prompt, max_tokens)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        return await _stream(request, "chat", prompt, max_tokens, req.temperature, stops, msgs[-1]["content"], rid)
     version, out = await _run(request, prompt, max_tokens, req.temperature)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
-    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    if req.stream:
-        return _stream("chat", version, text, finish, rid)
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": finish}], "usage": _usage(out)},
@@ -391,12 +477,12 @@ async def completions(req: CompletionRequest, request: Request):
     stops = _stops(req.stop)
     request.state.log = {"prompt": prompt}
     await _admit(state, state.engine.current, prompt, max_tokens)
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        return await _stream(request, "completion", prompt, max_tokens, req.temperature, stops, prompt, rid)
     version, out = await _run(request, prompt, max_tokens, req.temperature)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
-    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    if req.stream:
-        return _stream("completion", version, text, finish, rid)
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
                          "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": _usage(out)},
                         headers={"X-Skilltune-Version": version})

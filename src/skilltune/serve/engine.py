@@ -19,6 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Callable
 
 from skilltune.model.generate import Generation, generate
 
@@ -59,9 +60,36 @@ class Job:
     temperature: float
     deadline: float = float("inf")  # time.monotonic() after which decoding stops
     future: Future = field(default_factory=Future)
+    on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
 
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
+
+
+class IncrementalText:
+    """A row's tokens turned into text as they come: only whole characters, and words as the tokenizer
+    would join them (a piece is decoded with the tokens before it, as transformers' TextStreamer does)."""
+
+    def __init__(self, tokenizer, eos: int | None, limit: int):
+        self.tokenizer, self.eos, self.limit = tokenizer, eos, limit
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the context already turned into text
+        self.done = False
+
+    def add(self, token: int) -> str:
+        """The text ``token`` completes ("" while a character or word is incomplete, and after the end)."""
+        if self.done:
+            return ""
+        if token == self.eos or len(self.ids) >= self.limit:
+            self.done = True
+            return ""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -101,9 +129,11 @@ class Engine:
         waiting = self.busy_since is not None or self.pending() > 0
         return waiting and (time.monotonic() - self.last_progress > after_s or not self.worker.is_alive())
 
-    def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None) -> Future:
+    def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
+               on_text: Callable[[str], None] | None = None) -> Future:
+        """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-        job = Job(prompt, max_tokens, temperature, deadline)
+        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -146,7 +176,27 @@ class Engine:
 
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
-                        temperature=live[0].temperature, stop_rows=stop_rows)
+                        temperature=live[0].temperature, stop_rows=stop_rows, on_step=self._streamer(loaded, live))
+
+    @staticmethod
+    def _streamer(loaded: Loaded, live: list[Job]):
+        """The decode-step callback that sends each streaming job its new text (None when none streams)."""
+        texts = {i: IncrementalText(loaded.tokenizer, loaded.tokenizer.eos_token_id, j.max_tokens)
+                 for i, j in enumerate(live) if j.on_text is not None}
+        if not texts:
+            return None
+
+        def on_step(idx: list[int], tokens: list[int]) -> None:
+            for i, token in zip(idx, tokens):
+                if i in texts and not live[i].future.cancelled():
+                    piece = texts[i].add(token)
+                    if piece:
+                        try:
+                            live[i].on_text(piece)
+                        except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
+                            live[i].on_text = None
+                            del texts[i]
+        return on_step
 
     def _run(self) -> None:
         while not self._stop.is_set():
