@@ -1,6 +1,7 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
-    python bench/run.py [audit] [generate] [step] [matmul] [runtimes] [compare] [dpo]   (default: all; `make bench`)
+    python bench/run.py [audit] [generate] [step] [matmul] [runtimes] [compare] [dpo] [serving]
+                                                                                (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
@@ -15,6 +16,8 @@
             skilltune's job runs before, between and after the TRL jobs (median of the three)
 - dpo:      DPO (LoRA) on the brand-voice pairs: skilltune against TRL's DPOTrainer, default and best CPU
             settings, each in its own process (bench/dpo.py); tokens/s, pairs/s, whole-command time
+- serving:  8 concurrent clients against the server with continuous batching and with static batches
+            (bench/serving.py): requests/s, generated tokens/s, latency p50/p95, time to first token
 
 Times vary on a shared machine; compare ratios. BENCH_REPEAT=3 repeats each (interleaved) and
 reports medians; BENCH_STEPS=N trains N steps instead of one epoch (quicker, but the held-out
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from dpo import TITLE as DPO_TITLE, bench_dpo  # noqa: E402
+from serving import TITLE as SERVING_TITLE, bench_serving  # noqa: E402
 from step import _model_config, bench_matmul, bench_step  # noqa: E402
 STEPS = int(os.environ.get("BENCH_STEPS", "0"))  # 0: one full epoch (needed for held-out accuracy)
 REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))
@@ -192,11 +196,11 @@ def bench_compare() -> list[dict]:
 
 
 BENCHES = {"audit": bench_audit, "generate": bench_generate, "step": bench_step, "matmul": bench_matmul,
-           "runtimes": bench_runtimes, "compare": bench_compare, "dpo": bench_dpo}
+           "runtimes": bench_runtimes, "compare": bench_compare, "dpo": bench_dpo, "serving": bench_serving}
 TITLES = {"step": "one default training step (SQL example), own time of its ops by category, mean of 3 steps",
           "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)",
           "runtimes": "greedy generation, 24 SQL prompts, SmolLM2-135M: transformers against llama.cpp",
-          "dpo": DPO_TITLE}
+          "dpo": DPO_TITLE, "serving": SERVING_TITLE}
 
 
 def main(argv: list[str]) -> None:

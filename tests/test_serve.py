@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from helpers import SQL_ROWS, cli, write_jsonl
 
 from skilltune.registry.api import Registry
@@ -205,8 +206,9 @@ def test_monitor_summarize_needs_enough_requests(tmp_path, db_backend):
 
 
 @pytest.mark.usefixtures("db_backend")
-def test_failures_reach_the_log_through_the_real_server(server):
+def test_failures_reach_the_log_through_the_real_server(server, monkeypatch):
     """A bad request, an auth failure, a 429 and a forced engine error, each logged by the server with its status."""
+    from skilltune.serve import continuous
     from skilltune.serve.engine import QueueFull
 
     base, state, _ = server(api_key={"k-12345678": "ci"})
@@ -217,7 +219,9 @@ def test_failures_reach_the_log_through_the_real_server(server):
     state.engine.submit = lambda *a, **k: (_ for _ in ()).throw(QueueFull())
     httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)  # 429
     state.engine.submit = original
-    state.engine._generate = lambda loaded, live: (_ for _ in ()).throw(RuntimeError("engine broke"))
+    state.engine._generate = lambda loaded, live: (_ for _ in ()).throw(RuntimeError("engine broke"))  # static
+    monkeypatch.setattr(continuous.DecodeBatch, "admit",  # continuous
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("engine broke")))
     r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)
     assert r.status_code == 500 and "engine broke" not in r.text  # no internals leak
     rows = state.log.rows()
@@ -291,3 +295,112 @@ def test_incremental_text_sends_whole_characters_only(tiny_model_dir):
     assert not any("\ufffd" in p for p in pieces)
     short = IncrementalText(tok, tok.eos_token_id, limit=3)  # the request's own max_tokens
     assert "".join(short.add(i) for i in ids) == tok.decode(ids[:3]).rstrip("\ufffd")
+
+
+def _loaded(run_dir):
+    from skilltune.model.target import load_target
+    from skilltune.serve.engine import Loaded
+
+    target = load_target(str(run_dir))
+    return Loaded("t@v1", target.model, target.tokenizer)
+
+
+@pytest.mark.parametrize("which", ["stopping", "random"])
+def test_continuous_batching_answers_as_one_at_a_time(stopping_run_dir, tiny_model_dir, monkeypatch, which):
+    """Requests that join a running batch at different steps, with different budgets, some stopping on the
+    end-of-turn token and some on max_tokens: each greedy answer is the one it gets alone. (The random model's
+    near-uniform logits make any change in what a row attends to visible.)"""
+    from skilltune.model.generate import generate
+    from skilltune.serve import continuous
+    from skilltune.serve.engine import Engine
+
+    loaded = _loaded(stopping_run_dir if which == "stopping" else tiny_model_dir)
+    tok = loaded.tokenizer
+    joined = []  # how many rows were decoding when requests joined
+    merge = continuous.DecodeBatch._merge
+    monkeypatch.setattr(continuous.DecodeBatch, "_merge",
+                        lambda self, *a: (joined.append(len(self.rows)), merge(self, *a))[1])
+    asks = [("Say hi.", 6), ("Say fox.", 3), ("SELECT name FROM users WHERE", 12), ("Say dog.", 9),
+            ("The quick brown", 10), ("Say yes.", 1), ("How many users signed up last month?", 7)]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p, _ in asks]
+    alone = [generate(loaded.model, tok, [p], max_new_tokens=n, batch_size=1)[0] for p, (_, n) in zip(prompts, asks)]
+    engine = Engine(loaded, max_batch=4)
+    assert engine.batching() == ("continuous", None)
+    steps = []
+    model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    def slow_step(m, a, k):  # 20 ms a forward pass: requests arrive while others decode
+        steps.append(k["input_ids"].shape)
+        time.sleep(0.02)
+
+    hook = model.register_forward_pre_hook(slow_step, with_kwargs=True)
+    try:
+        futures = []
+        for i, (p, (_, n)) in enumerate(zip(prompts, asks)):
+            futures.append(engine.submit(p, n, 0.0))
+            time.sleep(0.05 * (i % 3))
+        got = [f.result(timeout=60)[1] for f in futures]
+    finally:
+        hook.remove()
+        engine.close()
+    for a, g, (_, n) in zip(alone, got, asks):
+        assert (g.text, g.stopped, g.new_tokens) == (a.text, a.stopped, a.new_tokens), (a, g)
+    if which == "stopping":
+        assert any(g.stopped for g in got) and any(not g.stopped for g in got)
+    decode_rows = [s[0] for s in steps if s[1] == 1]
+    assert max(decode_rows) <= 4  # max_batch
+    assert len(set(decode_rows)) > 1 and max(joined) > 0  # rows left, and requests joined a running batch
+
+
+def test_continuous_batching_steps_aside_for_sliding_windows(stopping_run_dir):
+    from skilltune.serve.engine import Engine
+
+    loaded = _loaded(stopping_run_dir)
+    loaded.model.config.sliding_window = 64
+    engine = Engine(loaded)
+    try:
+        mode, why = engine.batching()
+        assert mode == "static" and "sliding-window" in why
+        assert engine.submit("Say hi.", 4, 0.0).result(timeout=60)[1].new_tokens <= 4
+        assert Engine.batching(engine, None) == ("static", why)
+    finally:
+        engine.close()
+        loaded.model.config.sliding_window = None
+
+
+def test_a_row_that_joins_a_running_batch_sees_exactly_its_own_context(tiny_model_dir):
+    """After a merge (left padding, masked), a row's next-token logits are those it gets alone, to 1e-5; a
+    row that leaves takes its keys with it and the others' logits do not change."""
+    import copy
+
+    from skilltune.serve.continuous import DecodeBatch
+    from skilltune.serve.engine import Job
+
+    loaded = _loaded(tiny_model_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    batch = DecodeBatch(loaded)
+    long_job, short_job = Job("The quick brown fox jumps over the lazy dog", 8, 0.0), Job("Hello", 8, 0.0)
+    batch.admit([long_job], lambda j: None)
+    batch.step()
+    batch.admit([short_job], lambda j: None)  # joins a row two tokens into its answer
+
+    def alone(job, row):
+        ids = tok(job.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = torch.cat([ids, torch.tensor([row.tokens])], 1)
+        with torch.inference_mode():
+            return model(input_ids=ids).logits[0, -1]
+
+    def batched():
+        with torch.inference_mode():
+            mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype)], 1)
+            pos = torch.tensor([[r.position] for r in batch.rows])
+            return model(input_ids=batch.next_tokens[:, None], attention_mask=mask, position_ids=pos,
+                         past_key_values=copy.deepcopy(batch.cache), use_cache=True).logits[:, -1]
+
+    logits = batched()
+    for i, job in enumerate((long_job, short_job)):
+        torch.testing.assert_close(logits[i], alone(job, batch.rows[i]), rtol=0, atol=1e-5)
+    batch.rows[0].stopped = True  # the long row leaves: its extra key columns go too
+    batch.leave(time.monotonic())
+    assert batch.mask.shape[1] == batch.rows[0].position and bool(batch.mask.all())
+    torch.testing.assert_close(batched()[0], alone(short_job, batch.rows[0]), rtol=0, atol=1e-5)

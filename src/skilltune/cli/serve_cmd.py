@@ -88,9 +88,10 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
                              "set", hint="set one: export SKILLTUNE_API_KEY=...; add --api-key-env SKILLTUNE_API_KEY "
                                          "(or pass --allow-unauthenticated if a proxy in front authenticates)")
     state = build_state(ref, cfg, keys, registry, trust_remote_code=trust_remote_code)
+    mode, why = state.engine.batching()
     console.print(f"serving {state.engine.current.version} as '{state.name}' on http://{cfg.host}:{cfg.port}/v1 "
-                  f"(auth {'on: ' + ', '.join(sorted(set(keys.values()))) if keys else 'off'}; following {ref})",
-                  highlight=False, soft_wrap=True)
+                  f"(auth {'on: ' + ', '.join(sorted(set(keys.values()))) if keys else 'off'}; following {ref}; "
+                  f"{mode} batching{f': {why}' if why else ''})", highlight=False, soft_wrap=True)
     try:
         make_server(state, cfg.host, cfg.port, allowed_hosts_for(cfg.host, allowed_host)).run()
     finally:

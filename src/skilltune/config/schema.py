@@ -170,6 +170,9 @@ class ServeConfig(Section):
         4_000_000, ge=1, description="Largest prompt tokens x max_tokens one request may ask for (a 400 above it), "
         "so no single request holds the engine for long.")
     queue_size: int = Field(64, ge=1, description="Pending requests before 429.")
+    continuous_batching: bool = Field(
+        True, description="A request joins the running batch between decode steps and leaves when it stops "
+        "(false: batches run to their end). Models with sliding-window layers are always served in batches.")
     per_key_concurrency: int = Field(16, ge=1, description="Requests one API key may have in flight (429 above).")
     per_key_rate: float | None = Field(
         None, gt=0, description="Requests per second one API key may send, with bursts of twice that (429 above).")

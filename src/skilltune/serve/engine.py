@@ -1,9 +1,12 @@
 """The generation engine: one worker thread batches queued requests; the model can be swapped live.
 
-Requests wait in a bounded queue (full -> the caller answers 429). The worker takes
-what is queued (up to ``max_batch``, same sampling temperature), generates them as one
-left-padded batch, and resolves each request's future. ``swap`` replaces the model
-between batches: a batch in flight finishes on the model it started with.
+Requests wait in a bounded queue (full -> the caller answers 429). By default the worker
+batches continuously (serve/continuous.py): a request joins the running batch between two
+decode steps and leaves it as soon as it stops. For a model that cannot (sliding-window
+layers), or with continuous batching off, the static mode takes what is queued (up to
+``max_batch``, same sampling temperature), generates it as one left-padded batch to its end,
+and resolves each request's future. ``swap`` replaces the model between batches: rows in
+flight finish on the model they started with.
 
 Budgets are enforced inside the batch: at every decode step a request whose future was
 cancelled (its client left, or the server gave up on it) or whose deadline has passed
@@ -104,10 +107,11 @@ def _resolve(future: Future, value=None, error: BaseException | None = None) -> 
 
 
 class Engine:
-    def __init__(self, loaded: Loaded, queue_size: int = 64, max_batch: int = 16):
+    def __init__(self, loaded: Loaded, queue_size: int = 64, max_batch: int = 16, continuous: bool = True):
         self.current = loaded
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
+        self.continuous = continuous  # continuous batching where the model allows it (serve/continuous.py)
         self._held: deque[Job] = deque()  # taken from the queue for a later batch (another temperature)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -198,41 +202,107 @@ class Engine:
                             del texts[i]
         return on_step
 
+    def batching(self, loaded: Loaded | None = None) -> tuple[str, str | None]:
+        """("continuous", None) or ("static", why) for ``loaded`` (default: the current model)."""
+        from skilltune.serve.continuous import continuous_refusal
+
+        if not self.continuous:
+            return "static", "continuous batching is off"
+        why = continuous_refusal((loaded or self.current).model)
+        return ("static", why) if why else ("continuous", None)
+
     def _run(self) -> None:
+        batch = None  # the continuous mode's running rows (serve/continuous.py)
         while not self._stop.is_set():
-            try:
-                batch = self._take_batch()
-            except queue.Empty:
-                self.last_progress = time.monotonic()
-                continue
             with self._lock:
                 loaded = self.current
-            now = time.monotonic()
-            live = [j for j in batch if not j.finished_by_caller(now)]
-            for job in batch:
-                if job not in live:
-                    _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
-            if not live:
-                continue
-            self.busy_since = time.monotonic()
-            try:
-                outs = self._generate(loaded, live)
-                now = time.monotonic()
-                for job, out in zip(live, outs):
-                    if now > job.deadline:  # stopped at its deadline: a cut-off answer is not an answer
-                        _resolve(job.future, error=TimeoutError("the request's time-out passed while decoding"))
-                        continue
-                    if out.new_tokens > job.max_tokens:  # the batch ran longer than this request asked for
-                        ids = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"][: job.max_tokens]
-                        out = Generation(loaded.tokenizer.decode(ids), out.prompt_tokens, job.max_tokens,
-                                         out.latency_s, False)
-                    _resolve(job.future, (loaded.version, out))
-            except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
-                for job in live:
-                    _resolve(job.future, error=exc)
-            finally:
+            if batch is not None and batch.rows:  # rows finish on the model they started on
+                self._continuous_step(batch, admit=batch.loaded is loaded)
+            elif self.batching(loaded)[0] == "continuous":
+                if batch is None or batch.loaded is not loaded:
+                    from skilltune.serve.continuous import DecodeBatch
+
+                    batch = DecodeBatch(loaded)
+                self._continuous_step(batch, admit=True)
+            else:
+                batch = None
+                self._static_batch(loaded)
+
+    def _continuous_step(self, batch, admit: bool) -> None:
+        """Admit what arrived, one decode step for every row, resolve the rows that stopped."""
+        from skilltune.serve.continuous import take_jobs
+
+        jobs = take_jobs(self, self.max_batch - len(batch.rows), wait=not batch.rows) if admit else []
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            if job.finished_by_caller(now):
+                _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
+            else:
+                live.append(job)
+        if not batch.rows and not live:
+            self.last_progress = time.monotonic()
+            return
+        self.busy_since = self.busy_since or time.monotonic()
+        try:
+            if live:
+                batch.admit(live, lambda j: IncrementalText(batch.tokenizer, batch.eos, j.max_tokens)
+                            if j.on_text is not None else None)
+            self._resolve_rows(batch)
+            if batch.rows:
+                batch.step()
+                self._resolve_rows(batch)
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request of the batch
+            for job in [r.job for r in batch.rows if r.job not in live] + live:
+                _resolve(job.future, error=exc)
+            batch.rows = []
+            batch.cache = None
+        finally:
+            self.last_progress = time.monotonic()
+            if not batch.rows:
                 self.busy_since = None
-                self.last_progress = time.monotonic()
+
+    def _resolve_rows(self, batch) -> None:
+        now = time.monotonic()
+        for row, out in batch.leave(now):
+            if out is not None:
+                _resolve(row.job.future, (batch.loaded.version, out))
+            elif now > row.job.deadline:
+                _resolve(row.job.future, error=TimeoutError("the request's time-out passed while decoding"))
+
+    def _static_batch(self, loaded: Loaded) -> None:
+        """The static mode: take a batch of one temperature and generate it to its end."""
+        try:
+            batch = self._take_batch()
+        except queue.Empty:
+            self.last_progress = time.monotonic()
+            return
+        now = time.monotonic()
+        live = [j for j in batch if not j.finished_by_caller(now)]
+        for job in batch:
+            if job not in live:
+                _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
+        if not live:
+            return
+        self.busy_since = time.monotonic()
+        try:
+            outs = self._generate(loaded, live)
+            now = time.monotonic()
+            for job, out in zip(live, outs):
+                if now > job.deadline:  # stopped at its deadline: a cut-off answer is not an answer
+                    _resolve(job.future, error=TimeoutError("the request's time-out passed while decoding"))
+                    continue
+                if out.new_tokens > job.max_tokens:  # the batch ran longer than this request asked for
+                    ids = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"][: job.max_tokens]
+                    out = Generation(loaded.tokenizer.decode(ids), out.prompt_tokens, job.max_tokens,
+                                     out.latency_s, False)
+                _resolve(job.future, (loaded.version, out))
+        except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
+            for job in live:
+                _resolve(job.future, error=exc)
+        finally:
+            self.busy_since = None
+            self.last_progress = time.monotonic()
 
     def close(self) -> None:
         self._stop.set()

@@ -41,6 +41,14 @@ class Sample:
     ttft_s: float | None = None
 
 
+def _has_text(event: str) -> bool:
+    try:
+        choice = (json.loads(event).get("choices") or [{}])[0]
+    except (ValueError, AttributeError):
+        return False
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+
+
 async def _one(client, ep: Endpoint, prompt: str, stream: bool) -> Sample:
     body = {"model": ep.model, "max_tokens": ep.max_tokens, "temperature": 0, "stream": stream,
             "messages": [{"role": "user", "content": prompt}]}
@@ -53,8 +61,8 @@ async def _one(client, ep: Endpoint, prompt: str, stream: bool) -> Sample:
         ttft = None
         async with client.stream("POST", ep.url, json=body, headers=ep.headers) as r:
             async for line in r.aiter_lines():
-                if ttft is None and line.startswith("data: {"):
-                    ttft = time.perf_counter() - t0
+                if ttft is None and line.startswith("data: {") and _has_text(line[6:]):
+                    ttft = time.perf_counter() - t0  # the first chunk with text (not the role-only first chunk)
             return Sample(t0, time.perf_counter() - t0, r.status_code, 0, ttft)
     except Exception:  # noqa: BLE001 - a refused or broken connection is an error of the level, not of the driver
         return Sample(t0, time.perf_counter() - t0, 0)

@@ -128,7 +128,7 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
     registry = registry or Registry()
     name, _ = parse_ref(ref)
     loaded = load_version(registry, ref, trust_remote_code)
-    engine = Engine(loaded, queue_size=cfg.queue_size)
+    engine = Engine(loaded, queue_size=cfg.queue_size, continuous=cfg.continuous_batching)
     log = None
     if cfg.log_requests:
         log = RequestLog(log_path or default_target(name), redact_pii=cfg.redact_pii, service=name)
