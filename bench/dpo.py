@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are Northwind Cloud's support assistant."
-STEPS = int(os.environ.get("BENCH_DPO_STEPS", "0"))  # 0: one epoch
+STEPS = int(os.environ.get("BENCH_DPO_STEPS", "0"))  # 0: whole epochs
+EPOCHS = int(os.environ.get("BENCH_DPO_EPOCHS", "1"))  # the reference pass is paid once, whatever the epochs
 BATCH, LR, BETA = 8, 5e-5, 0.1
 
 
@@ -68,7 +69,7 @@ def run_skilltune(steps: int) -> dict:
         cfg = SkilltuneConfig.model_validate({
             "data": {"train": str(data), "val_split": 0, "system_prompt": SYSTEM},
             "train": {"objective": "dpo", "dpo_beta": BETA, "lr": LR, "scheduler": "constant", "warmup_ratio": 0,
-                      "batch_size": BATCH, "epochs": 1, "max_steps": steps or None, "output_dir": d,
+                      "batch_size": BATCH, "epochs": EPOCHS, "max_steps": steps or None, "output_dir": d,
                       "report_to": [], "save_steps": 100000}})
         t0 = time.perf_counter()
         res = train(cfg, run_name="bench")
@@ -105,7 +106,7 @@ def run_trl(steps: int, best: bool) -> dict:
 
     extra = {"bf16": True, "precompute_ref_log_probs": True} if best else {}
     with tempfile.TemporaryDirectory() as d:
-        args = DPOConfig(output_dir=d, use_cpu=True, max_steps=steps or -1, num_train_epochs=1,
+        args = DPOConfig(output_dir=d, use_cpu=True, max_steps=steps or -1, num_train_epochs=EPOCHS,
                          per_device_train_batch_size=BATCH,
                          learning_rate=LR, lr_scheduler_type="constant", beta=BETA, report_to=[], logging_steps=1,
                          save_strategy="no", seed=42, **extra)
@@ -125,10 +126,10 @@ JOBS = {"skilltune": run_skilltune, "trl_default": lambda n: run_trl(n, False), 
 
 def bench_dpo() -> list[dict]:
     """Every job in its own process, then one row each (bench/run.py's `dpo` table)."""
-    n_pairs = STEPS * BATCH if STEPS else len(pairs())
-    tokens = _tokens(n_pairs)
+    n_pairs = STEPS * BATCH if STEPS else len(pairs()) * EPOCHS
+    tokens = _tokens(STEPS * BATCH if STEPS else len(pairs())) * (1 if STEPS else EPOCHS)
     rows = []
-    for job in JOBS:
+    for job in os.environ.get("BENCH_DPO_JOBS", ",".join(JOBS)).split(","):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, job, str(STEPS)], capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -147,7 +148,8 @@ def bench_dpo() -> list[dict]:
     return rows
 
 
-TITLE = (f"DPO, LoRA, SmolLM2-135M, brand-voice pairs: {f'{STEPS} steps' if STEPS else 'one epoch'} of {BATCH} "
+_LENGTH = f"{STEPS} steps" if STEPS else f"{EPOCHS} epoch(s)"
+TITLE = (f"DPO, LoRA, SmolLM2-135M, brand-voice pairs: {_LENGTH} of {BATCH} "
          "pairs (tokens: prompt + chosen + rejected, each once; train_s: the training call, reference pass included)")
 
 

@@ -378,3 +378,16 @@ def test_dpo_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     assert len(m1) == len(m2) == 4
     for x, y in zip(m1, m2):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-4 and x["reward_accuracy"] == y["reward_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_dpo_with_other_methods_starts_at_the_reference_and_learns(tmp_path, tiny_model_dir, method):
+    from skilltune.train.loop import train
+
+    cfg = _dpo_config(tmp_path, tiny_model_dir, epochs=2)
+    cfg = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"method": method})})
+    result = train(cfg, run_name=method)
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert abs(metrics[0]["train_loss"] - math.log(2)) < 1e-4  # the reference is the starting model
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert (result.run_dir / ("model" if method == "full" else "adapter")).is_dir()
