@@ -41,8 +41,12 @@ class RichReporter(Reporter):
 
     def step(self, step: int, metrics: dict) -> None:
         info = f"loss {metrics['train_loss']:.4f}  {metrics['tokens_per_s']:.0f} tok/s"
+        if "reward_accuracy" in metrics:  # dpo
+            info += f"  reward acc {metrics['reward_accuracy']:.2f} margin {metrics['reward_margin']:.3f}"
         if "val_loss" in metrics:
             info += f"  val {metrics['val_loss']:.4f}"
+        if "val_reward_accuracy" in metrics:
+            info += f" (reward acc {metrics['val_reward_accuracy']:.2f})"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step % max(1, self.total // 10) == 0 or step == self.total or "val_loss" in metrics:
@@ -91,8 +95,9 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
         s = result.summary
         table = Table(title="training summary", show_header=False)
         for key in ("steps", "train_time_s", "tokens_per_s", "final_train_loss", "final_val_loss", "best_val_loss",
-                    "best_step", "stopped_early", "artifact", "run_dir"):
-            table.add_row(key, str(s.get(key)))
+                    "best_step", "val_reward_accuracy", "val_reward_margin", "stopped_early", "artifact", "run_dir"):
+            if key in s or not key.startswith("val_reward"):
+                table.add_row(key, str(s.get(key)))
         if s.get("computed_tokens") and s["computed_tokens"] != s.get("tokens"):
             table.add_row("positions computed", f"{s['computed_tokens']:,} for {s['tokens']:,} tokens "
                           "(shared prefixes run once; padding adds)")

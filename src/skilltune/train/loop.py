@@ -574,13 +574,16 @@ def finish(s: Session) -> TrainResult:
 
 def _summary(s: Session, artifact: Path) -> dict:
     loop = s.loop
-    last = {}
+    last, at_best = {}, {}
     for line in (s.run_path / "metrics.jsonl").read_text().splitlines():
-        last.update(json.loads(line))
+        row = json.loads(line)
+        last.update(row)
+        at_best = row if row["step"] == loop.best_step else at_best
     return {
         "run_dir": str(s.run_path), "artifact": str(artifact), "method": s.cfg.adapter.method,
         "objective": s.cfg.train.objective,
-        **{k: v for k, v in last.items() if k.startswith("val_reward")},  # dpo: held-out reward accuracy, margin
+        # dpo: held-out reward accuracy and margin of the weights kept (the best validation; else the last)
+        **{k: v for k, v in (at_best or last).items() if k.startswith("val_reward")},
         "steps": loop.step, "total_steps": s.total_steps, "stopped_early": loop.stopped_early,
         "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
         "best_val_loss": loop.best_val, "best_step": loop.best_step,
