@@ -1,7 +1,7 @@
 """GPU paths nobody can run on the CI machine: `make gpu-check` runs these on one CUDA GPU (under 8 minutes).
 
 Without CUDA every test here is skipped with the reason. What they exercise: QLoRA (bitsandbytes 4-bit) on
-the embedded model, bf16 and fp16 training (fp16 with accelerate's loss scaling), a 1-GPU FSDP run through
+the embedded model, DPO, bf16 and fp16 training (fp16 with accelerate's loss scaling), a 1-GPU FSDP run through
 `accelerate launch`, a merged export, and `serve --engine vllm` answering one request.
 """
 
@@ -46,6 +46,19 @@ def test_qlora_on_the_embedded_model(tmp_path):
     res = _train(_config(tmp_path), "adapter.method=qlora")
     assert res.summary["steps"] == 3 and res.summary["final_train_loss"] == res.summary["final_train_loss"]
     assert (res.artifact_dir / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_on_the_embedded_model(tmp_path):
+    """DPO on CUDA (the attention goes through SDPA with the 4-D pair mask): step 1 is log 2, then it learns."""
+    import math
+
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"][::-1] + "!"}
+            for r in SQL_ROWS * 4]
+    cfg = _config(tmp_path, objective="dpo", lr=5e-4)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    res = _train(cfg)
+    losses = [json.loads(x)["train_loss"] for x in open(res.run_dir / "metrics.jsonl") if "train_loss" in x]
+    assert abs(losses[0] - math.log(2)) < 1e-2 and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
