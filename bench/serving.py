@@ -13,11 +13,8 @@ p50/p95 and time to first token p50/p95, errors.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,32 +36,16 @@ def _version(home: Path) -> str:
 
 
 def _load(version: str, continuous: bool, prompts: list[str]) -> dict:
-    from skilltune.config.schema import ServeConfig
+    from skilltune.cli.serve_cmd import _server_for  # the private server `skilltune loadtest` starts
+    from skilltune.registry.api import Registry
     from skilltune.serve.loadtest import run_loadtest
-    from skilltune.serve.server import build_state, make_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cfg = ServeConfig(port=port, continuous_batching=continuous, per_key_concurrency=1024, log_requests=False)
-    state = build_state(version, cfg, {"bench-key": "bench"}, record=False)
-    server = make_server(state, "127.0.0.1", port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started and thread.is_alive():
-        time.sleep(0.02)
-    try:
-        run_loadtest(f"http://127.0.0.1:{port}", "serve-bench", prompts[:8], [CLIENTS], duration_s=5,
-                     api_key="bench-key")  # warm-up
-        level = run_loadtest(f"http://127.0.0.1:{port}", "serve-bench", prompts, [CLIENTS], duration_s=SECONDS,
-                             api_key="bench-key")[0]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        state.stop()
-    return {"batching": state.engine.batching()[0], **{k: level.get(k) for k in (
-        "throughput_rps", "generated_tokens_per_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s", "requests",
-        "error_rate")}}
+    with _server_for(Registry(), version, None, {"continuous_batching": continuous, "log_requests": False}) as (url, key):
+        run_loadtest(url, "serve-bench", prompts[:8], [CLIENTS], duration_s=5, api_key=key)  # warm-up
+        level = run_loadtest(url, "serve-bench", prompts, [CLIENTS], duration_s=SECONDS, api_key=key)[0]
+    return {"batching": "continuous" if continuous else "static", **{k: level.get(k) for k in (
+        "throughput_rps", "generated_tokens_per_s", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s",
+        "requests", "error_rate")}}
 
 
 def bench_serving() -> list[dict]:

@@ -223,8 +223,9 @@ def _test_prompts(cfg: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def _server_for(registry, version: str, url: str | None):
-    """(base URL, API key) of the server to load: ``url`` as given, or one started here for the test."""
+def _server_for(registry, version: str, url: str | None, settings: dict | None = None):
+    """(base URL, API key) of the server to load: ``url`` as given, or one started here for the test
+    (``settings``: serve config fields for it, e.g. ``{"continuous_batching": False}``)."""
     if url:
         yield url, None
         return
@@ -240,7 +241,8 @@ def _server_for(registry, version: str, url: str | None):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     key = secrets.token_urlsafe(16)
-    state = build_state(version, ServeConfig(port=port, per_key_concurrency=1024), {key: "loadtest"}, registry,
+    state = build_state(version, ServeConfig(port=port, per_key_concurrency=1024, **(settings or {})),
+                        {key: "loadtest"}, registry,
                         log_path=home() / "serving" / f"{version.split('@')[0]}.loadtest.requests.db", record=False)
     server = make_server(state, "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
