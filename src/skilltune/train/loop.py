@@ -30,7 +30,6 @@ from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan
 from skilltune.train.kernels import install_kernels, skipped_kernels
-from skilltune.train.loss import shared_prefix_refusal
 from skilltune.train.methods import METHODS, trainable_summary
 from skilltune.train.objectives import OBJECTIVES
 from skilltune.train.precision import choose_precision
@@ -288,17 +287,7 @@ def _setup_model(s: Session, autocast_dtype) -> None:
             model.enable_input_require_grads()
     if cfg.train.kernels and s.acc.device.type == "cpu":
         s.kernels, s.undo_kernels = install_kernels(model)
-    if s.objective.data_kind == "preference":  # each pair's prompt once (preference.py), else a row per answer
-        from skilltune.train.preference import layout_refusal
-
-        s.share_prefix_refusal = layout_refusal(model)
-        if cfg.train.share_prefix and s.share_prefix_refusal is None:
-            s.share_prefix = "shared"
-    else:
-        s.share_prefix_refusal = shared_prefix_refusal(model, cfg.train.gradient_checkpointing)
-        if cfg.train.share_prefix and s.share_prefix_refusal is None:
-            # the shared-prefix layout (batches.py): one pass with our attention kernel, else two
-            s.share_prefix = "packed" if "attention" in s.kernels else "cache"
+    s.share_prefix, s.share_prefix_refusal = s.objective.layout(s, model)
     if s.acc.is_main_process:
         _check_disk(s.run_path, model, cfg)
     s.model = model

@@ -21,7 +21,7 @@ from skilltune.data.types import Example
 from skilltune.errors import TrainingError
 from skilltune.model.tokenizer import turn_end_token
 from skilltune.train.batches import collate, count_label_tokens
-from skilltune.train.loss import CompletionLoss, mean_loss
+from skilltune.train.loss import CompletionLoss, mean_loss, shared_prefix_refusal
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Objective:
     length: Callable  # item -> the positions it needs (checked against train.max_seq_len)
     units: Callable  # items -> what the step's loss is a mean over (trained tokens; pairs)
     loss: Callable  # (session, autocast_dtype) -> the loss module (returns a sum over units)
+    layout: Callable  # (session, model) -> (the layout that shares prompts or None, why not or None)
     collate: Callable  # (session, items) -> a micro-batch's tensors
     start: Callable  # session -> None: after the optimizer is ready, before the first step
     step_metrics: Callable  # session -> metrics of the step just taken (beyond the loss)
@@ -56,6 +57,14 @@ def _sft_encode(tokenizer, examples: list[Example], first_index: int, train_on_i
     return [encode_example(tokenizer, ex, end, train_on_inputs) for ex in examples]
 
 
+def _sft_layout(s, model) -> tuple[str | None, str | None]:
+    """The shared-prefix layout (batches.py): one pass with our attention kernel, else two."""
+    refusal = shared_prefix_refusal(model, s.cfg.train.gradient_checkpointing)
+    if not s.cfg.train.share_prefix or refusal is not None:
+        return None, refusal
+    return ("packed" if "attention" in s.kernels else "cache"), None
+
+
 def _sft_collate(s, items) -> dict:
     cfg = s.cfg.train
     return collate(items, s.tokenizer.pad_token_id, cfg.packing, cfg.max_seq_len, s.share_prefix)
@@ -71,7 +80,8 @@ def _sft_validate(s, items) -> dict:
 register_objective(Objective(
     "sft", "supervised finetuning: the completion-only loss on demonstrations", "sft",
     encode=_sft_encode, length=lambda e: len(e.input_ids), units=count_label_tokens,
-    loss=lambda s, dtype: CompletionLoss(s.model, dtype), collate=_sft_collate, start=lambda s: None,
+    loss=lambda s, dtype: CompletionLoss(s.model, dtype), layout=_sft_layout, collate=_sft_collate,
+    start=lambda s: None,
     step_metrics=_nothing, validate=_sft_validate))
 
 
@@ -87,6 +97,14 @@ def _dpo_loss(s, dtype):
     from skilltune.train.preference import PreferenceLoss
 
     return PreferenceLoss(s.model, dtype, s.cfg.train.dpo_beta)
+
+
+def _dpo_layout(s, model) -> tuple[str | None, str | None]:
+    """Each pair's prompt once (preference.py), else one row per answer."""
+    from skilltune.train.preference import layout_refusal
+
+    refusal = layout_refusal(model)
+    return ("shared" if s.cfg.train.share_prefix and refusal is None else None), refusal
 
 
 def _dpo_collate(s, items) -> dict:
@@ -155,5 +173,6 @@ def _dpo_validate(s, items) -> dict:
 
 register_objective(Objective(
     "dpo", "direct preference optimisation on chosen/rejected pairs (TRL's sigmoid loss)", "preference",
-    encode=_dpo_encode, length=lambda p: p.longest_side, units=len, loss=_dpo_loss, collate=_dpo_collate,
+    encode=_dpo_encode, length=lambda p: p.longest_side, units=len, loss=_dpo_loss, layout=_dpo_layout,
+    collate=_dpo_collate,
     start=_dpo_start, step_metrics=_dpo_step_metrics, validate=_dpo_validate))
