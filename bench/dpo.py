@@ -82,9 +82,10 @@ def run_skilltune(steps: int) -> dict:
 def run_trl(steps: int, best: bool) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
+
+    from jobs import loss_recorder, trl_lora  # the SFT comparison's: same LoRA, same loss log
 
     from skilltune.config.schema import ModelConfig
     from skilltune.model.loading import load_tokenizer
@@ -99,20 +100,14 @@ def run_trl(steps: int, best: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": torch.bfloat16} if best else {}))
     losses: list[float] = []
 
-    class Losses(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     extra = {"bf16": True, "precompute_ref_log_probs": True} if best else {}
     with tempfile.TemporaryDirectory() as d:
         args = DPOConfig(output_dir=d, use_cpu=True, max_steps=steps or -1, num_train_epochs=EPOCHS,
                          per_device_train_batch_size=BATCH,
                          learning_rate=LR, lr_scheduler_type="constant", beta=BETA, report_to=[], logging_steps=1,
                          save_strategy="no", seed=42, **extra)
-        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-        tr = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
-                        callbacks=[Losses()])
+        tr = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=trl_lora(),
+                        callbacks=[loss_recorder(losses)])
         t0 = time.perf_counter()
         tr.train()
         secs = time.perf_counter() - t0

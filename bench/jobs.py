@@ -86,11 +86,29 @@ def run_skilltune(steps: int | None) -> dict:
             "heldout_acc": acc}
 
 
+def trl_lora():
+    """The LoRA every job trains (r=16, alpha=32, all linear layers, no dropout), as peft's config for TRL."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def loss_recorder(losses: list[float]):
+    """A transformers callback appending each logged training loss to ``losses``."""
+    from transformers import TrainerCallback
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Losses()
+
+
 def run_trl(steps: int | None, best: bool) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from skilltune.config import load_config
@@ -115,18 +133,12 @@ def run_trl(steps: int | None, best: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     losses: list[float] = []
 
-    class Losses(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     with tempfile.TemporaryDirectory() as d:
         args = SFTConfig(output_dir=d, use_cpu=True, num_train_epochs=1, max_steps=steps or -1,
                          per_device_train_batch_size=BATCH, learning_rate=LR, lr_scheduler_type="cosine",
                          warmup_steps=int(WARMUP * (steps or math.ceil(len(rows) / BATCH))), report_to=[], logging_steps=1, save_strategy="no", seed=SEED, **extra)
-        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-        tr = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
-                        callbacks=[Losses()])
+        tr = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=trl_lora(),
+                        callbacks=[loss_recorder(losses)])
         t0 = time.perf_counter()
         tr.train()
         secs = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from skilltune.model.generate import Generation
+from skilltune.serve.engine import stream_token
 
 
 def continuous_refusal(model) -> str | None:
@@ -135,13 +136,8 @@ class DecodeBatch:
             row.stopped = True
             return
         row.tokens.append(token)
-        if row.text is not None and row.job.on_text is not None:
-            piece = row.text.add(token)
-            if piece:
-                try:
-                    row.job.on_text(piece)
-                except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
-                    row.job.on_text = None
+        if row.text is not None:
+            stream_token(row.job, row.text, token)
 
     # ------------------------------------------------------------ leaving
     def leave(self, now: float) -> list[tuple[Row, Generation | None]]:

@@ -95,6 +95,18 @@ class IncrementalText:
         return now[len(before):]
 
 
+def stream_token(job: Job, text: IncrementalText, token: int) -> None:
+    """Send ``job`` the text ``token`` completes; a listener that fails is dropped, never the batch."""
+    if job.on_text is None or job.future.cancelled():
+        return
+    piece = text.add(token)
+    if piece:
+        try:
+            job.on_text(piece)
+        except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
+            job.on_text = None
+
+
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
     """Set a request's result or error unless its caller already cancelled it (then it goes nowhere)."""
     try:
@@ -192,14 +204,8 @@ class Engine:
 
         def on_step(idx: list[int], tokens: list[int]) -> None:
             for i, token in zip(idx, tokens):
-                if i in texts and not live[i].future.cancelled():
-                    piece = texts[i].add(token)
-                    if piece:
-                        try:
-                            live[i].on_text(piece)
-                        except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
-                            live[i].on_text = None
-                            del texts[i]
+                if i in texts:
+                    stream_token(live[i], texts[i], token)
         return on_step
 
     def batching(self, loaded: Loaded | None = None) -> tuple[str, str | None]:
