@@ -1,10 +1,12 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
-    python bench/run.py [audit] [generate] [step] [matmul] [runtimes] [compare] [dpo] [serving]
+    python bench/run.py [audit] [generate] [generation] [step] [matmul] [runtimes] [compare] [dpo] [serving]
                                                                                 (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
 - generate: batched vs one-at-a-time generation, 64 prompts, embedded SmolLM2 (target: >= 4x)
+- generation: the 100 SQL test prompts at 16 rows: transformers' generate with its defaults against
+            skilltune's generation in fp32 and bf16; tokens/s, same answers, decode-step GB/s (bench/generation.py)
 - step:     where a default training step's time goes, by category, with the matmuls' TFLOP/s (bench/step.py)
 - matmul:   the decoder's matmul shapes at 1 and 2 threads against a 2048^3 product (bench/step.py)
 - runtimes: the same 24 SQL prompts answered by transformers (one at a time and batched) and by llama.cpp
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from dpo import TITLE as DPO_TITLE, bench_dpo  # noqa: E402
+from generation import TITLE as GENERATION_TITLE, bench_generation  # noqa: E402
 from serving import TITLE as SERVING_TITLE, bench_serving  # noqa: E402
 from step import _model_config, bench_matmul, bench_step  # noqa: E402
 STEPS = int(os.environ.get("BENCH_STEPS", "0"))  # 0: one full epoch (needed for held-out accuracy)
@@ -112,7 +115,7 @@ def bench_runtimes() -> list[dict]:
         rows.append({"runtime": name, "generated_tokens": tokens, "seconds": round(seconds, 1),
                      "tokens_per_s": round(tokens / seconds, 1), "note": note})
 
-    for name, bs in (("transformers fp32, one at a time", 1), ("transformers fp32, batch 24", 24)):
+    for name, bs in (("skilltune generate fp32, one at a time", 1), ("skilltune generate fp32, batch 24", 24)):
         t0 = time.perf_counter()
         gens = generate(target.model, target.tokenizer, prompts, max_new_tokens=48, batch_size=bs)
         row(name, sum(g.new_tokens for g in gens), time.perf_counter() - t0)
@@ -195,12 +198,12 @@ def bench_compare() -> list[dict]:
     return rows
 
 
-BENCHES = {"audit": bench_audit, "generate": bench_generate, "step": bench_step, "matmul": bench_matmul,
+BENCHES = {"audit": bench_audit, "generate": bench_generate, "generation": bench_generation, "step": bench_step, "matmul": bench_matmul,
            "runtimes": bench_runtimes, "compare": bench_compare, "dpo": bench_dpo, "serving": bench_serving}
 TITLES = {"step": "one default training step (SQL example), own time of its ops by category, mean of 3 steps",
           "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)",
           "runtimes": "greedy generation, 24 SQL prompts, SmolLM2-135M: transformers against llama.cpp",
-          "dpo": DPO_TITLE, "serving": SERVING_TITLE}
+          "dpo": DPO_TITLE, "serving": SERVING_TITLE, "generation": GENERATION_TITLE}
 
 
 def main(argv: list[str]) -> None:

@@ -208,7 +208,7 @@ def test_monitor_summarize_needs_enough_requests(tmp_path, db_backend):
 @pytest.mark.usefixtures("db_backend")
 def test_failures_reach_the_log_through_the_real_server(server, monkeypatch):
     """A bad request, an auth failure, a 429 and a forced engine error, each logged by the server with its status."""
-    from skilltune.serve import continuous
+    from skilltune.model import decode
     from skilltune.serve.engine import QueueFull
 
     base, state, _ = server(api_key={"k-12345678": "ci"})
@@ -220,7 +220,7 @@ def test_failures_reach_the_log_through_the_real_server(server, monkeypatch):
     httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)  # 429
     state.engine.submit = original
     state.engine._generate = lambda loaded, live: (_ for _ in ()).throw(RuntimeError("engine broke"))  # static
-    monkeypatch.setattr(continuous.DecodeBatch, "admit",  # continuous
+    monkeypatch.setattr(decode.DecodeBatch, "admit",  # continuous
                         lambda *a: (_ for _ in ()).throw(RuntimeError("engine broke")))
     r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "max_tokens": 2}, headers=auth)
     assert r.status_code == 500 and "engine broke" not in r.text  # no internals leak
@@ -310,15 +310,15 @@ def test_continuous_batching_answers_as_one_at_a_time(stopping_run_dir, tiny_mod
     """Requests that join a running batch at different steps, with different budgets, some stopping on the
     end-of-turn token and some on max_tokens: each greedy answer is the one it gets alone. (The random model's
     near-uniform logits make any change in what a row attends to visible.)"""
+    from skilltune.model import decode
     from skilltune.model.generate import generate
-    from skilltune.serve import continuous
     from skilltune.serve.engine import Engine
 
     loaded = _loaded(stopping_run_dir if which == "stopping" else tiny_model_dir)
     tok = loaded.tokenizer
     joined = []  # how many rows were decoding when requests joined
-    merge = continuous.DecodeBatch._merge
-    monkeypatch.setattr(continuous.DecodeBatch, "_merge",
+    merge = decode.DecodeBatch._merge
+    monkeypatch.setattr(decode.DecodeBatch, "_merge",
                         lambda self, *a: (joined.append(len(self.rows)), merge(self, *a))[1])
     asks = [("Say hi.", 6), ("Say fox.", 3), ("SELECT name FROM users WHERE", 12), ("Say dog.", 9),
             ("The quick brown", 10), ("Say yes.", 1), ("How many users signed up last month?", 7)]
@@ -373,16 +373,16 @@ def test_a_row_that_joins_a_running_batch_sees_exactly_its_own_context(tiny_mode
     row that leaves takes its keys with it and the others' logits do not change."""
     import copy
 
-    from skilltune.serve.continuous import DecodeBatch
+    from skilltune.model.decode import DecodeBatch
     from skilltune.serve.engine import Job
 
     loaded = _loaded(tiny_model_dir)
     model, tok = loaded.model, loaded.tokenizer
-    batch = DecodeBatch(loaded)
+    batch = DecodeBatch(model, tok)
     long_job, short_job = Job("The quick brown fox jumps over the lazy dog", 8, 0.0), Job("Hello", 8, 0.0)
-    batch.admit([long_job], lambda j: None)
+    batch.admit([long_job])
     batch.step()
-    batch.admit([short_job], lambda j: None)  # joins a row two tokens into its answer
+    batch.admit([short_job])  # joins a row two tokens into its answer
 
     def alone(job, row):
         ids = tok(job.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -401,6 +401,6 @@ def test_a_row_that_joins_a_running_batch_sees_exactly_its_own_context(tiny_mode
     for i, job in enumerate((long_job, short_job)):
         torch.testing.assert_close(logits[i], alone(job, batch.rows[i]), rtol=0, atol=1e-5)
     batch.rows[0].stopped = True  # the long row leaves: its extra key columns go too
-    batch.leave(time.monotonic())
+    batch.leave()
     assert batch.mask.shape[1] == batch.rows[0].position and bool(batch.mask.all())
     torch.testing.assert_close(batched()[0], alone(short_job, batch.rows[0]), rtol=0, atol=1e-5)

@@ -18,6 +18,8 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
                                                              "trained with, if any)."),
              max_new_tokens: int = typer.Option(128, help="Generation budget."),
              temperature: float = typer.Option(0.0, help="0 = greedy."),
+             precision: str = typer.Option("auto", help="Weights: auto (bf16 where the CPU computes it fast, as "
+                                                        "eval and serve), bf16 or fp32."),
              base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "
                                                                      "(its hash must match the adapter's record)."),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -37,7 +39,7 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     spec, policy = resolve_spec(model, trust_remote_code)
     if base:
         policy = replace(policy, base=base)
-    target = load_target(spec, policy=policy)
+    target = load_target(spec, dtype=_dtype(precision), policy=policy)
     if system is None and target.adapter_dir is not None:  # answer the way the model was trained to be asked
         system = training_system_prompt(target.adapter_dir)
     rendered = [render_prompt(target.tokenizer, p, system) for p in prompts]
@@ -46,3 +48,12 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     for p, out in zip(prompts, outs):
         console.print(f"[bold cyan]user[/bold cyan]: {escape(p)}", highlight=False)
         console.print(f"[bold green]{escape(target.label)}[/bold green]: {escape(out.text)}", highlight=False)
+
+
+def _dtype(precision: str):
+    from skilltune.train.precision import INFERENCE_DTYPES, inference_dtype
+
+    if precision != "auto" and precision not in INFERENCE_DTYPES:
+        raise typer.BadParameter(f"{precision!r} is not one of auto, {', '.join(INFERENCE_DTYPES)}",
+                                 param_hint="--precision")
+    return inference_dtype(precision)[1]

@@ -138,6 +138,10 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per example.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Weights for generation and scoring: 'auto' is bf16 where the CPU computes it fast "
+        "(AMX/avx512_bf16; twice the tokens/s), else fp32. A greedy answer can differ from fp32's where two tokens "
+        "nearly tie; the metrics stay within noise (bench/NOTES.md).")
     db: str | None = Field(None, description="SQLite database for the sql_exec metric.")
     json_schema: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
     price_per_hour: float = Field(1.0, ge=0, description="Cost of the serving machine per hour, for cost estimates.")
@@ -157,6 +161,9 @@ class EvalConfig(Section):
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Weights of the served model: 'auto' is bf16 where the CPU computes it fast "
+        "(AMX/avx512_bf16), else fp32 (as eval.precision, so the evaluation measures what is served).")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key (auth on if set).")
     api_keys_file: str | None = Field(
         None, description="File of API keys, one 'NAME:KEY' per line ('#' starts a comment): several clients, each "

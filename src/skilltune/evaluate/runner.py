@@ -22,6 +22,7 @@ from skilltune.data.reader import load_examples
 from skilltune.data.tokenize import encode_example, prompt_text
 from skilltune.errors import SkilltuneError
 from skilltune.model.generate import generate
+from skilltune.model.kernels import generation_kernels
 from skilltune.evaluate import forgetting
 from skilltune.evaluate.metrics import Metric, resolve_metrics
 from skilltune.evaluate.targets import OPERATIONAL, gate, judge_targets
@@ -30,6 +31,7 @@ from skilltune.model.target import LoadPolicy, Target, artifact_run_dir, find_ar
 from skilltune.model.tokenizer import turn_end_token
 from skilltune.paths import atomic_write_text
 from skilltune.progress import SILENT, Stages
+from skilltune.train.precision import inference_dtype
 
 
 class EvalError(SkilltuneError):
@@ -193,16 +195,18 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
                         hint=f"targets can name {', '.join(m.name for m in metrics)} or {', '.join(OPERATIONAL)}")
     examples = load_examples(plan.test_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
     refs = [ex.completion for ex in examples]
-    target = load_target(plan.target, policy=plan.policy)
+    precision, dtype = inference_dtype(ecfg.precision)
+    target = load_target(plan.target, dtype=dtype, policy=plan.policy)
     prompts = _prompts(target.tokenizer, examples)
-    base, tuned = _generate_both(plan, target, prompts, stages)
+    base, tuned = _generate_both(plan, target, prompts, stages, dtype)
     forgot = forgetting.compare(base.general, tuned.general, ecfg.forgetting_threshold) if plan.forgetting else None
     stages.message(f"scoring with {', '.join(m.name for m in metrics)}")
     tuned_scores = _score(metrics, [g.text for g in tuned.gens], refs, ctx)
     base_scores = _score(metrics, [g.text for g in base.gens], refs, ctx)
     headline = _headline(metrics, base_scores, tuned_scores)
-    overfit = _overfitting(plan, target, metrics, headline, examples, ctx, stages)
-    latency = _latency_cost(target, prompts, tuned, base, ecfg, stages)
+    with generation_kernels(target.model):  # the finetuned weights stay as they are from here on
+        overfit = _overfitting(plan, target, metrics, headline, examples, ctx, stages)
+        latency = _latency_cost(target, prompts, tuned, base, ecfg, stages)
     rows = [{"line": ex.line, "prompt": ex.turns[-2].content if len(ex.turns) > 1 else "",
              "reference": refs[i], "base_output": base.gens[i].text, "tuned_output": tuned.gens[i].text,
              "base": {m.name: base_scores[m.name][i] for m in metrics},
@@ -212,6 +216,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
     regressions = [r for r in rows if r["base"][primary] > r["tuned"][primary]]
     results = {
         "target": plan.version or plan.target, "run_dir": plan.recorded_run_dir, "baseline": base.label,
+        "precision": precision,
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
         "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -224,7 +229,8 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
     return results
 
 
-def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: Stages) -> tuple[_Side, _Side]:
+def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: Stages,
+                   dtype: torch.dtype) -> tuple[_Side, _Side]:
     """The baseline's answers, then the finetuned model's (with the forgetting suite on each).
 
     The base runs first with the adapter switched off (no second copy of the weights); then
@@ -234,13 +240,14 @@ def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: S
     ecfg = plan.cfg.eval
 
     def run(label: str, t: Target) -> _Side:
-        with stages.stage(f"generating {len(prompts)} answers with the {label} model", total=len(prompts)) as adv:
-            t0 = time.perf_counter()
-            gens = generate(t.model, t.tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature,
-                            progress=adv)
-            side = _Side(label, gens, time.perf_counter() - t0)
-        if plan.forgetting:
-            side.general = forgetting.run_suite(t, stages=stages, label=f"{label} model")
+        with generation_kernels(t.model):  # once for the test answers and the general suite
+            with stages.stage(f"generating {len(prompts)} answers with the {label} model", total=len(prompts)) as adv:
+                t0 = time.perf_counter()
+                gens = generate(t.model, t.tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size,
+                                ecfg.temperature, progress=adv)
+                side = _Side(label, gens, time.perf_counter() - t0)
+            if plan.forgetting:
+                side.general = forgetting.run_suite(t, stages=stages, label=f"{label} model")
         return side
 
     if plan.baseline is None and target.adapter_dir is not None and hasattr(target.model, "disable_adapter"):
@@ -250,7 +257,7 @@ def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: S
     else:
         spec = plan.baseline or target.base_spec
         policy = plan.baseline_policy or LoadPolicy(trust_remote_code=plan.policy.trust_remote_code)
-        other = load_target(spec, policy=policy) if spec != plan.target else target
+        other = load_target(spec, dtype=dtype, policy=policy) if spec != plan.target else target
         base = run("production" if plan.against else "base", other)
         base.label = plan.against or spec
     if target.adapter_dir is not None and hasattr(target.model, "merge_adapter"):

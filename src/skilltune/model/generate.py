@@ -1,16 +1,23 @@
-"""Batched generation: left padding, KV cache, greedy by default, stop at the turn end.
+"""Batched generation: greedy by default, stop at the turn end, outputs in the caller's order.
 
-Prompts are sorted by length before batching so each batch pads little, and the
-outputs are returned in the caller's order.
+Prompts are sorted by length so the prompts prefilled together pad little. Models whose cache
+holds the whole context decode in a running batch (model/decode.py): a finished answer's row
+goes to the next prompt at once, and the prompts' shared prefix (chat header, system prompt) is
+prefilled once. Other models (sliding-window layers) go through transformers' ``generate`` in
+static batches.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from skilltune.model.decode import DecodeBatch, decode_refusal, shared_prefix
+from skilltune.model.kernels import generation_kernels
 
 
 @dataclass
@@ -18,7 +25,7 @@ class Generation:
     text: str
     prompt_tokens: int
     new_tokens: int
-    latency_s: float  # wall time of the batch this prompt was in, shared by its members
+    latency_s: float  # from its prefill to its last token (static batches: the batch's wall time)
     stopped: bool  # ended on the end token (not on max_new_tokens)
 
 
@@ -57,7 +64,6 @@ def _step_streamer(on_step: Callable[[list[int], list[int]], None], idx: list[in
     return _Steps()
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
              temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
              stop_rows: Callable[[list[int]], list[bool]] | None = None,
@@ -65,17 +71,71 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
-        progress: called with the number of prompts finished after each batch.
+        batch_size: rows decoding at once.
+        progress: called with the number of prompts finished, as they finish.
         stop_rows: called every decode step with the prompts' indices in the running batch; a True
             ends that prompt's decoding early (its text is what was decoded so far).
-        on_step: called after every decode step with the prompts' indices in the running batch and the
-            token each row just produced (a finished row produces padding): token streaming.
+        on_step: called after every decode step with prompts' indices and the token each just produced
+            (static batches: every row of the batch, a finished one producing padding): token streaming.
     """
+    if not prompts:
+        return []
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    run = _generate_static if decode_refusal(model) else _generate_running
+    with generation_kernels(model):
+        return run(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
+                   stop_rows, on_step)
+
+
+@dataclass
+class _Prompt:
+    index: int  # in the caller's list
+    prompt: str
+    max_tokens: int
+    temperature: float
+
+
+def _generate_running(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
+                      stop_rows, on_step) -> list[Generation]:
+    """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
+
+    New prompts join when a quarter of the batch is free (or none is left decoding): a prefill
+    is a forward pass of its own, so several arrivals share one.
+    """
+    ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in order] if len(order) > 1 else []
+    batch = DecodeBatch(model, tokenizer, eos, prefix=shared_prefix(ids))  # one prompt: nothing to share
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature) for i in order)
+    results: list[Generation | None] = [None] * len(prompts)
+    refill_at = max(1, batch_size // 4)
+    stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
+    while queue or batch.rows:
+        free = batch_size - len(batch.rows)
+        if queue and (free >= refill_at or not batch.rows):
+            batch.admit([queue.popleft() for _ in range(min(free, len(queue)))], stream)
+        cut = None
+        if stop_rows is not None:
+            running = [r.request.index for r in batch.rows]
+            ended = {i for i, stop in zip(running, stop_rows(running)) if stop}
+            cut = lambda request: request.index in ended  # noqa: E731
+        now = time.monotonic()
+        left = batch.leave(cut)
+        for row in left:
+            results[row.request.index] = batch.generation(row, now)
+        if progress is not None and left:
+            progress(len(left))
+        if batch.rows:
+            batch.step()
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
+                     stop_rows, on_step) -> list[Generation]:
+    """transformers' ``generate`` on consecutive batches of ``batch_size`` (left padding, KV cache)."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
     results: list[Generation | None] = [None] * len(prompts)
     try:
         for start in range(0, len(order), batch_size):

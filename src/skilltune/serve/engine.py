@@ -24,6 +24,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
+from skilltune.model.decode import DecodeBatch
 from skilltune.model.generate import Generation, generate
 
 
@@ -105,6 +106,14 @@ def stream_token(job: Job, text: IncrementalText, token: int) -> None:
             job.on_text(piece)
         except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
             job.on_text = None
+
+
+def _token_sink(job: Job, batch: DecodeBatch) -> Callable[[int], None] | None:
+    """What receives a streaming job's tokens in a running batch (None when it does not stream)."""
+    if job.on_text is None:
+        return None
+    text = IncrementalText(batch.tokenizer, batch.eos, job.max_tokens)
+    return lambda token: stream_token(job, text, token)
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -210,31 +219,29 @@ class Engine:
 
     def batching(self, loaded: Loaded | None = None) -> tuple[str, str | None]:
         """("continuous", None) or ("static", why) for ``loaded`` (default: the current model)."""
-        from skilltune.serve.continuous import continuous_refusal
+        from skilltune.model.decode import decode_refusal
 
         if not self.continuous:
             return "static", "continuous batching is off"
-        why = continuous_refusal((loaded or self.current).model)
+        why = decode_refusal((loaded or self.current).model)
         return ("static", why) if why else ("continuous", None)
 
     def _run(self) -> None:
-        batch = None  # the continuous mode's running rows (serve/continuous.py)
+        batch, batch_of = None, None  # the continuous mode's running rows (model/decode.py) and their model
         while not self._stop.is_set():
             with self._lock:
                 loaded = self.current
             if batch is not None and batch.rows:  # rows finish on the model they started on
-                self._continuous_step(batch, admit=batch.loaded is loaded)
+                self._continuous_step(batch, batch_of, admit=batch_of is loaded)
             elif self.batching(loaded)[0] == "continuous":
-                if batch is None or batch.loaded is not loaded:
-                    from skilltune.serve.continuous import DecodeBatch
-
-                    batch = DecodeBatch(loaded)
-                self._continuous_step(batch, admit=True)
+                if batch is None or batch_of is not loaded:
+                    batch, batch_of = DecodeBatch(loaded.model, loaded.tokenizer), loaded
+                self._continuous_step(batch, loaded, admit=True)
             else:
-                batch = None
+                batch = batch_of = None
                 self._static_batch(loaded)
 
-    def _continuous_step(self, batch, admit: bool) -> None:
+    def _continuous_step(self, batch: DecodeBatch, loaded: Loaded, admit: bool) -> None:
         """Admit what arrived, one decode step for every row, resolve the rows that stopped."""
         from skilltune.serve.continuous import take_jobs
 
@@ -252,14 +259,13 @@ class Engine:
         self.busy_since = self.busy_since or time.monotonic()
         try:
             if live:
-                batch.admit(live, lambda j: IncrementalText(batch.tokenizer, batch.eos, j.max_tokens)
-                            if j.on_text is not None else None)
-            self._resolve_rows(batch)
+                batch.admit(live, lambda job: _token_sink(job, batch))
+            self._resolve_rows(batch, loaded)
             if batch.rows:
                 batch.step()
-                self._resolve_rows(batch)
+                self._resolve_rows(batch, loaded)
         except Exception as exc:  # noqa: BLE001 - delivered to every waiting request of the batch
-            for job in [r.job for r in batch.rows if r.job not in live] + live:
+            for job in [r.request for r in batch.rows if r.request not in live] + live:
                 _resolve(job.future, error=exc)
             batch.rows = []
             batch.cache = None
@@ -268,13 +274,14 @@ class Engine:
             if not batch.rows:
                 self.busy_since = None
 
-    def _resolve_rows(self, batch) -> None:
+    @staticmethod
+    def _resolve_rows(batch: DecodeBatch, loaded: Loaded) -> None:
         now = time.monotonic()
-        for row, out in batch.leave(now):
-            if out is not None:
-                _resolve(row.job.future, (batch.loaded.version, out))
-            elif now > row.job.deadline:
-                _resolve(row.job.future, error=TimeoutError("the request's time-out passed while decoding"))
+        for row in batch.leave(lambda job: job.finished_by_caller(now)):
+            if row.finished:
+                _resolve(row.request.future, (loaded.version, batch.generation(row, now)))
+            elif now > row.request.deadline:
+                _resolve(row.request.future, error=TimeoutError("the request's time-out passed while decoding"))
 
     def _static_batch(self, loaded: Loaded) -> None:
         """The static mode: take a batch of one temperature and generate it to its end."""

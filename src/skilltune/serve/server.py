@@ -35,16 +35,23 @@ class Metrics:
                              registry=self.registry)
 
 
-def load_version(registry: Registry, ref: str, trust_remote_code: bool = False) -> Loaded:
+def load_version(registry: Registry, ref: str, trust_remote_code: bool = False, precision: str = "fp32") -> Loaded:
     """Load a registry version (verified against its sha256 manifest) with its training system prompt.
 
     The base model is the one the registry's lineage names, checked against its hash;
     nothing in the artifact can switch on remote code (only the operator's flag can).
+    ``precision``: the weights' dtype (``serve.precision``). The generation kernels stay installed
+    (the served weights never change).
     """
+    from skilltune.model.kernels import keep_generation_kernels
     from skilltune.model.target import load_target
+    from skilltune.train.precision import inference_dtype
 
     co = registry.checkout(ref, trust_remote_code)
-    target = load_target(str(co.path), policy=co.policy)
+    target = load_target(str(co.path), dtype=inference_dtype(precision)[1], policy=co.policy)
+    if co.version.method in ("lora", "dora") and hasattr(target.model, "merge_adapter"):
+        target.model.merge_adapter()  # served as one set of weights: unmerged LoRA costs ~40% of the speed
+    keep_generation_kernels(target.model)
     context = getattr(target.model.config, "max_position_embeddings", None) or 2048
     return Loaded(co.ref, target.model, target.tokenizer, version_system_prompt(co.version), int(context),
                   counter=copy.deepcopy(target.tokenizer))
@@ -92,7 +99,7 @@ class ServerState:
                 v = self.registry.get(self.ref)
                 wanted = f"{v.name}@v{v.number}"
                 if wanted != self.engine.current.version:
-                    loaded = load_version(self.registry, wanted, self.trust_remote_code)
+                    loaded = load_version(self.registry, wanted, self.trust_remote_code, self.cfg.precision)
                     old = self.engine.current.version
                     self.engine.swap(loaded)
                     self.metrics.version.labels(name=self.name, version=old).set(0)
@@ -127,7 +134,7 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
     """
     registry = registry or Registry()
     name, _ = parse_ref(ref)
-    loaded = load_version(registry, ref, trust_remote_code)
+    loaded = load_version(registry, ref, trust_remote_code, cfg.precision)
     engine = Engine(loaded, queue_size=cfg.queue_size, continuous=cfg.continuous_batching)
     log = None
     if cfg.log_requests:

@@ -52,13 +52,15 @@ def register_kernel(kernel: Kernel) -> None:
     KERNELS[kernel.name] = kernel
 
 
-def install_kernels(model: torch.nn.Module) -> tuple[dict[str, int], Callable[[], None]]:
-    """Install every registered kernel that applies to ``model``; return counts and one undo.
+def install_kernels(model: torch.nn.Module, kernels: dict[str, Kernel] | None = None
+                    ) -> tuple[dict[str, int], Callable[[], None]]:
+    """Install every kernel of ``kernels`` (default: the training kernels) that applies to ``model``;
+    return counts and one undo.
 
     A kernel that applies nowhere steps aside (the stock path runs): :func:`skipped_kernels` says why.
     """
     counts, undos = {}, []
-    for kernel in KERNELS.values():
+    for kernel in (KERNELS if kernels is None else kernels).values():
         n, undo = kernel.install(model)
         if n:
             counts[kernel.name] = n

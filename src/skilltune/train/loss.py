@@ -46,7 +46,7 @@ class CompletionLoss(torch.nn.Module):
         with contextlib.ExitStack() as stack:
             if self.autocast_dtype is not None:
                 stack.enter_context(torch.autocast(device_type, dtype=self.autocast_dtype))
-            if device_type == "cpu":
+            if device_type == "cpu" and torch.is_grad_enabled():
                 # Measured on Sapphire Rapids (bench/NOTES.md): the CPU flash-attention backward is ~4x slower
                 # than the plain math path at these sequence lengths; +27% tokens/s end to end.
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))

@@ -37,3 +37,14 @@ def choose_precision(requested: str, device: torch.device) -> tuple[str, torch.d
             requested = "bf16" if cpu_has_fast_bf16() else "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
     return requested, dtype
+
+
+INFERENCE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def inference_dtype(requested: str) -> tuple[str, torch.dtype]:
+    """(name, dtype) the weights are loaded in for generation on the CPU: 'auto' is bf16 where the CPU
+    computes it fast (weights at half the bytes: a decode step reads every weight once), else fp32."""
+    if requested == "auto":
+        requested = "bf16" if cpu_has_fast_bf16() else "fp32"
+    return requested, INFERENCE_DTYPES[requested]
