@@ -94,7 +94,7 @@ class DecodeBatch:
         self.prefix = prefix or None  # token ids shared by the prompts (their keys computed once)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.rows: list[Row] = []
-        self.cache = None  # DynamicCache over the rows
+        self.cache = None  # a transformers Cache of KVBuffer layers over the rows
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (rows, keys): 1 = a real key
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # fed at the next step
         params = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward)
@@ -144,7 +144,7 @@ class DecodeBatch:
 
     def _merge(self, cache, mask: torch.Tensor, rows: list[Row], first: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
-            self.cache, self.mask, self.rows = _buffered((l.keys, l.values) for l in cache.layers), mask, []
+            self.cache, self.mask, self.rows = _buffered((layer.keys, layer.values) for layer in cache.layers), mask, []
             self.next_tokens = first
         else:
             width = max(self.mask.shape[1], mask.shape[1])
