@@ -101,8 +101,32 @@ def test_running_batch_matches_transformers_on_other_families(tmp_path, family):
     assert [g.text for g in got] == [w.text for w in want]
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_sliding_window_models_run_in_the_batch_while_rows_fit_the_window(tmp_path, family):
+    """A window no prompt and its budget can outgrow drops no key: the running batch (every key kept) gives
+    transformers' answers on Gemma 3 (sliding and full layers) and Gemma 2 (soft-capping too)."""
+    from tiny import build_family_model
+
+    from skilltune.model.decode import decode_refusal
+    from skilltune.model.generate import generate
+
+    target = _load(build_family_model(tmp_path / family, family))
+    target.model.config.sliding_window = 256
+    prompts = _prompts(target.tokenizer)
+    longest = max(len(target.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 8
+    assert decode_refusal(target.model, longest) is None and decode_refusal(target.model, 300) is not None
+    want = _reference(target.model, target.tokenizer, prompts, 8)
+    calls, hook = _count_forwards(target.model)
+    try:
+        got = generate(target.model, target.tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    finally:
+        hook.remove()
+    assert [g.text for g in got] == [w.text for w in want]
+    assert any(not c[2] for c in calls)  # the running batch's shared-prefix forward ran
+
+
 def test_sliding_window_models_keep_transformers_generate(tmp_path):
-    """Gemma 3's sliding-window layers keep a partial cache: generation stays in static batches."""
+    """Gemma 3's sliding-window layers (window 8 here) would drop keys: generation stays in static batches."""
     from tiny import build_family_model
 
     from skilltune.model.decode import decode_refusal
@@ -110,6 +134,7 @@ def test_sliding_window_models_keep_transformers_generate(tmp_path):
 
     target = _load(build_family_model(tmp_path / "gemma3", "gemma3"))
     assert "sliding_attention" in decode_refusal(target.model)
+    assert "exceed the 8-token window" in decode_refusal(target.model, 40)
     calls, hook = _count_forwards(target.model)
     try:
         got = generate(target.model, target.tokenizer, _prompts(target.tokenizer)[:2], max_new_tokens=4)

@@ -19,8 +19,9 @@ task's system prompt) is computed once per batch object and its keys and values 
 into each admitted group's cache, so a prefill computes only what differs between prompts.
 
 Greedy answers are those of transformers' ``generate`` (tests compare them token for token). It
-needs a cache whose layers all hold the whole context (:func:`decode_refusal`); a model with
-sliding-window or linear-attention layers is generated with transformers' ``generate``.
+keeps every key of every row (:func:`decode_refusal`): a model with sliding-window layers runs here
+when no row can outgrow its window, and otherwise (or with chunked or linear attention) is
+generated with transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -42,18 +43,30 @@ class Request(Protocol):
     temperature: float
 
 
-def decode_refusal(model) -> str | None:
-    """Why rows of this model cannot join and leave a running batch (None when they can)."""
+def decode_refusal(model, longest: int | None = None) -> str | None:
+    """Why rows of this model cannot join and leave a running batch (None when they can).
+
+    The batch keeps every key of every row. Sliding-window layers keep only the last ``window``
+    keys, which is the same thing while no row is longer than the window: ``longest`` (the longest
+    prompt plus its token budget) lets such a model through when it fits (Gemma 3's window is 512).
+    """
     config = getattr(model, "config", None)
     if config is None:
         return "no model config"
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    partial = sorted({t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"})
-    if partial or getattr(config, "sliding_window", None):
-        return f"{', '.join(partial) or 'sliding-window'} layers keep a partial cache"
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    return None
+    partial = sorted({t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"})
+    window = getattr(config, "sliding_window", None)
+    if not partial and not window:
+        return None
+    if partial not in ([], ["sliding_attention"]):  # chunked or linear attention layers
+        return f"{', '.join(partial)} layers keep a partial cache"
+    if window and longest is not None and longest <= window:
+        return None
+    return f"{', '.join(partial) or 'sliding-window'} layers keep a partial cache" + (
+        f" (the longest prompt and its budget, {longest} tokens, exceed the {window}-token window)"
+        if window and longest is not None else "")
 
 
 def shared_prefix(prompt_ids: list[list[int]], min_tokens: int = 16) -> list[int] | None:

@@ -3,8 +3,8 @@
 Prompts are sorted by length so the prompts prefilled together pad little. Models whose cache
 holds the whole context decode in a running batch (model/decode.py): a finished answer's row
 goes to the next prompt at once, and the prompts' shared prefix (chat header, system prompt) is
-prefilled once. Other models (sliding-window layers) go through transformers' ``generate`` in
-static batches.
+prefilled once. Models whose sliding-window layers a prompt and its budget could outgrow go
+through transformers' ``generate`` in static batches.
 """
 
 from __future__ import annotations
@@ -82,11 +82,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
         return []
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    run = _generate_static if decode_refusal(model) else _generate_running
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    longest = len(ids[order[-1]]) + max_new_tokens
     with generation_kernels(model):
-        return run(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
-                   stop_rows, on_step)
+        if decode_refusal(model, longest):
+            return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
+                                    progress, stop_rows, on_step)
+        return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
+                                 batch_size, temperature, eos, progress, stop_rows, on_step)
 
 
 @dataclass
@@ -97,15 +101,16 @@ class _Prompt:
     temperature: float
 
 
-def _generate_running(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
+def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
                       stop_rows, on_step) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
-    New prompts join when a quarter of the batch is free (or none is left decoding): a prefill
-    is a forward pass of its own, so several arrivals share one.
+    ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
+    free (or none is left decoding): a prefill is a forward pass of its own, so several arrivals
+    share one.
     """
-    ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in order] if len(order) > 1 else []
-    batch = DecodeBatch(model, tokenizer, eos, prefix=shared_prefix(ids))  # one prompt: nothing to share
+    prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
+    batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
     queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
