@@ -153,11 +153,9 @@ def main() -> None:
         result = JOBS[sys.argv[1]](int(sys.argv[2]) if len(sys.argv) > 2 else STEPS)
         print("RESULT " + json.dumps(result))
         return
-    rows = bench_dpo()
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print(f"\n{TITLE}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    from tables import print_markdown
+
+    print_markdown(TITLE, bench_dpo())
 
 
 if __name__ == "__main__":

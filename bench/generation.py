@@ -133,9 +133,7 @@ def bench_generation() -> list[dict]:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = bench_generation()
-    cols = list(dict.fromkeys(k for r in out for k in r))
-    print(f"\n{TITLE}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in out:
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    from tables import print_markdown
+
+    print_markdown(TITLE, bench_generation())
     sys.exit(0)

@@ -71,9 +71,7 @@ def bench_serving() -> list[dict]:
 TITLE = f"serving the SQL demo model, {CLIENTS} concurrent clients (closed loop), {SECONDS:g} s each, max_tokens 64"
 
 if __name__ == "__main__":
-    out = bench_serving()
-    cols = list(dict.fromkeys(k for r in out for k in r))
-    print(f"\n{TITLE}\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in out:
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    from tables import print_markdown
+
+    print_markdown(TITLE, bench_serving())
     sys.exit(0)
