@@ -8,7 +8,14 @@ LoRA (r=16, alpha=32, all linear layers, no dropout), global batch (8) and learn
 Then the same held-out check for all three, with the adapter merged: the loss on the val split
 and SQL execution accuracy on the test split (greedy). Prints one line ``RESULT {json}``:
 dataset tokens trained, training seconds, positions computed (skilltune only), peak RSS during
-training, the mean train loss of the last 10 steps, held-out loss and accuracy.
+training, the mean train loss of the last 10 steps, held-out loss and accuracy, and ``saved_at``
+(``time.time()`` once the adapter is on disk: bench/run.py subtracts the moment it started the
+process, giving the whole command's wall time — interpreter start, imports, model load, data,
+training and the save — on the same clock for every job).
+
+The training seconds are each tool's own clock: skilltune's summed optimizer-step time
+(``train_time_s``: the steps only), TRL's ``trainer.train()`` wall time (its data loader, steps and
+callbacks). The whole-command time is the one clock that treats both alike.
 
 Environment: BENCH_SEED (default 42) seeds every job; BENCH_EVAL=0 skips the generation
 (the held-out loss is still computed); BENCH_SET adds `--set` overrides to the skilltune job;
@@ -75,7 +82,8 @@ def run_skilltune(steps: int | None) -> dict:
                 "train.save_steps=100000"] + ([f"train.max_steps={steps}"] if steps else [])
         sets += [f"train.seed={SEED}"] + [x for x in os.environ.get("BENCH_SET", "").split() if x]  # + ablations
         cfg = load_config(CONFIG, sets)
-        res = train(cfg, run_name="bench")
+        res = train(cfg, run_name="bench")  # saves the adapter
+        saved_at = time.time()
         rss = _peak_rss_gb()
         s = res.summary
         losses = [json.loads(ln)["train_loss"] for ln in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +91,7 @@ def run_skilltune(steps: int | None) -> dict:
         heldout_loss, acc = _heldout(target.model, target.tokenizer, load_config(CONFIG))  # cfg has no val split
     return {"tokens": s["tokens"], "seconds": s["train_time_s"], "computed_tokens": s["computed_tokens"],
             "peak_rss_gb": rss, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "heldout_loss": heldout_loss,
-            "heldout_acc": acc}
+            "heldout_acc": acc, "saved_at": saved_at}
 
 
 def trl_lora():
@@ -142,13 +150,15 @@ def run_trl(steps: int | None, best: bool) -> dict:
         t0 = time.perf_counter()
         tr.train()
         secs = time.perf_counter() - t0
+        tr.save_model(str(Path(d) / "adapter"))  # what skilltune's run also ends with
+        saved_at = time.time()
         rss = _peak_rss_gb()
         n_rows = min(len(tr.train_dataset), (steps or 10**9) * BATCH)
         tokens = sum(len(x) for x in tr.train_dataset.select(range(n_rows))["input_ids"])
         heldout_loss, acc = _heldout(tr.model, tok, cfg)
     return {"tokens": tokens, "seconds": secs, "peak_rss_gb": rss,
             "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1), "heldout_loss": heldout_loss,
-            "heldout_acc": acc}
+            "heldout_acc": acc, "saved_at": saved_at}
 
 
 JOBS = {"skilltune": lambda s: run_skilltune(s), "trl_default": lambda s: run_trl(s, best=False),

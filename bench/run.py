@@ -157,13 +157,16 @@ def linear_params() -> int:
 
 
 def _job(name: str) -> dict:
+    started = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "bench/jobs.py"), name, str(STEPS)], capture_output=True,
                           text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{name} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
     res = json.loads(line[7:])
-    print(f"  {name}: {res['tokens'] / res['seconds']:.1f} tokens/s, held-out loss {res['heldout_loss']:.4f}",
+    res["whole_s"] = res.pop("saved_at") - started  # process start to adapter saved, the same clock for every job
+    print(f"  {name}: {res['tokens'] / res['seconds']:.1f} tokens/s, whole command {res['whole_s']:.1f} s, "
+          f"held-out loss {res['heldout_loss']:.4f}",
           file=sys.stderr, flush=True)
     return res
 
@@ -182,7 +185,8 @@ def bench_compare() -> list[dict]:
     for name, rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         row = {"job": name, "tokens_per_s": round(med["tokens"] / med["seconds"], 1),
-               "train_s": round(med["seconds"], 1), "peak_rss_gb": round(med["peak_rss_gb"], 2),
+               "train_s": round(med["seconds"], 1), "whole_s": round(med["whole_s"], 1),
+               "peak_rss_gb": round(med["peak_rss_gb"], 2),
                "final_loss": round(med["final_loss"], 4), "heldout_loss": round(med["heldout_loss"], 4),
                "heldout_sql_exec": round(med["heldout_acc"], 3)}
         if "computed_tokens" in med:  # positions the model ran (shared prefixes run once)
@@ -193,8 +197,11 @@ def bench_compare() -> list[dict]:
     for r in rows:
         r["vs_trl_default"] = round(r["tokens_per_s"] / base, 2)
         r["vs_trl_best"] = round(r["tokens_per_s"] / rows[2]["tokens_per_s"], 2)
+        r["whole_vs_trl_default"] = round(rows[1]["whole_s"] / r["whole_s"], 2)
     rows.append({"job": f"bf16 matmul peak {peak:.2f} TFLOP/s; MFU = 4 x {n_linear / 1e6:.0f}M linear params x "
-                        "computed tokens/s / peak (attention and the vocabulary projection not counted)"})
+                        "computed tokens/s / peak (attention and the vocabulary projection not counted). "
+                        "train_s: skilltune's summed step time, TRL's trainer.train() wall time; whole_s: process start "
+                        "to adapter saved, one clock for all (whole_vs_trl_default compares those)"})
     return rows
 
 
