@@ -406,3 +406,50 @@ def test_run_with_a_system_prompt_shares_it_and_records_the_kernels(tmp_path, ti
     assert off.summary["computed_tokens"] >= off.summary["tokens"]
     # fp32: the optimised run follows the stock run closely
     assert s["final_train_loss"] == pytest.approx(off.summary["final_train_loss"], rel=1e-3)
+
+
+def test_neftune_noises_the_embeddings_in_training_mode_only(tiny_model_dir):
+    """The hook the loop installs: noise of the configured size while training, none in eval mode or after undo."""
+    from skilltune.train.loop import _embedding_noise
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    emb = model.get_input_embeddings()
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    clean = emb(ids).detach()
+    undo = _embedding_noise(model, 5.0)
+    model.train()
+    noisy_a, noisy_b = emb(ids).detach(), emb(ids).detach()
+    bound = 5.0 / (ids.shape[1] * clean.shape[-1]) ** 0.5
+    assert 0 < float((noisy_a - clean).abs().max()) <= bound * (1 + 1e-6)
+    assert not torch.equal(noisy_a, noisy_b)  # fresh noise each pass
+    model.eval()
+    assert torch.equal(emb(ids).detach(), clean)  # validation and evaluation see the clean embeddings
+    undo()
+    model.train()
+    assert torch.equal(emb(ids).detach(), clean) and not hasattr(emb, "neftune_noise_alpha")
+
+
+def test_neftune_changes_training_and_resumes_exactly(tmp_path, tiny_model_dir):
+    plain = train(load_config(_config(tmp_path, tiny_model_dir, epochs=4)), run_name="plain")
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=4, neftune_noise_alpha=5.0))
+    noisy = train(cfg, run_name="noisy")
+    a, b = _adapter(plain.run_dir), _adapter(noisy.run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # the noise reached the training steps
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, run_name="cut", stop_after=5)
+    run = sorted((tmp_path / "runs").glob("cut-*"))[0]
+    resumed = train(cfg, run_name="cut", resume=True)
+    c = _adapter(resumed.run_dir)
+    assert max(float((b[k] - c[k]).abs().max()) for k in b) <= 1e-5  # the same noise after the restart
+
+
+def test_neftune_is_refused_outside_supervised_finetuning(tmp_path):
+    from skilltune.errors import ConfigError
+
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train": "pairs.jsonl"},
+                                            "train": {"objective": "dpo", "neftune_noise_alpha": 5}})
+    with pytest.raises(ConfigError, match=r"neftune_noise_alpha.*'dpo'.*train.objective: sft"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="neftune_noise_alpha"):
+        load_config(None, ["train.neftune_noise_alpha=0"])

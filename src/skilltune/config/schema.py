@@ -114,6 +114,11 @@ class TrainConfig(Section):
         True, description="On CPU, use skilltune's training kernels (fused LoRA layer, RMSNorm, attention; "
         "measured in bench/NOTES.md). false: the stock transformers/peft code paths."
     )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, le=100, description="NEFTune (named as in TRL, Axolotl and LLaMA-Factory): uniform noise on the "
+        "input embeddings while training, of magnitude alpha / sqrt(row length x hidden size) (transformers' hook, so "
+        "values carry over from those tools' configs; the paper used 5-15). Validation, evaluation and the saved "
+        "model see no noise. Supervised finetuning only.")
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (default: once per epoch).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement of val loss."
@@ -215,6 +220,9 @@ class SkilltuneConfig(Section):
         if self.train.objective == "dpo" and self.train.train_on_inputs:
             raise ValueError("train.train_on_inputs is set but train.objective is 'dpo', which scores the two answers "
                              "only (the prompt they share cancels out)")
+        if self.train.neftune_noise_alpha is not None and self.train.objective != "sft":
+            raise ValueError(f"train.neftune_noise_alpha is set but train.objective is '{self.train.objective}'; NEFTune "
+                             "noises demonstrations (sft), as in TRL: remove it or set train.objective: sft")
         if self.train.dpo_beta != 0.1 and self.train.objective == "sft":
             raise ValueError("train.dpo_beta is set but train.objective is 'sft'; set train.objective: dpo to use it")
         return self

@@ -144,6 +144,7 @@ class Session:
     eval_every: int = 1
     kernels: dict = field(default_factory=dict)
     undo_kernels: object = lambda: None
+    undo_noise: object = lambda: None  # NEFTune's hook off again
     share_prefix: str | None = None
     share_prefix_refusal: str | None = None  # why this model cannot use the shared-prefix layout
     trainable: int = 0
@@ -287,11 +288,25 @@ def _setup_model(s: Session, autocast_dtype) -> None:
             model.enable_input_require_grads()
     if cfg.train.kernels and s.acc.device.type == "cpu":
         s.kernels, s.undo_kernels = install_kernels(model)
+    if cfg.train.neftune_noise_alpha is not None:
+        s.undo_noise = _embedding_noise(model, cfg.train.neftune_noise_alpha)
     s.share_prefix, s.share_prefix_refusal = s.objective.layout(s, model)
     if s.acc.is_main_process:
         _check_disk(s.run_path, model, cfg)
     s.model = model
     s.trainable, s.total = trainable_summary(model)
+
+
+def _embedding_noise(model, alpha: float):
+    """NEFTune (transformers' hook on the input embeddings: noise in training mode only); returns its removal.
+
+    The noise is drawn from torch's generator, whose state checkpoints keep: a resumed run draws what the
+    uninterrupted one would have.
+    """
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    handle = activate_neftune(model, alpha)
+    return lambda: deactivate_neftune(model, handle)
 
 
 def _setup_optimizer(s: Session, autocast_dtype) -> None:
@@ -350,6 +365,8 @@ def _write_run_record(s: Session) -> None:
         "examples": f"{len(s.data.train)} train / {len(s.data.val)} val",
         "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{s.total_steps} ({s.plan.steps_per_epoch}/epoch)",
         "packing": cfg.train.packing,
+        **({"embedding noise": f"NEFTune, alpha {cfg.train.neftune_noise_alpha} (training steps only)"}
+           if cfg.train.neftune_noise_alpha is not None else {}),
         "shared prefix": s.share_prefix or (f"off ({s.share_prefix_refusal})" if s.share_prefix_refusal else "off"),
         "kernels": _kernel_plan(s),
         "run dir": str(s.run_path)})
@@ -407,6 +424,7 @@ def fit(s: Session, stop_after: int | None = None) -> None:
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     s.reporter.finish()
+    s.undo_noise()
     s.undo_kernels()
 
 
