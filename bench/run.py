@@ -200,8 +200,9 @@ def bench_compare() -> list[dict]:
         r["whole_vs_trl_default"] = round(rows[1]["whole_s"] / r["whole_s"], 2)
     rows.append({"job": f"bf16 matmul peak {peak:.2f} TFLOP/s; MFU = 4 x {n_linear / 1e6:.0f}M linear params x "
                         "computed tokens/s / peak (attention and the vocabulary projection not counted). "
-                        "train_s: skilltune's summed step time, TRL's trainer.train() wall time; whole_s: process start "
-                        "to adapter saved, one clock for all (whole_vs_trl_default compares those)"})
+                        "train_s: skilltune's summed step time, TRL's trainer.train() wall time; "
+                        "whole_s: process start to adapter saved, one clock for all "
+                        "(whole_vs_trl_default compares those)"})
     return rows
 
 

@@ -440,6 +440,7 @@ def test_neftune_changes_training_and_resumes_exactly(tmp_path, tiny_model_dir):
         train(cfg, run_name="cut", stop_after=5)
     run = sorted((tmp_path / "runs").glob("cut-*"))[0]
     resumed = train(cfg, run_name="cut", resume=True)
+    assert resumed.run_dir == run
     c = _adapter(resumed.run_dir)
     assert max(float((b[k] - c[k]).abs().max()) for k in b) <= 1e-5  # the same noise after the restart
 

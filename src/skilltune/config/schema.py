@@ -221,8 +221,8 @@ class SkilltuneConfig(Section):
             raise ValueError("train.train_on_inputs is set but train.objective is 'dpo', which scores the two answers "
                              "only (the prompt they share cancels out)")
         if self.train.neftune_noise_alpha is not None and self.train.objective != "sft":
-            raise ValueError(f"train.neftune_noise_alpha is set but train.objective is '{self.train.objective}'; NEFTune "
-                             "noises demonstrations (sft), as in TRL: remove it or set train.objective: sft")
+            raise ValueError(f"train.neftune_noise_alpha is set but train.objective is '{self.train.objective}'; "
+                             "NEFTune noises demonstrations (sft), as in TRL: remove it or set train.objective: sft")
         if self.train.dpo_beta != 0.1 and self.train.objective == "sft":
             raise ValueError("train.dpo_beta is set but train.objective is 'sft'; set train.objective: dpo to use it")
         return self
