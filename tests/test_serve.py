@@ -280,6 +280,29 @@ def test_streaming_holds_back_a_stop_sequence(server):
     assert state.log.rows()[-1]["output"] == expected.text
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_stop_sequence_ends_decoding(server, continuous):
+    """A request's stop sequence ends its decoding at the token that completes it: the row is freed and
+    usage counts the tokens decoded, not the whole budget (streamed or not, continuous or static)."""
+    from openai import OpenAI
+
+    base, state, _ = server(continuous_batching=continuous)
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "prompt": "SELECT name FROM", "max_tokens": 40, "temperature": 0}
+    whole = client.completions.create(**ask)
+    assert whole.usage.completion_tokens == 40 and whole.choices[0].finish_reason == "length", whole
+    text = whole.choices[0].text
+    stop = text[4:7]
+    cut = text[:text.index(stop)]
+    early = client.completions.create(**ask, stop=[stop])
+    assert early.choices[0].text == cut and early.choices[0].finish_reason == "stop"
+    assert early.usage.completion_tokens <= 12, early.usage  # 40 before stop sequences ended decoding
+    chunks = list(client.completions.create(**ask, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
+    rows = state.log.rows()
+    assert rows[-1]["completion_tokens"] == rows[-2]["completion_tokens"] == early.usage.completion_tokens
+
+
 def test_incremental_text_sends_whole_characters_only(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -293,13 +293,13 @@ async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
                        "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
 
 
-async def _run(request: Request, prompt: str, max_tokens: int, temperature: float):
+async def _run(request: Request, prompt: str, max_tokens: int, temperature: float, stops: list[str]):
     """Queue the request and wait for it; a time-out or a client that leaves cancels it in the engine."""
     state = _st(request)
     engine: Engine = state.engine
     timeout = state.request_timeout_s
     try:
-        fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout)
+        fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout, stops=stops)
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
@@ -373,7 +373,7 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, tem
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
     try:
-        fut = state.engine.submit(prompt, max_tokens, temperature, timeout_s=state.request_timeout_s,
+        fut = state.engine.submit(prompt, max_tokens, temperature, timeout_s=state.request_timeout_s, stops=stops,
                                   on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
@@ -455,7 +455,7 @@ async def chat(req: ChatRequest, request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "chat", prompt, max_tokens, req.temperature, stops, msgs[-1]["content"], rid)
-    version, out = await _run(request, prompt, max_tokens, req.temperature)
+    version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
@@ -480,7 +480,7 @@ async def completions(req: CompletionRequest, request: Request):
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "completion", prompt, max_tokens, req.temperature, stops, prompt, rid)
-    version, out = await _run(request, prompt, max_tokens, req.temperature)
+    version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,

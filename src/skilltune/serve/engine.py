@@ -9,8 +9,9 @@ and resolves each request's future. ``swap`` replaces the model between batches:
 flight finish on the model they started with.
 
 Budgets are enforced inside the batch: at every decode step a request whose future was
-cancelled (its client left, or the server gave up on it) or whose deadline has passed
-stops decoding, and a batch whose requests have all stopped ends at once. The worker
+cancelled (its client left, or the server gave up on it), whose deadline has passed, or
+whose answer has reached one of its stop sequences stops decoding, and a batch whose
+requests have all stopped ends at once. The worker
 records when it last made progress, so readiness can tell a busy engine from a stuck one.
 """
 
@@ -65,9 +66,15 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which decoding stops
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
+    stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
+    stop_seen: bool = False  # set by the worker when the decoded text reached a stop sequence
 
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
+
+    def ends(self, now: float) -> bool:
+        """Whether this job's row leaves the batch now: its answer reached a stop sequence, or its caller left."""
+        return self.stop_seen or self.finished_by_caller(now)
 
 
 class IncrementalText:
@@ -96,24 +103,38 @@ class IncrementalText:
         return now[len(before):]
 
 
-def stream_token(job: Job, text: IncrementalText, token: int) -> None:
-    """Send ``job`` the text ``token`` completes; a listener that fails is dropped, never the batch."""
-    if job.on_text is None or job.future.cancelled():
-        return
-    piece = text.add(token)
-    if piece:
-        try:
-            job.on_text(piece)
-        except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
-            job.on_text = None
+class AnswerText:
+    """A job's answer turned into text as it decodes: each new piece goes to its listener (streaming),
+    and ``job.stop_seen`` is set at the token that completes one of its stop sequences, so the row leaves
+    the batch then instead of decoding on to the end token or its budget."""
+
+    def __init__(self, job: Job, tokenizer, eos: int | None):
+        self.job, self.pieces = job, IncrementalText(tokenizer, eos, job.max_tokens)
+        self.text = ""  # kept only when there are stop sequences to look for
+
+    def add(self, token: int) -> None:
+        job = self.job
+        if job.future.cancelled() or job.stop_seen:
+            return
+        piece = self.pieces.add(token)
+        if not piece:
+            return
+        if job.stops:
+            start = max(0, len(self.text) - max(map(len, job.stops)) + 1)  # a stop may straddle two pieces
+            self.text += piece
+            job.stop_seen = any(self.text.find(s, start) >= 0 for s in job.stops)
+        if job.on_text is not None:
+            try:
+                job.on_text(piece)
+            except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
+                job.on_text = None
 
 
-def _token_sink(job: Job, batch: DecodeBatch) -> Callable[[int], None] | None:
-    """What receives a streaming job's tokens in a running batch (None when it does not stream)."""
-    if job.on_text is None:
+def answer_sink(job: Job, tokenizer, eos: int | None) -> Callable[[int], None] | None:
+    """What receives ``job``'s tokens as they are chosen (None when it neither streams nor has stop sequences)."""
+    if job.on_text is None and not job.stops:
         return None
-    text = IncrementalText(batch.tokenizer, batch.eos, job.max_tokens)
-    return lambda token: stream_token(job, text, token)
+    return AnswerText(job, tokenizer, eos).add
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -155,10 +176,11 @@ class Engine:
         return waiting and (time.monotonic() - self.last_progress > after_s or not self.worker.is_alive())
 
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
-               on_text: Callable[[str], None] | None = None) -> Future:
-        """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded."""
+               on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = ()) -> Future:
+        """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
+        decoding ends at the token that completes one of ``stops`` (the text returned still holds it)."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text)
+        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops))
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -197,7 +219,7 @@ class Engine:
     def _generate(self, loaded: Loaded, live: list[Job]) -> list[Generation]:
         def stop_rows(idx: list[int]) -> list[bool]:
             now = self.last_progress = time.monotonic()
-            return [live[i].finished_by_caller(now) for i in idx]
+            return [live[i].ends(now) for i in idx]
 
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
@@ -205,16 +227,17 @@ class Engine:
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
-        """The decode-step callback that sends each streaming job its new text (None when none streams)."""
-        texts = {i: IncrementalText(loaded.tokenizer, loaded.tokenizer.eos_token_id, j.max_tokens)
-                 for i, j in enumerate(live) if j.on_text is not None}
-        if not texts:
+        """The decode-step callback that hands each job's new tokens to its :func:`answer_sink` (None when no job
+        needs one)."""
+        sinks = {i: sink for i, j in enumerate(live)
+                 if (sink := answer_sink(j, loaded.tokenizer, loaded.tokenizer.eos_token_id)) is not None}
+        if not sinks:
             return None
 
         def on_step(idx: list[int], tokens: list[int]) -> None:
             for i, token in zip(idx, tokens):
-                if i in texts:
-                    stream_token(live[i], texts[i], token)
+                if i in sinks:
+                    sinks[i](token)
         return on_step
 
     def batching(self, loaded: Loaded | None = None) -> tuple[str, str | None]:
@@ -259,7 +282,7 @@ class Engine:
         self.busy_since = self.busy_since or time.monotonic()
         try:
             if live:
-                batch.admit(live, lambda job: _token_sink(job, batch))
+                batch.admit(live, lambda job: answer_sink(job, batch.tokenizer, batch.eos))
             self._resolve_rows(batch, loaded)
             if batch.rows:
                 batch.step()
@@ -277,8 +300,8 @@ class Engine:
     @staticmethod
     def _resolve_rows(batch: DecodeBatch, loaded: Loaded) -> None:
         now = time.monotonic()
-        for row in batch.leave(lambda job: job.finished_by_caller(now)):
-            if row.finished:
+        for row in batch.leave(lambda job: job.ends(now)):
+            if row.finished or row.request.stop_seen:
                 _resolve(row.request.future, (loaded.version, batch.generation(row, now)))
             elif now > row.request.deadline:
                 _resolve(row.request.future, error=TimeoutError("the request's time-out passed while decoding"))
@@ -302,7 +325,7 @@ class Engine:
             outs = self._generate(loaded, live)
             now = time.monotonic()
             for job, out in zip(live, outs):
-                if now > job.deadline:  # stopped at its deadline: a cut-off answer is not an answer
+                if now > job.deadline and not job.stop_seen:  # cut off at its deadline: not an answer
                     _resolve(job.future, error=TimeoutError("the request's time-out passed while decoding"))
                     continue
                 if out.new_tokens > job.max_tokens:  # the batch ran longer than this request asked for
