@@ -69,6 +69,8 @@ HOSTILE = [
      400, "not valid JSON"),
     ("a form-encoded body", {"data": {"model": "svc", "messages": "hi"}}, 422, "body"),
     ("many stop strings", {"json": {**NORMAL, "stop": [f"s{i}" for i in range(500)]}}, 400, "stop"),
+    ("a stop string of a million characters", {"json": {**NORMAL, "stop": ["a" * 10**6]}}, 400,
+     "at most 256 characters (one has 1,000,000)"),
     ("a body over the size limit", {"content": b'{"model": "svc", "x": "' + b"y" * (5 * 2**20) + b'"}'}, 413,
      "over this server's limit of 4,194,304 bytes"),
 ]

@@ -35,6 +35,7 @@ from skilltune.serve.engine import Engine, QueueFull
 
 PROBES = ("/health", "/ready")  # answered without a key and not logged: load balancers call them every second
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256  # each; held-back text is checked against every prefix of each stop at every streamed piece
 CHARS_PER_TOKEN_BOUND = 64  # no tokenizer packs more characters than this into one token on average
 
 
@@ -271,6 +272,9 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise ApiError(400, f"stop: at most {MAX_STOP} non-empty sequences", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop: each sequence at most {MAX_STOP_CHARS} characters (one has "
+                       f"{max(map(len, stops)):,})", param="stop")
     return stops
 
 
@@ -357,8 +361,8 @@ class _Chunks:
 
 def _held_back(text: str, stops: list[str]) -> int:
     """How many characters at the end of ``text`` could be the start of a stop sequence (not sent yet)."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+    return max((next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0)
+                for s in stops), default=0)
 
 
 async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, temperature: float, stops: list[str],
