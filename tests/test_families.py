@@ -7,14 +7,17 @@ to adapter-on, checkpoint and resume, then eval, registry, serve and export."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import SQL_ROWS, write_jsonl, write_yaml
 from safetensors.torch import load_file
 from tiny import FAMILY_TOKENS, build_family_model
+from transformers import AutoConfig
 
 from skilltune.config import load_config
+from skilltune.model.decode import decode_refusal
 from skilltune.model.families import FAMILIES
 from skilltune.registry.api import Registry
 from skilltune.train.loop import TrainingInterrupted, train
@@ -74,11 +77,13 @@ def test_family_contract(family, tmp_path):
     fast = _run(tmp_path, model_dir, "fast", kernels=True, share_prefix=True)
     run_json = json.loads((fast.run_dir / "run.json").read_text())
     assert _losses(fast.run_dir) == pytest.approx(_losses(stock.run_dir), abs=1e-5), (family, run_json["kernels"])
-    refusal = None if run_json["share_prefix"] else "refused"
-    if family in ("gemma2", "gemma3"):
-        assert refusal == "refused"  # sliding-window layers: a shared prefix would be cut
+    assert sorted(run_json["kernels"]) == sorted(fam.kernels)  # what `skilltune models families` prints
+    config = SimpleNamespace(config=AutoConfig.from_pretrained(model_dir))  # what the running batch reads
+    if fam.sliding_window:
+        assert not run_json["share_prefix"]  # refused: sliding-window layers would cut a shared prefix
+        assert decode_refusal(config, 10_000) and decode_refusal(config, config.config.sliding_window) is None
     else:
-        assert run_json["share_prefix"] in ("packed", "cache")
+        assert run_json["share_prefix"] in ("packed", "cache") and decode_refusal(config, 10_000) is None
 
     # -- DoRA and full finetuning train too
     for method in ("dora", "full"):
@@ -143,3 +148,9 @@ def test_models_families_prints_the_matrix():
     for family in FAMILY_TOKENS:
         assert family in out
     assert "<end_of_turn>" in out and "Gemma 3 270M" in out and "contract" in out
+    code, out = cli("models", "families", "--json")
+    rows = {r["family"]: r for r in json.loads(out)}
+    assert code == 0 and rows.keys() == FAMILIES.keys()
+    assert rows["gemma2"]["kernels"] == ["lora_linear"] and rows["gemma2"]["shared_prefix"].startswith("refused")
+    assert "(1 + weight)" in rows["gemma3"]["kernels_step_aside"]["rms_norm"]  # each stepping aside says why
+    assert rows["llama"]["kernels_step_aside"] == {} and rows["llama"]["running_batch"] == "yes"

@@ -63,18 +63,27 @@ def info(model: str = typer.Argument(..., help="embedded:NAME, a model directory
 
 
 @app.command()
-def families() -> None:
-    """The model families skilltune is tested on: template, end-of-turn token, structure, real weights run here.
+def families(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The model families skilltune is tested on: template, end-of-turn token, structure, CPU kernels, shared
+    prefix, running batch, and the real weights run here.
 
     Example: skilltune models families
     """
-    from skilltune.model.families import FAMILIES
+    from skilltune.model.families import matrix
 
+    rows = matrix()
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
     table = Table("family", "model_type", "chat template (when the model has none)", "end of turn", "structure",
-                  "tested", "real weights run here")
-    for f in FAMILIES.values():
-        table.add_row(f.name, ", ".join(f.model_types), f.template, f.end_of_turn, f.notes,
-                      "contract: LoRA/DoRA/full, kernels vs stock, shared prefix, template + stop, merge, resume, "
-                      "eval, registry, serve, export (tiny model, tests/test_families.py)",
-                      f.real_weights or "-")
+                  "CPU training kernels", "shared prefix", "running batch", "real weights run here",
+                  caption="Every family passes one contract on a tiny random model with its structure "
+                          "(tests/test_families.py): LoRA, DoRA and full training; the kernels' loss equal to the "
+                          "stock path's; template and end-of-turn token; merge; interrupt and resume; generate, "
+                          "eval, registry, serve, export. A kernel that steps aside leaves the stock path running. "
+                          "Generation prepacks linear weights on every family.")
+    for r in rows:
+        table.add_row(r["family"], ", ".join(r["model_types"]), r["chat_template"], r["end_of_turn"], r["structure"],
+                      "; ".join([", ".join(r["kernels"]), *(f"{k} steps aside" for k in r["kernels_step_aside"])]),
+                      r["shared_prefix"], r["running_batch"], r["real_weights"] or "-")
     console.print(table)

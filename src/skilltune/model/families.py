@@ -28,6 +28,12 @@ class Family:
     markers: tuple[str, ...]  # tokens the template needs in the vocabulary
     notes: str = ""  # family-specific structure the contract tests cover
     real_weights: str = ""  # the real model this family has run on here, if any
+    # the CPU training kernels that take over on this family's structure (train/kernels.py); the others step
+    # aside. tests/test_families.py checks it against what installs on the family's tiny model.
+    kernels: tuple[str, ...] = ("lora_linear", "rms_norm", "attention")
+    # sliding-window layers: no shared prefix in training (the window would cut it), and generation's running
+    # batch only while a prompt and its budget fit in the window (static batches otherwise); also checked
+    sliding_window: bool = False
 
     def template_text(self) -> str:
         return resources.files("skilltune.resources.chat_templates").joinpath(self.template).read_text("utf-8")
@@ -42,6 +48,18 @@ def register_family(family: Family) -> None:
 
 def family_for(model_type: str | None) -> Family | None:
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def matrix() -> list[dict]:
+    """One row per family for ``skilltune models families``: what is supported and what was run here."""
+    from skilltune.train.kernels import KERNELS
+
+    return [{"family": f.name, "model_types": list(f.model_types), "chat_template": f.template,
+             "end_of_turn": f.end_of_turn, "structure": f.notes, "kernels": list(f.kernels),
+             "kernels_step_aside": {k: kernel.steps_aside for k, kernel in KERNELS.items() if k not in f.kernels},
+             "shared_prefix": "refused: sliding-window layers" if f.sliding_window else "yes",
+             "running_batch": "while prompt + budget fit the window, else static batches" if f.sliding_window
+             else "yes", "real_weights": f.real_weights or None} for f in FAMILIES.values()]
 
 
 def family_of(model_dir: Path) -> Family | None:
@@ -65,11 +83,12 @@ register_family(Family("qwen2", ("qwen2",), "chatml.jinja", "<|im_end|>", ("<|im
 register_family(Family("qwen3", ("qwen3",), "chatml.jinja", "<|im_end|>", ("<|im_start|>", "<|im_end|>"),
                        "RMSNorm on queries and keys"))
 register_family(Family("gemma2", ("gemma2",), "gemma.jinja", "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"),
-                       "logit and attention soft-capping, (1 + weight) RMSNorm, sliding-window layers, GeGLU"))
+                       "logit and attention soft-capping, (1 + weight) RMSNorm, sliding-window layers, GeGLU",
+                       kernels=("lora_linear",), sliding_window=True))
 register_family(Family("gemma3", ("gemma3_text", "gemma3"), "gemma.jinja", "<end_of_turn>",
                        ("<start_of_turn>", "<end_of_turn>"),
                        "sliding-window layers, (1 + weight) RMSNorm with q/k norms, GeGLU, tied embeddings",
                        real_weights="Gemma 3 270M (embedded:gemma3-270m): the demo, and an Ollama export "
-                                    "checked in llama.cpp"))
+                                    "checked in llama.cpp", kernels=("lora_linear", "attention"), sliding_window=True))
 register_family(Family("phi3", ("phi3",), "phi3.jinja", "<|end|>", ("<|user|>", "<|assistant|>", "<|end|>"),
                        "fused qkv_proj and gate_up_proj"))
