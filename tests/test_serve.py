@@ -305,6 +305,47 @@ def test_a_stop_sequence_ends_decoding(server, continuous):
     assert sorted(r["completion_tokens"] for r in state.log.rows()) == [early.usage.completion_tokens] * 2 + [40]
 
 
+@pytest.mark.parametrize("option", [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"response_format": {"type": "json_object"}}, {"logprobs": True}, {"logit_bias": {"50": 10}},
+    {"presence_penalty": 0.5}, {"temperature": 0.8, "top_p": 0.5}])
+def test_options_the_server_does_not_compute_are_refused_by_name(server, option):
+    """An answer that silently ignores tools, JSON mode, logprobs or penalties is worse than a 400 naming them."""
+    base, _, _ = server()
+    body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(f"{base}/v1/chat/completions", json={**body, **option})
+    name = next(k for k in option if k != "temperature")
+    assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+    assert r.json()["error"]["code"] == "unsupported_parameter" and f"'{name}' is not supported" in r.text
+    harmless = {"logprobs": False, "response_format": {"type": "text"}, "top_p": 0.5, "tool_choice": "none",
+                "user": "u1", "seed": 3, "presence_penalty": 0}  # top_p at temperature 0: greedy either way
+    assert httpx.post(f"{base}/v1/chat/completions", json={**body, **harmless}).status_code == 200
+
+
+def test_completions_refuse_echo_and_logprobs(server):
+    base, _, _ = server()
+    body = {"model": "svc", "prompt": "SELECT", "max_tokens": 2}
+    for option in ({"echo": True}, {"logprobs": 0}, {"best_of": 3}):
+        r = httpx.post(f"{base}/v1/completions", json={**body, **option})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(option)), r.text
+    assert httpx.post(f"{base}/v1/completions", json={**body, "logprobs": None, "best_of": 1}).status_code == 200
+
+
+def test_streamed_usage_when_asked(server):
+    from openai import OpenAI
+
+    base, _, _ = server()
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "messages": [{"role": "user", "content": "List all users."}], "max_tokens": 6}
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason is not None
+    plain = list(client.chat.completions.create(**ask, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)
+
+
 def test_incremental_text_sends_whole_characters_only(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -70,6 +70,11 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False  # a last chunk (no choices) with the request's token usage, before [DONE]
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send options we do not use
     model: str
@@ -79,6 +84,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
 
@@ -90,6 +96,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
 
@@ -254,6 +261,30 @@ async def _then(body, done):
 
 
 # ---------------------------------------------------------------- request checks, before the queue
+# Options an OpenAI client may send that would change the answer, and that this server does not compute: a
+# request asking for one gets a 400 naming it, never an answer that silently ignores it. option -> asks for it?
+UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
+    "tools": lambda v, r: bool(v), "functions": lambda v, r: bool(v),
+    "tool_choice": lambda v, r: v not in (None, "none"), "function_call": lambda v, r: v not in (None, "none"),
+    "response_format": lambda v, r: not (v is None or (isinstance(v, dict) and v.get("type") == "text")),
+    "logprobs": lambda v, r: v is not None and v is not False, "top_logprobs": lambda v, r: bool(v),
+    "logit_bias": lambda v, r: bool(v), "presence_penalty": lambda v, r: bool(v),
+    "frequency_penalty": lambda v, r: bool(v), "best_of": lambda v, r: v not in (None, 1),
+    "echo": lambda v, r: bool(v), "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
+    "modalities": lambda v, r: v not in (None, ["text"]), "prediction": lambda v, r: bool(v),
+    # nucleus sampling per request: decoding uses the model's own top-p when it samples (temperature > 0)
+    "top_p": lambda v, r: v not in (None, 1, 1.0) and getattr(r, "temperature", 0) > 0,
+}
+
+
+def _refuse_unsupported(req: BaseModel) -> None:
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED and UNSUPPORTED[name](value, req):
+            raise ApiError(400, f"'{name}' is not supported by this server: it answers with plain text, greedy "
+                           "or sampled at the request's temperature; leave the option out", param=name,
+                           code="unsupported_parameter")
+
+
 def _check_model(state, name: str) -> None:
     if name not in state.accepted_names():
         raise ApiError(404, f"model '{name}' is not served here; this server serves '{state.name}'",
@@ -348,6 +379,13 @@ class _Chunks:
     def __init__(self, kind: str, rid: str, version: str):
         self.kind, self.rid, self.version, self.created = kind, rid, version, int(time.time())
 
+    def usage(self, out) -> str:
+        """The chunk ``stream_options.include_usage`` asks for: no choices, the whole request's usage."""
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = {"id": self.rid, "object": kind, "created": self.created, "model": self.version, "choices": [],
+                "usage": _usage(out)}
+        return f"data: {json.dumps(body)}\n\n"
+
     def piece(self, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
@@ -366,7 +404,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, temperature: float, stops: list[str],
-                  logged_prompt: str, rid: str):
+                  logged_prompt: str, rid: str, include_usage: bool = False):
     """Token-by-token streaming: each chunk goes out as its tokens are decoded (the first after the prefill).
 
     Text that could be the start of a stop sequence is held back until it is not; at a stop sequence the
@@ -417,6 +455,8 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, tem
                 sent = full if full.startswith(sent) else sent
             _note(request, answer_version, logged_prompt, out, sent)
             yield chunks.piece(finish=finish)
+            if include_usage:
+                yield chunks.usage(out)
             yield "data: [DONE]\n\n"
         except (TimeoutError, asyncio.TimeoutError):
             request.state.status, request.state.error = 504, "generation did not finish within the time-out"
@@ -436,6 +476,10 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, tem
     return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Skilltune-Version": version})
 
 
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
 def _usage(out) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
             "total_tokens": out.prompt_tokens + out.new_tokens}
@@ -445,6 +489,7 @@ def _usage(out) -> dict:
 async def chat(req: ChatRequest, request: Request):
     state = _st(request)
     _check_model(state, req.model)
+    _refuse_unsupported(req)
     max_tokens = _limit(state, req.max_completion_tokens or req.max_tokens, state.default_max_tokens)
     stops = _stops(req.stop)
     loaded = state.engine.current
@@ -458,7 +503,8 @@ async def chat(req: ChatRequest, request: Request):
     await _admit(state, loaded, prompt, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "chat", prompt, max_tokens, req.temperature, stops, msgs[-1]["content"], rid)
+        return await _stream(request, "chat", prompt, max_tokens, req.temperature, stops, msgs[-1]["content"], rid,
+                             _include_usage(req))
     version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
@@ -471,6 +517,7 @@ async def chat(req: ChatRequest, request: Request):
 async def completions(req: CompletionRequest, request: Request):
     state = _st(request)
     _check_model(state, req.model)
+    _refuse_unsupported(req)
     if isinstance(req.prompt, list):
         if len(req.prompt) != 1:
             raise ApiError(400, "send one prompt per request", param="prompt")
@@ -483,7 +530,8 @@ async def completions(req: CompletionRequest, request: Request):
     await _admit(state, state.engine.current, prompt, max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "completion", prompt, max_tokens, req.temperature, stops, prompt, rid)
+        return await _stream(request, "completion", prompt, max_tokens, req.temperature, stops, prompt, rid,
+                             _include_usage(req))
     version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
