@@ -72,6 +72,11 @@ class Job:
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
 
+    @property
+    def watched(self) -> bool:
+        """Whether its tokens are turned into text as they are chosen (it streams, or has stop sequences)."""
+        return self.on_text is not None or bool(self.stops)
+
     def ends(self, now: float) -> bool:
         """Whether this job's row leaves the batch now: its answer reached a stop sequence, or its caller left."""
         return self.stop_seen or self.finished_by_caller(now)
@@ -132,9 +137,7 @@ class AnswerText:
 
 def answer_sink(job: Job, tokenizer, eos: int | None) -> Callable[[int], None] | None:
     """What receives ``job``'s tokens as they are chosen (None when it neither streams nor has stop sequences)."""
-    if job.on_text is None and not job.stops:
-        return None
-    return AnswerText(job, tokenizer, eos).add
+    return AnswerText(job, tokenizer, eos).add if job.watched else None
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -229,10 +232,10 @@ class Engine:
     def _streamer(loaded: Loaded, live: list[Job]):
         """The decode-step callback that hands each job's new tokens to its :func:`answer_sink` (None when no job
         needs one)."""
-        sinks = {i: sink for i, j in enumerate(live)
-                 if (sink := answer_sink(j, loaded.tokenizer, loaded.tokenizer.eos_token_id)) is not None}
-        if not sinks:
+        if not any(j.watched for j in live):
             return None
+        eos = loaded.tokenizer.eos_token_id
+        sinks = {i: AnswerText(j, loaded.tokenizer, eos).add for i, j in enumerate(live) if j.watched}
 
         def on_step(idx: list[int], tokens: list[int]) -> None:
             for i, token in zip(idx, tokens):
