@@ -230,8 +230,8 @@ class Engine:
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
-        """The decode-step callback that hands each job's new tokens to its :func:`answer_sink` (None when no job
-        needs one)."""
+        """The decode-step callback that hands each watched job's new tokens to its :class:`AnswerText` (None when
+        no job is watched)."""
         if not any(j.watched for j in live):
             return None
         eos = loaded.tokenizer.eos_token_id
