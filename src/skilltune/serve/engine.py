@@ -230,12 +230,12 @@ class Engine:
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
-        """The decode-step callback that hands each watched job's new tokens to its :class:`AnswerText` (None when
+        """The decode-step callback that hands each watched job's new tokens to its :func:`answer_sink` (None when
         no job is watched)."""
         if not any(j.watched for j in live):
             return None
         eos = loaded.tokenizer.eos_token_id
-        sinks = {i: AnswerText(j, loaded.tokenizer, eos).add for i, j in enumerate(live) if j.watched}
+        sinks = {i: answer_sink(j, loaded.tokenizer, eos) for i, j in enumerate(live) if j.watched}
 
         def on_step(idx: list[int], tokens: list[int]) -> None:
             for i, token in zip(idx, tokens):
