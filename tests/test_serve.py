@@ -434,6 +434,50 @@ def test_continuous_batching_steps_aside_for_sliding_windows(stopping_run_dir):
         loaded.model.config.sliding_window = None
 
 
+def test_a_sliding_window_model_batches_continuously_when_the_limits_fit_its_window(tmp_path):
+    """Gemma 3's sliding layers attend to the last ``window`` keys; the running batch keeps every key, the same
+    thing while no row spans more than the window. Under server limits that guarantee it, the engine batches
+    continuously and each greedy answer is transformers' own for that prompt alone (its sliding cache); under
+    wider limits it serves static batches and says which limits would do."""
+    from tiny import build_family_model
+
+    from skilltune.model.target import load_target
+    from skilltune.serve.engine import Engine, Loaded
+
+    target = load_target(str(build_family_model(tmp_path / "gemma3", "gemma3", sliding_window=48)))
+    model, tok = target.model, target.tokenizer
+    loaded = Loaded("g@v1", model, tok, context_tokens=512)
+    wide = Engine(loaded, max_context=512, max_new_tokens=16)
+    try:
+        mode, why = wide.batching()
+        assert mode == "static" and "serve.max_prompt_tokens + serve.max_tokens_limit within the window" in why
+    finally:
+        wide.close()
+    asks = [("Say hi.", 6), ("SELECT name FROM users WHERE region", 9), ("fox", 3), ("How many users?", 8),
+            ("The quick brown fox jumps", 5)]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p, _ in asks]
+    sizes = [len(tok(p, add_special_tokens=False)["input_ids"]) + n for p, (_, n) in zip(prompts, asks)]
+    assert max(sizes) <= 36 and sum(sizes) > 48  # each fits the cap below; together they span far more than the window
+    alone = []
+    for p, (_, n) in zip(prompts, asks):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        alone.append(tok.decode(new[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    engine = Engine(loaded, max_batch=3, max_context=36, max_new_tokens=12)  # 36 + 12 <= 48
+    try:
+        assert engine.batching() == ("continuous", None)
+        futures = []
+        for i, (p, (_, n)) in enumerate(zip(prompts, asks)):
+            futures.append(engine.submit(p, n, 0.0))
+            time.sleep(0.03 * (i % 2))
+        got = [f.result(timeout=60)[1].text for f in futures]
+    finally:
+        engine.close()
+    assert got == alone
+
+
 def test_a_row_that_joins_a_running_batch_sees_exactly_its_own_context(tiny_model_dir):
     """After a merge (left padding, masked), a row's next-token logits are those it gets alone, to 1e-5; a
     row that leaves takes its keys with it and the others' logits do not change."""

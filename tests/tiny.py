@@ -101,8 +101,9 @@ def _family_config(family: str, vocab: int, bos: int, eos: int):
     raise ValueError(family)
 
 
-def build_family_model(out: Path, family: str, seed: int = 0) -> Path:
-    """A tiny random model of ``family`` with a tokenizer that has the family's special tokens (no template)."""
+def build_family_model(out: Path, family: str, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """A tiny random model of ``family`` with a tokenizer that has the family's special tokens (no template);
+    ``sliding_window`` replaces the family config's window (Gemma 2/3: 8 tokens)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -122,5 +123,7 @@ def build_family_model(out: Path, family: str, seed: int = 0) -> Path:
     fast.save_pretrained(out)
     torch.manual_seed(seed)
     config = _family_config(family, len(fast), fast.convert_tokens_to_ids(bos), fast.convert_tokens_to_ids(eos))
+    if sliding_window is not None:
+        config.sliding_window = sliding_window
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out

@@ -152,11 +152,14 @@ def _resolve(future: Future, value=None, error: BaseException | None = None) -> 
 
 
 class Engine:
-    def __init__(self, loaded: Loaded, queue_size: int = 64, max_batch: int = 16, continuous: bool = True):
+    def __init__(self, loaded: Loaded, queue_size: int = 64, max_batch: int = 16, continuous: bool = True,
+                 max_context: int | None = None, max_new_tokens: int | None = None):
         self.current = loaded
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.max_batch = max_batch
         self.continuous = continuous  # continuous batching where the model allows it (serve/continuous.py)
+        # the server's limits (serve.max_prompt_tokens, serve.max_tokens_limit): what bounds a row's key span
+        self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self._held: deque[Job] = deque()  # taken from the queue for a later batch (another temperature)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -249,8 +252,22 @@ class Engine:
 
         if not self.continuous:
             return "static", "continuous batching is off"
-        why = decode_refusal((loaded or self.current).model)
+        loaded = loaded or self.current
+        why = decode_refusal(loaded.model, self._widest_row(loaded))
+        if why and decode_refusal(loaded.model, 1) is None:  # a sliding window: smaller limits would fit it
+            why += "; serve.max_prompt_tokens + serve.max_tokens_limit within the window lets it batch continuously"
         return ("static", why) if why else ("continuous", None)
+
+    def _widest_row(self, loaded: Loaded) -> int | None:
+        """The most key columns one row can span in a running batch under the server's limits (None: unbounded).
+
+        Rows admitted together are left-padded to the group's longest prompt, which is under the context cap
+        (prompt + max_tokens <= cap is checked before the queue); each then decodes up to its own budget.
+        """
+        if self.max_new_tokens is None:
+            return None
+        cap = min(loaded.context_tokens, self.max_context or loaded.context_tokens)
+        return cap + min(self.max_new_tokens, cap)
 
     def _run(self) -> None:
         batch, batch_of = None, None  # the continuous mode's running rows (model/decode.py) and their model

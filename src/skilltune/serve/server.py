@@ -135,7 +135,8 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
     registry = registry or Registry()
     name, _ = parse_ref(ref)
     loaded = load_version(registry, ref, trust_remote_code, cfg.precision)
-    engine = Engine(loaded, queue_size=cfg.queue_size, continuous=cfg.continuous_batching)
+    engine = Engine(loaded, queue_size=cfg.queue_size, continuous=cfg.continuous_batching,
+                    max_context=cfg.max_prompt_tokens, max_new_tokens=cfg.max_tokens_limit)
     log = None
     if cfg.log_requests:
         log = RequestLog(log_path or default_target(name), redact_pii=cfg.redact_pii, service=name)
