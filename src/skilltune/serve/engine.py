@@ -116,6 +116,7 @@ class AnswerText:
     def __init__(self, job: Job, tokenizer, eos: int | None):
         self.job, self.pieces = job, IncrementalText(tokenizer, eos, job.max_tokens)
         self.text = ""  # kept only when there are stop sequences to look for
+        self.reach = max(map(len, job.stops), default=0)  # the longest stop: how far back a new piece can complete one
 
     def add(self, token: int) -> None:
         job = self.job
@@ -125,7 +126,7 @@ class AnswerText:
         if not piece:
             return
         if job.stops:
-            start = max(0, len(self.text) - max(map(len, job.stops)) + 1)  # a stop may straddle two pieces
+            start = max(0, len(self.text) - self.reach + 1)  # a stop may straddle two pieces
             self.text += piece
             job.stop_seen = any(self.text.find(s, start) >= 0 for s in job.stops)
         if job.on_text is not None:
@@ -235,10 +236,10 @@ class Engine:
     def _streamer(loaded: Loaded, live: list[Job]):
         """The decode-step callback that hands each watched job's new tokens to its :func:`answer_sink` (None when
         no job is watched)."""
-        if not any(j.watched for j in live):
+        sinks = {i: answer_sink(j, loaded.tokenizer, loaded.tokenizer.eos_token_id) for i, j in enumerate(live)
+                 if j.watched}
+        if not sinks:
             return None
-        eos = loaded.tokenizer.eos_token_id
-        sinks = {i: answer_sink(j, loaded.tokenizer, eos) for i, j in enumerate(live) if j.watched}
 
         def on_step(idx: list[int], tokens: list[int]) -> None:
             for i, token in zip(idx, tokens):
