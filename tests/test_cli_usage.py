@@ -61,6 +61,54 @@ def test_a_missing_argument_is_a_usage_message_with_exit_2(path):
     assert "Missing argument" in out and "Traceback" not in out
 
 
+def _numeric_options():
+    """(command path, option, its lower bound or None, the values its required parameters need) for every
+    int/float option of the CLI."""
+    import typing
+
+    import typer
+
+    from skilltune.cli.main import app
+
+    out = []
+
+    def walk(cmd, path):
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            walk(sub, path + [name])
+        if getattr(cmd, "commands", None):
+            return
+        needed = [v for p in cmd.params if p.required
+                  for v in ([p.opts[0], "x"] if p.param_type_name == "option" else ["x"])]
+        for p in cmd.params:
+            annotation = p.type_descriptor.annotation
+            kind = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+            if kind in (int, float):
+                out.append((path, p.opts[0], p.min, needed))
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+NUMERIC = _numeric_options()
+# checked where a lower bound cannot say it: any seed is a seed; the split fractions must sum below 1 and the mix
+# ratio is a share (the command's own message); the server's flags pass its config schema (test above)
+UNBOUNDED = {"--seed", "--val", "--test", "--ratio", "--port", "--max-tokens-limit", "--queue-size"}
+
+
+def test_every_count_or_size_option_has_a_lower_bound():
+    assert len(NUMERIC) >= 30
+    unbounded = [(" ".join(path), opt) for path, opt, low, _ in NUMERIC if low is None and opt not in UNBOUNDED]
+    assert unbounded == [], "give these options min= (a negative count is a traceback or a silent no-op)"
+
+
+@pytest.mark.parametrize("path,opt,low,needed", [n for n in NUMERIC if n[2] is not None],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0] != "x" else None)
+def test_a_value_below_an_options_bound_is_a_usage_message(path, opt, low, needed):
+    code, out = cli(*path, *needed, opt, str(low - 1))
+    assert code == 2, out
+    assert f"Invalid value for '{opt}'" in out and "Traceback" not in out
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["nosuchcmd"], "No such command 'nosuchcmd'"),
     (["data", "audti", "x"], "Did you mean 'audit'?"),
@@ -234,3 +282,10 @@ def test_every_command_the_code_suggests_exists_with_its_options():
                 if flag not in options[cmd]:
                     bad.append(f"{file.name}: skilltune {cmd} ... {flag}")
     assert checked > 40 and bad == []
+
+
+def test_serve_flags_out_of_range_are_config_errors_not_tracebacks():
+    code, out = cli("serve", "nope@production", "--port", "0", "--max-tokens-limit", "-3")
+    assert code == 2, out
+    assert "serve.port: got 0" in out and "serve.max_tokens_limit: got -3" in out
+    assert "Traceback" not in out

@@ -40,9 +40,48 @@ def test_cli_validate_lists_every_error_without_traceback(tmp_path):
     path = write_yaml(tmp_path / "bad.yaml", {"train": {"lr": "fast", "epochs": 0, "precision": "fp8"}})
     code, out = cli("config", "validate", str(path))
     assert code == 2
-    assert "3 configuration errors" in out
-    assert "train.lr" in out and "train.epochs" in out and "train.precision" in out
+    assert "4 configuration errors" in out  # the schema's three and the missing data file, in one run
+    assert "train.lr" in out and "train.epochs" in out and "train.precision" in out and "data.train: not set" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("command", [("config", "validate"), ("train",)])
+def test_schema_and_registry_errors_are_reported_in_one_run(tmp_path, command):
+    # a wrong type, an unknown method, a base model that is not there and a missing data file: one run lists all
+    path = write_yaml(tmp_path / "bad.yaml", {"data": {"train": "missing.jsonl"}, "train": {"lr": "fast"},
+                                              "adapter": {"method": "lorra", "r": 0},
+                                              "model": {"base": "embedded:nope"}})
+    code, out = cli(*command, str(path))
+    assert code == 2, out
+    assert "5 configuration errors" in out
+    for needle in ("train.lr", "adapter.r", "adapter.method: unknown method 'lorra'", "model.base: unknown embedded",
+                   "data.train: data file not found"):
+        assert needle in out
+    assert "Traceback" not in out
+
+
+def test_a_field_the_schema_refuses_is_not_reported_twice(tmp_path):
+    # data.train of the wrong type falls back to its default for the other checks, which must not add "not set"
+    path = write_yaml(tmp_path / "bad.yaml", {"data": {"train": ["a", "b"]}})
+    from skilltune.train.prepare import config_problems
+
+    with pytest.raises(ConfigError) as err:
+        load_config(path, checks=config_problems)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith("data.train:")
+
+
+def test_model_problem_names_what_is_wrong_with_each_kind_of_source(tmp_path, monkeypatch):
+    from skilltune.model.sources import model_problem
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert model_problem("embedded:smollm2-135m-instruct") is None
+    assert "unknown embedded model 'x'" in model_problem("embedded:x")
+    assert "GGUF file not found" in model_problem(str(tmp_path / "m.gguf"))
+    assert "no config.json" in model_problem(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert model_problem(str(tmp_path)) is None
+    assert "no model named 'never-registered'" in model_problem("never-registered@v1")
+    assert "or in the local Hugging Face cache" in model_problem("someone/some-model")
 
 
 def test_set_overrides_are_typed_and_validated(tmp_path):

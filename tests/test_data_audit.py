@@ -188,3 +188,10 @@ def test_mix_ratio_is_exact(tmp_path):
     assert len(out.examples) == 100 and not out.problems
     with pytest.raises(DataError, match="ratio"):
         mix(skill, general, 0.5, tmp_path / "m2.jsonl")
+
+
+def test_audit_names_a_folder_or_a_missing_file_as_such(tmp_path):
+    code, out = cli("data", "audit", str(tmp_path), "--no-tokenizer")
+    assert code == 2 and "is a folder, not a data file" in out, out
+    code, out = cli("data", "audit", str(tmp_path / "nope.jsonl"), "--no-tokenizer")
+    assert code == 2 and "data file not found" in out, out

@@ -24,14 +24,10 @@ def validate(file: Path = typer.Argument(..., help="YAML config file."),
     Example: skilltune config validate examples/sql/config.yaml --set train.lr=1e-4
     """
     quiet_libraries()
-    from skilltune.errors import ConfigError
     from skilltune.evaluate.metrics import metric_problems
     from skilltune.train.prepare import config_problems, preflight, prepare_data
 
-    cfg = load_config(file, set_)
-    problems = config_problems(cfg) + metric_problems(cfg.eval)
-    if problems:
-        raise ConfigError(problems, source=str(file))
+    cfg = load_config(file, set_, checks=lambda c: config_problems(c) + metric_problems(c.eval))
     preflight(cfg)
     if not data:
         console.print(f"[green]OK[/green] {file} is a valid skilltune config (data not read)")

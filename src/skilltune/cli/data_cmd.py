@@ -24,8 +24,8 @@ _STATUS = {"PASS": "[green]PASS[/green]", "WARN": "[yellow]WARN[/yellow]", "FAIL
 def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Parquet)."),
           test: Optional[Path] = typer.Option(None, "--test", help="Test file to check for train/test leakage."),
           model: str = typer.Option("embedded:smollm2-135m-instruct", "--model", help="Tokenizer for token counts."),
-          max_seq_len: int = typer.Option(1024, "--max-seq-len", help="Examples longer than this are errors."),
-          near_dup: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold."),
+          max_seq_len: int = typer.Option(1024, "--max-seq-len", min=1, help="Examples longer than this are errors."),
+          near_dup: float = typer.Option(0.85, "--near-dup", min=0.0, max=1.0, help="Near-duplicate Jaccard threshold."),
           fmt: str = typer.Option("table", "--format", help="table | json | md | html"),
           out: Optional[Path] = typer.Option(None, "--out", help="Write the json/md/html report here."),
           strict: bool = typer.Option(False, "--strict", help="Warnings fail too (exit 1)."),
@@ -40,12 +40,13 @@ def audit(file: Path = typer.Argument(..., help="Data file (JSONL, JSON, CSV, Pa
     from skilltune.data.audit import audit_file
     from skilltune.data.audit.checks import token_counts
     from skilltune.data.audit.run import render_html, render_json, render_markdown
+    from skilltune.data.reader import not_a_data_file
     from skilltune.data.records import record_audit
 
     if fmt not in ("table", "json", "md", "html"):
         raise DataError(f"--format {fmt!r}: use table, json, md or html")
-    if not file.is_file():
-        raise DataError(f"data file not found: {file}")
+    if problem := not_a_data_file(file):
+        raise DataError(problem, hint="pass a .jsonl, .json, .csv or .parquet file")
     tokenizer = None
     if not no_tokenizer:
         from skilltune.config.schema import ModelConfig
@@ -100,7 +101,7 @@ def clean_(src: Path = typer.Argument(..., help="Input file (never modified)."),
            dst: Path = typer.Argument(..., help="Output JSONL."),
            near_dups: bool = typer.Option(False, "--near-dups", help="Also drop near-duplicates."),
            redact_pii: bool = typer.Option(False, "--redact", help="Replace PII/secrets with [EMAIL]-style tags."),
-           threshold: float = typer.Option(0.85, "--near-dup", help="Near-duplicate Jaccard threshold."),
+           threshold: float = typer.Option(0.85, "--near-dup", min=0.0, max=1.0, help="Near-duplicate Jaccard threshold."),
            column: Optional[list[str]] = typer.Option(None, "--column", help=COLUMN_HELP),
            config: Optional[Path] = typer.Option(None, "--config", help=DATA_CONFIG_HELP)) -> None:
     """Drop malformed rows and duplicates (optionally redact PII) into DST, with a sidecar of what was dropped.
@@ -155,8 +156,8 @@ def mix_(skill: Path = typer.Argument(..., help="Skill data."),
 @app.command("replay")
 def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
             model: str = typer.Option("embedded:smollm2-135m-instruct", "--model", help="The base model."),
-            n: int = typer.Option(200, "--n", help="How many general examples."),
-            max_new_tokens: int = typer.Option(192, "--max-new-tokens"),
+            n: int = typer.Option(200, "--n", min=1, help="How many general examples."),
+            max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
             seed: int = typer.Option(42, "--seed")) -> None:
     """Build general data with no download: the base model answers bundled general prompts (self-distillation).
 
@@ -175,7 +176,7 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
 
 @app.command()
 def spotcheck(file: Path = typer.Argument(..., help="Data file."),
-              n: int = typer.Option(20, "--n", help="Examples to review."),
+              n: int = typer.Option(20, "--n", min=1, help="Examples to review."),
               reviewer: str = typer.Option(..., "--reviewer", help="Who reviews."),
               record: Optional[Path] = typer.Option(None, "--record", help="Verdicts reviewed elsewhere: JSONL of "
                                                     "{\"line\": N, \"ok\": true|false, \"note\": \"...\"}."),

@@ -16,8 +16,8 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
              prompts: list[str] = typer.Argument(..., help="One or more user messages."),
              system: Optional[str] = typer.Option(None, help="System prompt (default: the one the model was "
                                                              "trained with, if any)."),
-             max_new_tokens: int = typer.Option(128, help="Generation budget."),
-             temperature: float = typer.Option(0.0, help="0 = greedy."),
+             max_new_tokens: int = typer.Option(128, min=1, help="Generation budget."),
+             temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
              precision: str = typer.Option("auto", help="Weights: auto (bf16 where the CPU computes it fast, as "
                                                         "eval and serve), bf16 or fp32."),
              base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "

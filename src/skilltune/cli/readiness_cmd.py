@@ -88,12 +88,12 @@ def estimate(model: str = typer.Option(..., "--model", help="A card name (llama-
              method: str = typer.Option("lora", "--method", help="lora | dora | qlora | full"),
              gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200, l4, a10g, t4, "
                                                                   "rtx-4090, cpu-spr-2c"),
-             examples: int = typer.Option(1000, "--examples"), avg_tokens: int = typer.Option(400, "--avg-tokens"),
-             epochs: float = typer.Option(3, "--epochs"), r: int = typer.Option(16, "--r", help="LoRA rank."),
-             batch: int = typer.Option(1, "--batch", help="Micro-batch size."),
-             seq: Optional[int] = typer.Option(None, "--seq", help="Sequence length (default: --avg-tokens)."),
-             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour"),
-             mfu: Optional[float] = typer.Option(None, "--mfu", help="Assumed utilisation of the GPU's peak (0-1)."),
+             examples: int = typer.Option(1000, "--examples", min=1), avg_tokens: int = typer.Option(400, "--avg-tokens", min=1),
+             epochs: float = typer.Option(3, "--epochs", min=0.01), r: int = typer.Option(16, "--r", min=1, help="LoRA rank."),
+             batch: int = typer.Option(1, "--batch", min=1, help="Micro-batch size."),
+             seq: Optional[int] = typer.Option(None, "--seq", min=1, help="Sequence length (default: --avg-tokens)."),
+             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0.0),
+             mfu: Optional[float] = typer.Option(None, "--mfu", min=0.01, max=1.0, help="Assumed utilisation of the GPU's peak (0-1)."),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Trainable parameters, adapter size, GPU memory breakdown, time and cost of a finetune.
 

@@ -23,9 +23,9 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
                                                   "run's eval.scorecard_criteria, else relevance,factual_accuracy,"
                                                   "safety)."),
            mode: str = typer.Option("ab", "--mode", help="ab (blind A/B) | rubric"),
-           sample: int = typer.Option(50, "--sample"), raters: str = typer.Option("rater1", "--raters"),
-           overlap: float = typer.Option(0.2, "--overlap", help="Share of items every rater sees (agreement)."),
-           min_mean: float = typer.Option(4.0, "--min-mean", help="Gate: every criterion's mean for the tuned model."),
+           sample: int = typer.Option(50, "--sample", min=1), raters: str = typer.Option("rater1", "--raters"),
+           overlap: float = typer.Option(0.2, "--overlap", min=0.0, max=1.0, help="Share of items every rater sees (agreement)."),
+           min_mean: float = typer.Option(4.0, "--min-mean", min=1.0, max=5.0, help="Gate: every criterion's mean for the tuned model."),
            criteria_file: Optional[Path] = typer.Option(None, "--criteria-file", help="JSON list of {name, description, "
                                                         "anchors: {1..5: text}} (overrides --criteria)."),
            seed: int = typer.Option(0, "--seed"), url: Optional[str] = URL) -> None:
@@ -49,7 +49,7 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
 
 
 @app.command()
-def serve(name: str, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8765, "--port"),
+def serve(name: str, host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8765, "--port", min=1, max=65535),
           url: Optional[str] = URL) -> None:
     """Serve the rater app for a study.
 

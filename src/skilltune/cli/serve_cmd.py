@@ -49,7 +49,7 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
     Example: SKILLTUNE_API_KEY=secret skilltune serve sql-demo@production --api-key-env SKILLTUNE_API_KEY
     """
     quiet_libraries()
-    from skilltune.config.load import load_config
+    from skilltune.config.load import load_config, validate
     from skilltune.registry.api import Registry
 
     flags = {"host": host, "port": port, "api_key_env": api_key_env, "max_tokens_limit": max_tokens_limit,
@@ -59,8 +59,9 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
         flags["log_requests"] = False
     if no_redact:
         flags["redact_pii"] = False
-    cfg = load_config(config, set_).serve.model_copy(update=flags)
-    cfg = type(cfg).model_validate(cfg.model_dump())  # the flags pass the schema's checks too
+    data = load_config(config, set_).model_dump()
+    data["serve"].update(flags)
+    cfg = validate(data, source="the serve flags").serve  # the flags pass the schema's checks too
     registry = Registry(url)
     if engine == "vllm":
         from skilltune.serve.server import vllm_command
@@ -99,8 +100,8 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
 
 
 def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."),
-            threshold: float = typer.Option(0.25, "--threshold", help="Drift score that is flagged."),
-            window: float = typer.Option(300, "--window", help="Window length in seconds for the per-window table."),
+            threshold: float = typer.Option(0.25, "--threshold", min=0.0, help="Drift score that is flagged."),
+            window: float = typer.Option(300, "--window", min=1.0, help="Window length in seconds for the per-window table."),
             check: bool = typer.Option(False, "--check", help="Exit 1 on any alert (an error spike in the latest "
                                                               "window, or input drift): for cron or CI."),
             url: Optional[str] = typer.Option(None, "--registry-url")) -> int:
@@ -150,17 +151,26 @@ def monitor(name: str = typer.Argument(..., help="Model name (the served NAME)."
     return 1 if check and alerts else 0
 
 
+def _client_counts(text: str) -> list[int]:
+    """``--concurrency 1,4,16`` as client counts, each a whole number from 1."""
+    parts = [c.strip() for c in text.split(",") if c.strip()]
+    if not parts or not all(c.isdigit() and int(c) >= 1 for c in parts):
+        raise typer.BadParameter(f"{text!r}: give client counts of 1 or more, comma-separated (e.g. 1,4,16)",
+                                 param_hint="--concurrency")
+    return [int(c) for c in parts]
+
+
 def loadtest(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the registry."),
              url: Optional[str] = typer.Option(None, "--url", help="A running server (default: start one here "
                                                                    "on a free loopback port)."),
              concurrency: str = typer.Option("1,4,16", "--concurrency", help="Closed-loop client counts."),
-             rate: Optional[float] = typer.Option(None, "--rate", help="Also an open-loop run at this many "
+             rate: Optional[float] = typer.Option(None, "--rate", min=0.01, help="Also an open-loop run at this many "
                                                                        "requests/s."),
-             duration: float = typer.Option(20, "--duration", help="Seconds per level."),
-             max_tokens: int = typer.Option(64, "--max-tokens"),
-             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Cost of the serving "
+             duration: float = typer.Option(20, "--duration", min=1.0, help="Seconds per level."),
+             max_tokens: int = typer.Option(64, "--max-tokens", min=1),
+             price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0.0, help="Cost of the serving "
                                                             "machine (default: the run's eval.price_per_hour)."),
-             expected_rps: Optional[float] = typer.Option(None, "--expected-rps", help="The load to carry "
+             expected_rps: Optional[float] = typer.Option(None, "--expected-rps", min=0.0, help="The load to carry "
                                                           "(default: the run's serve.expected_rps)."),
              api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Variable holding the key for "
                                                                                    "--url."),
@@ -176,11 +186,11 @@ def loadtest(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the
     from skilltune.registry.api import Registry
     from skilltune.serve.loadtest import meets_expected_load, plot, run_loadtest, to_json
 
+    levels_c = _client_counts(concurrency)
     registry = Registry(registry_url)
     v = registry.get(ref)
     version, cfg = f"{v.name}@v{v.number}", v.lineage.get("run_config") or {}
     prompts = _test_prompts(cfg)
-    levels_c = [int(c) for c in concurrency.split(",") if c.strip()]
     price = price_per_hour if price_per_hour is not None else (cfg.get("eval") or {}).get("price_per_hour", 1.0)
     expected = expected_rps if expected_rps is not None else (cfg.get("serve") or {}).get("expected_rps")
     stages = ConsoleStages()

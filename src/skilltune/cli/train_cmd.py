@@ -84,8 +84,9 @@ def train(config: Path = typer.Argument(..., help="YAML config file."),
     quiet_libraries()
     from skilltune.config.load import load_config
     from skilltune.train.loop import train as run_train
+    from skilltune.train.prepare import config_problems
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_, checks=config_problems)
     is_main = os.environ.get("RANK", "0") == "0"
     # examples/sql/config.yaml -> runs/sql-<timestamp>: a run is named after what it trains, not "config"
     default_name = config.resolve().parent.name if config.stem == "config" else config.stem

@@ -6,8 +6,9 @@ naming the field path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import ValidationError
@@ -87,12 +88,45 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{loc}: {msg}"
 
 
-def validate(data: dict[str, Any], source: str | None = None) -> SkilltuneConfig:
-    """Validate a raw mapping, reporting every problem at once."""
+# What a command checks beyond the schema (data files exist, names are registered): problems, one line each.
+Checks = Callable[[SkilltuneConfig], list[str]]
+
+
+def _without(data: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
+    """``data`` less the fields at ``locations`` (they fall back to their defaults)."""
+    rest = copy.deepcopy(data)
+    for loc in locations:
+        parent = rest
+        for key in loc[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if loc and isinstance(parent, dict):
+            parent.pop(loc[-1], None)
+    return rest
+
+
+def validate(data: dict[str, Any], source: str | None = None, checks: Checks | None = None) -> SkilltuneConfig:
+    """Validate a raw mapping, reporting every problem at once: the schema's and those ``checks`` finds.
+
+    When fields fail the schema, ``checks`` still runs on the rest (the failed fields at their defaults), so
+    a wrong type and an unknown method in one file are reported together, not one run after the other.
+    """
     try:
-        return SkilltuneConfig.model_validate(data)
+        cfg = SkilltuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()], source=source) from None
+        problems = [_describe(e) for e in exc.errors()]
+        if checks is not None:
+            try:
+                rest = SkilltuneConfig.model_validate(_without(data, [tuple(e["loc"]) for e in exc.errors()]))
+            except ValidationError:
+                rest = None  # an error the schema finds across fields: the schema's list is what can be said
+            if rest is not None:
+                failed = tuple(".".join(map(str, e["loc"])) + ":" for e in exc.errors())  # said once, by the schema
+                problems += [p for p in checks(rest) if not p.startswith(failed)]
+        raise ConfigError(problems, source=source) from None
+    problems = checks(cfg) if checks is not None else []
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
 
 
 def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
@@ -103,8 +137,9 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SkilltuneConfig:
-    """Load ``path`` (optional), apply ``--set`` overrides and validate.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                checks: Checks | None = None) -> SkilltuneConfig:
+    """Load ``path`` (optional), apply ``--set`` overrides and validate (with ``checks``, see :func:`validate`).
 
     Relative data paths in the file are taken relative to the file's folder;
     relative paths given with ``--set`` are taken relative to the working directory.
@@ -115,14 +150,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         source = str(path)
         data = _resolve_paths(_read_yaml(path), path.parent.resolve())
-    return config_from_dict(data, overrides, source)
+    return config_from_dict(data, overrides, source, checks)
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None,
-                     source: str | None = None) -> SkilltuneConfig:
+                     source: str | None = None, checks: Checks | None = None) -> SkilltuneConfig:
     """Validate a config mapping (e.g. one the registry kept) with ``--set`` overrides applied."""
     extra = _resolve_paths(parse_overrides(overrides), Path.cwd())
-    return validate(_merge(data, extra), source=source)
+    return validate(_merge(data, extra), source=source, checks=checks)
 
 
 def dump_config(config: SkilltuneConfig) -> str:

@@ -135,13 +135,21 @@ def _apply_columns(obj: dict, columns) -> dict:
     return out
 
 
+def not_a_data_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (missing, or a folder); None when it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    return f"{path} is a folder, not a data file" if path.is_dir() else f"data file not found: {path}"
+
+
 def iter_examples(path: str | Path, fmt: str = "auto", columns=None,
                   report: ReadReport | None = None) -> Iterator[Example | RowProblem]:
     """Stream the rows of ``path`` as examples or problems (constant memory)."""
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}", hint="check data.train / data.val / data.test in your config")
+    if problem := not_a_data_file(path):
+        raise DataError(problem, hint="check data.train / data.val / data.test in your config")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'",

@@ -16,9 +16,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from skilltune.errors import ModelLoadError
+from skilltune.errors import ModelLoadError, SkilltuneError
 from skilltune.paths import atomic_dir, clean_stale_temp_dirs, models_cache, sha256_file, update_hash
 
 log = logging.getLogger(__name__)
@@ -254,19 +254,69 @@ def _hub(spec: str, revision: str | None) -> ResolvedModel:
     return ResolvedModel(spec, "hub", Path(path))
 
 
+def _embedded_problem(spec: str, revision: str | None) -> str | None:
+    name = spec.split(":", 1)[1]
+    if name not in EMBEDDED:
+        return f"unknown embedded model '{name}' (known: {', '.join(sorted(EMBEDDED))})"
+    if importlib.util.find_spec(EMBEDDED[name].package) is None:
+        return f"embedded model '{name}' is not installed: {EMBEDDED[name].install}"
+    return None
+
+
+def _gguf_problem(spec: str, revision: str | None) -> str | None:
+    return None if Path(spec).expanduser().is_file() else f"GGUF file not found: {Path(spec).expanduser()}"
+
+
+def _local_problem(spec: str, revision: str | None) -> str | None:
+    path = Path(spec).expanduser().resolve()
+    return None if (path / "config.json").is_file() else f"{path} has no config.json: not a Hugging Face model folder"
+
+
+def _registry_problem(spec: str, revision: str | None) -> str | None:
+    from skilltune.registry.api import Registry
+
+    try:
+        Registry().get(spec)
+    except SkilltuneError as exc:
+        return exc.message
+    return None
+
+
+def _hub_problem(spec: str, revision: str | None) -> str | None:
+    try:
+        _hub(spec, revision)
+    except ModelLoadError:
+        return (f"'{spec}' is not a local path, an embedded model, a registry version or in the local Hugging Face "
+                "cache (skilltune never downloads at run time)")
+    return None
+
+
+class Source(NamedTuple):
+    name: str
+    matches: Callable[[str], bool]
+    resolve: Callable[[str, str | None], ResolvedModel]
+    problem: Callable[[str, str | None], str | None]  # what is wrong with the spec, found cheaply (no load, no dequantizing)
+
+
 # Order matters: the first source whose predicate matches resolves the spec.
-SOURCES: list[tuple[str, Callable[[str], bool], Callable[[str, str | None], ResolvedModel]]] = [
-    ("embedded", lambda s: s.startswith("embedded:"), _embedded),
-    ("registry", _is_registry_ref, _registry),
-    ("gguf", lambda s: s.lower().endswith(".gguf"), _gguf),
-    ("local", lambda s: Path(s).expanduser().is_dir(), _local),
-    ("hub", lambda s: True, _hub),
+SOURCES: list[Source] = [
+    Source("embedded", lambda s: s.startswith("embedded:"), _embedded, _embedded_problem),
+    Source("registry", _is_registry_ref, _registry, _registry_problem),
+    Source("gguf", lambda s: s.lower().endswith(".gguf"), _gguf, _gguf_problem),
+    Source("local", lambda s: Path(s).expanduser().is_dir(), _local, _local_problem),
+    Source("hub", lambda s: True, _hub, _hub_problem),
 ]
+
+
+def _source(spec: str) -> Source:
+    return next(source for source in SOURCES if source.matches(spec))  # hub matches all
 
 
 def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
     """Resolve ``spec`` with the first matching source."""
-    for _name, matches, resolve in SOURCES:
-        if matches(spec):
-            return resolve(spec, revision)
-    raise ModelLoadError(f"cannot resolve model '{spec}'")  # unreachable: hub matches all
+    return _source(spec).resolve(spec, revision)
+
+
+def model_problem(spec: str, revision: str | None = None) -> str | None:
+    """Why ``spec`` cannot be resolved, checked without loading or converting anything; None when it looks right."""
+    return _source(spec).problem(spec, revision)

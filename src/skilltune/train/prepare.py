@@ -8,7 +8,6 @@ reported before minutes are spent loading and wrapping a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +81,8 @@ def _encode_all(tokenizer, examples: list[Example], cfg: SkilltuneConfig, what: 
 def config_problems(cfg: SkilltuneConfig) -> list[str]:
     """What is wrong with ``cfg`` for training, found without a model: data files, registered names."""
     from skilltune.data.formats import FORMATS
+    from skilltune.data.reader import not_a_data_file
+    from skilltune.model.sources import model_problem
     from skilltune.train.methods import METHODS
     from skilltune.train.objectives import OBJECTIVES
     from skilltune.train.trackers import TRACKERS
@@ -91,8 +92,8 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
         problems.append("data.train: not set (the training data file); set it or pass --set data.train=FILE")
     for field in ("train", "val", "test"):
         value = getattr(cfg.data, field)
-        if value and not Path(value).is_file():
-            problems.append(f"data.{field}: data file not found: {value}")
+        if value and (problem := not_a_data_file(value)):
+            problems.append(f"data.{field}: {problem}")
     # names are checked against the registries (what a plug-in registers is valid too), never a fixed list
     if cfg.data.format != "auto" and cfg.data.format not in FORMATS:
         problems.append(f"data.format: unknown format {cfg.data.format!r} (known: auto, {', '.join(FORMATS)})")
@@ -102,6 +103,8 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
         problems.append(f"adapter.method: unknown method {cfg.adapter.method!r} (known: {', '.join(METHODS)})")
     problems += [f"train.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)})"
                  for t in cfg.train.report_to if t not in TRACKERS]
+    if problem := model_problem(cfg.model.base, cfg.model.revision):
+        problems.append(f"model.base: {problem}")
     return problems
 
 
