@@ -102,6 +102,15 @@ def test_validation_errors_are_422_with_a_message(eval_dir):
     r = client.post(url, data=_form(study, t), follow_redirects=False)
     assert r.status_code == 303
     assert client.get(f"/r/{t}/items/99999").status_code == 404
+    for wild in ("99999999999999999999999", "-1", "0"):  # past 64 bits was a 500 (SQLite cannot bind it)
+        assert client.get(f"/r/{t}/items/{wild}").status_code == 422
+        assert client.post(f"/r/{t}/items/{wild}", data=_form(study, t)).status_code == 422
+    # a file uploaded as the notes is not text: it is not stored as the upload's repr
+    r = client.post(url, data=_form(study, t, notes=None), files={"notes": ("a.txt", b"hello")}, follow_redirects=False)
+    assert r.status_code == 303
+    from skilltune.scorecard.db import Judgement
+    with get_study("s1")[1]() as s:
+        assert [j.notes for j in s.query(Judgement).all()] == [""]
     # an item in alice's queue but not bob's (not shared) is a 404 for bob, and bob's save is refused too
     from sqlalchemy import select
 

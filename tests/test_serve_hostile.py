@@ -68,6 +68,18 @@ HOSTILE = [
     ("non-UTF-8 bytes", {"content": b'{"model": "svc", "messages": [{"role": "user", "content": "\xff\xfe"}]}'},
      400, "not valid JSON"),
     ("a form-encoded body", {"data": {"model": "svc", "messages": "hi"}}, 422, "body"),
+    # JSON escapes a lone surrogate, which no tokenizer can encode: it was a 500
+    ("a lone surrogate", {"content": b'{"model": "svc", "messages": [{"role": "user", "content": "a\\ud800"}]}'},
+     422, "messages.0.content: Value error, not valid Unicode: a lone surrogate '\\ud800' at character 1"),
+    ("a lone surrogate in a text part", {"content": b'{"model": "svc", "messages": [{"role": "user", "content": '
+                                                    b'[{"type": "text", "text": "\\udfff"}]}]}'},
+     422, "messages.0.content.0.text: Value error, not valid Unicode"),
+    ("a lone surrogate in a stop", {"content": b'{"model": "svc", "messages": [{"role": "user", "content": "x"}], '
+                                               b'"stop": ["\\ud800"]}'}, 422, "stop.0: Value error"),
+    ("an image part", {"json": {"model": "svc", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}}, 422, "messages.0.content.0.type: "),
+    ("temperature NaN", {"content": b'{"model": "svc", "messages": [{"role": "user", "content": "x"}], '
+                                    b'"temperature": NaN}'}, 422, "temperature: Input should be a finite number"),
     ("many stop strings", {"json": {**NORMAL, "stop": [f"s{i}" for i in range(500)]}}, 400, "stop"),
     ("a stop string of a million characters", {"json": {**NORMAL, "stop": ["a" * 10**6]}}, 400,
      "at most 256 characters (one has 1,000,000)"),

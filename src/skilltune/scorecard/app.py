@@ -11,12 +11,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select
 
 from skilltune.scorecard.db import Assignment, Item, Judgement, Rater, Study, token_hash
 from skilltune.templates import render
+
+ItemId = Annotated[int, Path(ge=1, le=2**62)]  # a database id: past 64 bits SQLite cannot even look it up (was a 500)
+
+
+def _field(form, key: str, default: str = "") -> str:
+    """A form field as text; a file uploaded under that name is not one (it would be stored as its repr)."""
+    value = form.get(key, default)
+    return value if isinstance(value, str) else default
 
 
 
@@ -98,7 +108,7 @@ def create_app(Session, study_name: str) -> FastAPI:
             return RedirectResponse(f"/r/{token}/items/{todo[0]['item_id']}", status_code=303)
 
     @app.get("/r/{token}/items/{item_id}")
-    def show(token: str, item_id: int):
+    def show(token: str, item_id: ItemId):
         with Session() as s:
             rater, study = _rater(s, token)
             if rater is None:
@@ -109,13 +119,13 @@ def create_app(Session, study_name: str) -> FastAPI:
             return _render(s, rater, study, token, s.get(Item, item_id))
 
     @app.post("/r/{token}/items/{item_id}")
-    async def save(token: str, item_id: int, request: Request):
+    async def save(token: str, item_id: ItemId, request: Request):
         form = await request.form()
         with Session() as s, s.begin():
             rater, study = _rater(s, token)
             if rater is None:
                 return _forbidden()
-            if not hmac.compare_digest(str(form.get("csrf", "")).encode(), csrf_for(study.secret, token).encode()):
+            if not hmac.compare_digest(_field(form, "csrf").encode(), csrf_for(study.secret, token).encode()):
                 return _forbidden()
             if not s.scalars(select(Assignment).where(Assignment.rater_id == rater.id,
                                                       Assignment.item_id == item_id)).first():
@@ -125,17 +135,17 @@ def create_app(Session, study_name: str) -> FastAPI:
             scores, missing = {}, []
             for c in study.criteria:
                 for side in sides:
-                    raw = form.get(f"score__{c['name']}__{side}")
+                    raw = _field(form, f"score__{c['name']}__{side}")
                     if raw not in {"1", "2", "3", "4", "5"}:
                         missing.append(f"{c['name']} ({side})")
                     else:
                         scores.setdefault(c["name"], {})[side] = int(raw)
-            choice = form.get("choice") if study.mode == "ab" else None
-            critical = form.get("critical") == "1"
-            prev = Judgement(scores=scores, notes=str(form.get("notes", "")), critical=critical,
-                             critical_criterion=str(form.get("critical_criterion", "")),
-                             critical_note=str(form.get("critical_note", "")).strip(), choice=choice,
-                             critical_side=str(form.get("critical_side", "A")) if study.mode == "ab" else "A")
+            choice = _field(form, "choice") if study.mode == "ab" else None
+            critical = _field(form, "critical") == "1"
+            prev = Judgement(scores=scores, notes=_field(form, "notes"), critical=critical,
+                             critical_criterion=_field(form, "critical_criterion"),
+                             critical_note=_field(form, "critical_note").strip(), choice=choice,
+                             critical_side=_field(form, "critical_side", "A") if study.mode == "ab" else "A")
             error = None
             if missing:
                 error = "score every criterion from 1 to 5: missing " + ", ".join(missing)

@@ -20,13 +20,13 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -51,18 +51,31 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
                         status_code=status, headers=headers)
 
 
+def _unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (``"\\ud800"``), which no tokenizer, log or response can encode: a 422."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start}; "
+                         "send text (UTF-8), not half of a surrogate pair") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string of a request that reaches the model or the log
+
+
 class TextPart(BaseModel):
     """One content part; only text is served (an image or audio part is a 422 naming the field)."""
 
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -77,12 +90,12 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send options we do not use
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -90,11 +103,11 @@ class ChatRequest(BaseModel):
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str
-    prompt: str | list[str]
+    model: Text
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -171,10 +184,16 @@ async def _validation(request: Request, exc: RequestValidationError):
     if any(e.get("type") == "json_invalid" for e in errs):
         request.state.error = "invalid JSON"
         return _error(400, "the request body is not valid JSON", code="invalid_json")
-    first = errs[0]
-    param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+    # of a union's branches (`content` is text or a list of parts) the one that got furthest says what is wrong
+    first = max(errs, key=lambda e: (e.get("type") == "value_error", len(e.get("loc", ()))))
+    param = ".".join(str(p) for p in first.get("loc", [])[1:] if not _is_branch(p)) or None
     request.state.error = f"{param or 'body'}: {first.get('msg')}"
     return _error(422, request.state.error, param=param, code=first.get("type"))
+
+
+def _is_branch(part) -> bool:
+    """A union branch's tag in a pydantic error location (``str``, ``list[TextPart]``, ``function-after[...]``)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or part.endswith("]"))
 
 
 async def _http(request: Request, exc: StarletteHTTPException):
