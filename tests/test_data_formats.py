@@ -87,6 +87,21 @@ def test_each_format_error_names_its_line_and_keeps_input(tmp_path, kind):
     assert _digest(path) == before
 
 
+@pytest.mark.parametrize("row", [
+    b'{"prompt": "half \\ud800 a character", "completion": "x"}',
+    b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}',
+    b'[{"prompt": "q", "chosen": "a", "rejected": "b \\ud83d"}]',
+], ids=["prompt", "assistant turn", "rejected (JSON array)"])
+def test_a_lone_surrogate_is_a_malformed_row_not_a_tokenizer_crash(tmp_path, row):
+    path = tmp_path / ("pairs.json" if row.startswith(b"[") else "rows.jsonl")
+    path.write_bytes(row + b"\n")
+    rep = read_file(path)
+    assert rep.examples == [] and [p.kind for p in rep.problems] == ["not_utf8"], rep.problems
+    assert "lone surrogate" in rep.problems[0].message and rep.problems[0].line == 1
+    with pytest.raises(DataError, match="lone surrogate"):
+        load_examples(path)
+
+
 def test_non_utf8_bom_crlf_and_blank_lines(tmp_path):
     path = tmp_path / "odd.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n\r\n" + b'{"prompt": "caf\xe9", "completion": "x"}\r\n')

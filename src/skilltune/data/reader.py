@@ -143,6 +143,17 @@ def not_a_data_file(path: str | Path) -> str | None:
     return f"{path} is a folder, not a data file" if path.is_dir() else f"data file not found: {path}"
 
 
+def _lone_surrogate(texts: list[str]) -> str | None:
+    """JSON can escape half a surrogate pair (``"\\ud800"``): valid JSON, not text a tokenizer can encode."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"a lone surrogate {text[exc.start]!r} (an escape for half a character) at character {exc.start} "
+                    f"of {text[max(0, exc.start - 20):exc.start]!r}...; fix the writer that produced it")
+    return None
+
+
 def iter_examples(path: str | Path, fmt: str = "auto", columns=None,
                   report: ReadReport | None = None) -> Iterator[Example | RowProblem]:
     """Stream the rows of ``path`` as examples or problems (constant memory)."""
@@ -188,6 +199,9 @@ def iter_examples(path: str | Path, fmt: str = "auto", columns=None,
             rejected = row_format.rejected(obj) if row_format.rejected else None
         except FieldProblem as exc:
             yield RowProblem(str(path), lineno, exc.field, exc.message, exc.kind)
+            continue
+        if problem := _lone_surrogate([t.content for t in turns] + [rejected or ""]):
+            yield RowProblem(str(path), lineno, None, problem, "not_utf8")
             continue
         yield Example(turns=turns, source=str(path), line=lineno, rejected=rejected,
                       meta={k: obj[k] for k in row_format.keep if k in obj})
