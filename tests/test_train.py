@@ -292,6 +292,50 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, tiny_model_dir, mo
     assert not (run / "checkpoints").exists()
 
 
+def test_a_disk_that_fills_mid_run_is_a_message_and_resume_continues_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors import SafetensorError
+
+    from skilltune.train import checkpoint
+
+    cfg = load_config(_config(tmp_path, tiny_model_dir, epochs=4))
+    full = train(cfg, run_name="full")
+    real_save, calls = checkpoint.save_file, []
+
+    def fills_up(*args, **kwargs):  # the second checkpoint meets a full disk, as safetensors reports it
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    with pytest.raises(TrainingError) as err:
+        train(cfg, run_name="full-disk")
+    run = sorted((tmp_path / "runs").glob("full-disk-*"))[0]
+    assert "the disk filled up" in err.value.message and "step-000004, is intact" in err.value.message
+    assert f"--resume --run-dir {run}" in err.value.hint
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]  # no half-written step-000008
+    monkeypatch.setattr(checkpoint, "save_file", real_save)  # space freed
+    train(cfg, run_dir=run, resume=True)
+    a, b = _adapter(full.run_dir), _adapter(run)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_a_full_disk_in_any_command_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    import errno
+
+    from skilltune.data import ops
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ops, "atomic_write_text", full)
+    data = write_jsonl(tmp_path / "in.jsonl", SQL_ROWS)
+    code, out = cli("data", "split", str(data), "--out-dir", str(tmp_path / "out"))
+    assert code == 1, out
+    assert "the disk is full writing" in out and "free space and run the command again" in out
+    assert "Traceback" not in out
+
+
 @pytest.mark.parametrize("layout,kernels", [("cache", False), ("cache", True), ("packed", True)])
 def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, layout, kernels):
     from skilltune.config.schema import AdapterConfig, ModelConfig

@@ -7,6 +7,8 @@ A bare Python exception that reaches the CLI is our bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class SkilltuneError(Exception):
     """Base of all errors a user can act on."""
@@ -49,3 +51,20 @@ class DataError(SkilltuneError):
 
 class TrainingError(SkilltuneError):
     """Training cannot start or continue."""
+
+
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk: an ``OSError`` ENOSPC/EDQUOT, or a library's own
+    error wrapping one (safetensors and torch.save report it in their message, not as an ``OSError``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(exc) for words in _DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -87,9 +87,13 @@ class ArtifactStore:
             if not obj.is_file() or sha256_file(obj) != digest:
                 private_dir(obj.parent)
                 tmp = obj.with_name(obj.name + f".tmp{os.getpid()}")
-                with open(f, "rb") as fin, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                                                 "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                try:
+                    with open(f, "rb") as fin, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                                     "wb") as fout:
+                        shutil.copyfileobj(fin, fout)
+                except BaseException:  # a full disk or a kill mid-copy: no partial object is left to take space
+                    tmp.unlink(missing_ok=True)
+                    raise
                 if sha256_file(tmp) != digest:  # the run directory changed under us
                     tmp.unlink(missing_ok=True)
                     raise UnsafeArtifact(f"{f} changed while it was being registered", hint="register it again")

@@ -22,7 +22,7 @@ import torch
 
 from skilltune.config.load import dump_config
 from skilltune.config.schema import SkilltuneConfig
-from skilltune.errors import TrainingError
+from skilltune.errors import TrainingError, is_disk_full
 from skilltune.model.loading import load_model, load_tokenizer
 from skilltune.model.sources import model_fingerprint
 from skilltune.model.target import ADAPTER_META
@@ -168,8 +168,27 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         stop_after: stop (as if interrupted, checkpoint written) after this many steps; for tests.
     """
     s = setup(cfg, run_name, resume, run_dir, force, reporter or Reporter())
-    fit(s, stop_after)
-    return finish(s)
+    try:
+        fit(s, stop_after)
+        return finish(s)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise _disk_full(s) from None
+        raise
+
+
+def _disk_full(s: Session) -> TrainingError:
+    """What a full disk cost and how to go on: every checkpoint is written whole or not at all."""
+    done = ckpt.complete_checkpoints(s.ckpt_root)
+    room = "free space (or lower train.save_total_limit, or set train.output_dir on a bigger disk), then "
+    if not done:
+        return TrainingError(f"the disk filled up while training wrote to {s.run_path} (step {s.loop.step}), before "
+                             "any checkpoint was complete; nothing half-written was kept",
+                             hint=room + "train again")
+    return TrainingError(
+        f"the disk filled up while training wrote to {s.run_path} (step {s.loop.step}); the last complete "
+        f"checkpoint, {done[-1].name}, is intact and nothing half-written was kept",
+        hint=room + f"continue where it stopped: skilltune train CONFIG --resume --run-dir {s.run_path}")
 
 
 # ---------------------------------------------------------------- setup
