@@ -177,6 +177,29 @@ def test_registry_add_refuses_symlinks(run_dir, tmp_path):
     assert leaked == [] and Registry().list("leak") == []
 
 
+# a truncated or corrupt copy: refused at registration, a message (not a traceback) when loaded directly
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage tokenizer", "run record without lineage"])
+def test_a_damaged_run_is_refused_by_the_registry_and_explained_by_generate(run_dir, tmp_path, damage):
+    damaged = _copy_run(run_dir, tmp_path / "damaged")
+    if damage == "truncated weights":
+        weights = damaged / "adapter" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        needles = ("adapter_model.safetensors (", "the adapter cannot be read (SafetensorError")
+    elif damage == "garbage tokenizer":
+        (damaged / "adapter" / "tokenizer.json").write_text("{garbage")
+        needles = ("tokenizer.json (", "the tokenizer cannot be read (")
+    else:
+        (damaged / "run.json").write_text(json.dumps({"base_model": "x"}))
+        needles = ("not a run record skilltune wrote", None)
+    code, out = cli("registry", "add", str(damaged), "--name", "damaged")
+    assert code == 1 and needles[0] in out and "Traceback" not in out, out
+    assert Registry().list("damaged") == []
+    if needles[1]:
+        code, out = cli("generate", str(damaged), "List all users.", "--max-new-tokens", "2")
+        assert code == 1 and needles[1] in out and "copy the run directory again" in out, out
+        assert "Traceback" not in out
+
+
 # ---------------------------------------------------------------- 4. manifest paths
 @pytest.mark.parametrize("bad", ["../../escaped.txt", "/tmp/skilltune-abs-escape.txt", "a/../../b.txt", "./x"])
 def test_manifest_paths_cannot_leave_the_checkout(run_dir, tmp_path, bad):

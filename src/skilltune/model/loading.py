@@ -46,6 +46,7 @@ def load_tokenizer(cfg: ModelConfig, source: ResolvedModel | None = None):
 def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, source: ResolvedModel | None = None,
                **extra) -> LoadedModel:
     """Resolve (unless ``source`` is given), load and prepare ``cfg.base`` (model + tokenizer)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     tokenizer, info, source = load_tokenizer(cfg, source)
@@ -64,6 +65,10 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, source: Res
                 hint="convert the weights to safetensors, or set model.allow_pickle: true if you trust the source",
             ) from None
         raise ModelLoadError(f"cannot load model from {source.path}: {exc}") from None
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise ModelLoadError(f"cannot load model from {source.path}: a weights file is not readable safetensors "
+                             f"({exc})", hint="the file is truncated or corrupt: copy or convert the model again"
+                             ) from None
     except ValueError as exc:  # e.g. the folder asks for remote code and trust_remote_code is off
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {source.path}: {first}",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from skilltune.config.schema import ModelConfig
-from skilltune.errors import ModelLoadError
+from skilltune.errors import ModelLoadError, SkilltuneError
 
 ADAPTER_META = "skilltune_adapter.json"
 
@@ -132,6 +132,20 @@ def _check_base_hash(source_path: Path, expected: str | None, spec: str) -> None
             hint="pass the exact base model with --base, or retrain the adapter on this base")
 
 
+def _read(artifact: Path, what: str, load):
+    """``load()`` the artifact's ``what``; a truncated, corrupt or foreign file is a message, not a traceback."""
+    try:
+        return load()
+    except SkilltuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers, peft and torch each raise their own kinds
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"{artifact}: the {what} cannot be read ({type(exc).__name__}: {first})",
+                             hint="its files are truncated, corrupt or not from `skilltune train`: copy the run "
+                                  "directory again, or use the registry version (its files are checked by hash)"
+                             ) from None
+
+
 def _load_adapter(artifact: Path, policy: LoadPolicy, dtype: torch.dtype) -> Target:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,11 +153,12 @@ def _load_adapter(artifact: Path, policy: LoadPolicy, dtype: torch.dtype) -> Tar
     from skilltune.model.sources import resolve_model
 
     meta = read_adapter_meta(artifact)
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact), trust_remote_code=False)
+    tokenizer = _read(artifact, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(artifact),
+                                                                                  trust_remote_code=False))
     tokenizer.padding_side = "right"
     if meta.method == "full":  # the artifact is the whole model: its own weights, safetensors only
-        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model = _read(artifact, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
+            str(artifact), dtype=dtype, use_safetensors=True, trust_remote_code=False))
     else:
         from peft import PeftModel
 
@@ -158,7 +173,7 @@ def _load_adapter(artifact: Path, policy: LoadPolicy, dtype: torch.dtype) -> Tar
         base = load_model(base_cfg, dtype=dtype, source=source).model
         if len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
             base.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(base, str(artifact))
+        model = _read(artifact, "adapter", lambda: PeftModel.from_pretrained(base, str(artifact)))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.eval()

@@ -31,6 +31,47 @@ class RegistryError(SkilltuneError):
     pass
 
 
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})",
+                            hint="the run directory is damaged: register a complete copy of it") from None
+
+
+def _run_record(path: Path) -> dict:
+    """``run.json`` with the fields a version's lineage is built from."""
+    run = _json_file(path)
+    identity = run.get("identity") if isinstance(run, dict) else None
+    if not (isinstance(run, dict) and isinstance(run.get("base_model"), dict) and isinstance(identity, dict)
+            and {"data", "config"} <= identity.keys() and {"tokenizer", "environment"} <= run.keys()):
+        raise RegistryError(f"{path} is not a run record skilltune wrote (base_model, identity, tokenizer or "
+                            "environment missing)",
+                            hint="register the run directory printed at the end of `skilltune train`")
+    return run
+
+
+def check_readable(artifact: Path) -> None:
+    """Every weights file parses as whole safetensors and every JSON file as JSON, before a version is made of
+    them: a truncated copy is refused here, not found when the version is served."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = []
+    for f in sorted(artifact.rglob("*")):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):  # reads the header, checks it covers the whole file
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            bad.append(f"{f.relative_to(artifact)} ({first})")
+    if bad:
+        raise RegistryError(f"{artifact} has files that cannot be read: {'; '.join(bad)}",
+                            hint="the run directory is truncated or corrupt: register a complete copy (or train again)")
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 _VERSION_TAG = re.compile(r"v\d+")
@@ -216,9 +257,10 @@ class Registry:
         if artifact is None or not (run_dir / "run.json").is_file():
             raise RegistryError(f"{run_dir} is not a finished skilltune run (no run.json or no adapter/model)",
                                 hint="pass the run directory printed at the end of `skilltune train`")
-        run = json.loads((run_dir / "run.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        run = _run_record(run_dir / "run.json")
+        summary = _json_file(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
         meta = read_adapter_meta(artifact)
+        check_readable(artifact)
         run_config = None
         if (run_dir / "config.yaml").is_file():  # the whole config (eval and serve too), kept with the version
             run_config = load_config(run_dir / "config.yaml").model_dump(mode="json")
