@@ -172,6 +172,7 @@ def test_train_next_line_is_a_command_that_works(tmp_path, tiny_model_dir, monke
                                            "eval": {"max_new_tokens": 4}})
     code, out = cli("train", str(cfg))
     assert code == 0, out
+    assert "chat template" in out and "model; each answer ends with <|im_end|>" in out  # the plan says which
     [nxt] = [line for line in out.splitlines() if line.startswith("next: ")]
     assert "--test" not in nxt  # the config names its test set
     argv = shlex.split(nxt[len("next: "):])

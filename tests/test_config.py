@@ -60,6 +60,16 @@ def test_schema_and_registry_errors_are_reported_in_one_run(tmp_path, command):
     assert "Traceback" not in out
 
 
+def test_a_chat_template_is_jinja_or_a_built_in_name():
+    from skilltune.train.prepare import config_problems
+
+    for ok in ("plain", "chatml", "family", "{{ messages[0]['content'] }}"):
+        assert not any("chat_template" in p for p in config_problems(load_config(None, [f"model.chat_template={ok}"])))
+    problems = config_problems(load_config(None, ["model.chat_template=plian"]))
+    assert any("model.chat_template: unknown built-in template 'plian' (known: plain, chatml, family)" in p
+               for p in problems), problems
+
+
 def test_a_field_the_schema_refuses_is_not_reported_twice(tmp_path):
     # data.train of the wrong type falls back to its default for the other checks, which must not add "not set"
     path = write_yaml(tmp_path / "bad.yaml", {"data": {"train": ["a", "b"]}})

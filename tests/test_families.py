@@ -154,3 +154,47 @@ def test_models_families_prints_the_matrix():
     assert rows["gemma2"]["kernels"] == ["lora_linear"] and rows["gemma2"]["shared_prefix"].startswith("refused")
     assert "(1 + weight)" in rows["gemma3"]["kernels_step_aside"]["rms_norm"]  # each stepping aside says why
     assert rows["llama"]["kernels_step_aside"] == {} and rows["llama"]["running_batch"] == "yes"
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOKENS))
+def test_the_plain_template_ends_answers_with_the_models_own_eos_and_adds_nothing(tmp_path, family):
+    """`model.chat_template: plain` (base models): no control tokens, the answer and the family's EOS trained."""
+    from skilltune.config.schema import ModelConfig
+    from skilltune.data.tokenize import encode_example
+    from skilltune.data.types import Example, Turn
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.model.tokenizer import render_prompt, turn_end_token
+
+    bos, eos, _ = FAMILY_TOKENS[family]
+    model_dir = build_family_model(tmp_path / "model", family)
+    tokenizer, info, _ = load_tokenizer(ModelConfig(base=str(model_dir), chat_template="plain"))
+    assert info.chat_template_source == "builtin:plain" and info.added_tokens == []
+    assert info.eos_token == eos == turn_end_token(tokenizer) and info.pad_token != eos
+    assert render_prompt(tokenizer, "Count the orders.", SYSTEM) == f"{bos}{SYSTEM}\n\nQuestion: Count the orders.\nAnswer:\n"
+    enc = encode_example(tokenizer, Example([Turn("system", SYSTEM), Turn("user", "Count the orders."),
+                                             Turn("assistant", "SELECT COUNT(*) FROM orders;", True)]), eos)
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert tokenizer.decode(trained).strip() == "SELECT COUNT(*) FROM orders;" + eos
+
+
+def test_built_in_templates_say_what_they_need(tmp_path):
+    from skilltune.config.schema import ModelConfig
+    from skilltune.errors import ModelLoadError
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.model.sources import EMBEDDED, ResolvedModel, default_template
+
+    llama = build_family_model(tmp_path / "llama", "llama")
+    _, info, _ = load_tokenizer(ModelConfig(base=str(llama), chat_template="family"))
+    assert info.chat_template_source == "builtin:family" and info.eos_token == "<|eot_id|>"
+    _, info, _ = load_tokenizer(ModelConfig(base=str(llama), chat_template="chatml"))
+    assert info.added_tokens == ["<|im_start|>", "<|im_end|>"]  # added, and said (a warning, the plan)
+    mistral = build_family_model(tmp_path / "mistral", "mistral")
+    (mistral / "config.json").write_text(json.dumps({**json.loads((mistral / "config.json").read_text()),
+                                                     "model_type": "gemma3_text"}))
+    with pytest.raises(ModelLoadError, match="the gemma3 template needs <start_of_turn>, <end_of_turn>"):
+        load_tokenizer(ModelConfig(base=str(mistral), chat_template="family"))
+    # the embedded Gemma 3 270M is a base model: its documented default is plain; SmolLM2 keeps its own template
+    assert EMBEDDED["gemma3-270m"].chat_template == "plain"
+    assert default_template(ResolvedModel("embedded:gemma3-270m", "embedded", tmp_path)) == "plain"
+    assert default_template(ResolvedModel("embedded:smollm2-135m-instruct", "embedded", tmp_path)) is None
+    assert default_template(ResolvedModel(str(llama), "local", llama)) is None

@@ -96,18 +96,23 @@ def test_same_config_same_adapter(tmp_path, tiny_model_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_model_learns_to_stop(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("template", [None, "plain"], ids=["own template", "built-in plain"])
+def test_model_learns_to_stop(tmp_path, tiny_model_dir, template):
     """After training, generation ends with the EOS token instead of running to max_new_tokens."""
     rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "yes", "no", "ok", "fox", "dog")] * 4
     cfg = load_config(_config(tmp_path, tiny_model_dir, rows=rows, epochs=15, lr=1e-2, batch_size=4),
-                      ["adapter.method=full", "data.val_split=0"])
+                      ["adapter.method=full", "data.val_split=0"] + ([f"model.chat_template={template}"] * bool(template)))
     res = train(cfg, run_name="stop")
+    if template:  # the run, and the artifact eval and serving load, carry the built-in template
+        assert json.loads((res.run_dir / "run.json").read_text())["tokenizer"]["chat_template_source"] == "builtin:plain"
     from skilltune.model.generate import generate
     from skilltune.model.target import load_target
 
     target = load_target(str(res.run_dir))
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": f"Say {w}."}], tokenize=False,
                                                     add_generation_prompt=True) for w in ("hi", "fox")]
+    if template:
+        assert prompts[0].endswith("Question: Say hi.\nAnswer:\n")
     outs = generate(target.model, target.tokenizer, prompts, max_new_tokens=30)
     assert all(o.stopped for o in outs), [o.text for o in outs]
     assert [o.text for o in outs] == ["hi", "fox"]

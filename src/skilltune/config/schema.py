@@ -35,7 +35,10 @@ class ModelConfig(Section):
         False, description="Allow loading pickle (.bin) weights. Off: safetensors only, pickle can run code."
     )
     chat_template: str | None = Field(
-        None, description="Override the chat template (a Jinja string). Default: the model's own, else ChatML."
+        None, description="The chat template: a Jinja string, or a built-in by name: 'plain' (Question:/Answer: "
+        "text ending in the end-of-sequence token, no control tokens: for base models), 'chatml', 'family' (the "
+        "model family's instruct format). Default: the model's own, else the embedded model's documented default, "
+        "else its family's, else ChatML.",
     )
 
 

@@ -2,8 +2,8 @@
 
 - a pad token that is *not* the EOS token (a pad==eos collator masks the EOS out of
   the labels and the model never learns to stop);
-- a chat template: the model's own, else ChatML, recorded so the same one is used
-  at inference;
+- a chat template: the config's (Jinja, or a built-in by name: ``plain``, ``chatml``, ``family``), else
+  the model's own, else its family's, else ChatML; recorded so the same one is used at inference;
 - the template's turn-end token, which every trained assistant turn must end with.
 """
 
@@ -11,12 +11,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from skilltune.errors import ModelLoadError
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+def _resource(name: str) -> str:
+    from importlib import resources
+
+    return resources.files("skilltune.resources.chat_templates").joinpath(name).read_text("utf-8")
+
+
+def _family_template(family) -> str:
+    if family is None:
+        raise ModelLoadError("model.chat_template: family: this model belongs to no known family",
+                             hint="see `skilltune models families`; or use plain, chatml or a Jinja template")
+    return family.template_text()
+
+
+# Templates a config names instead of writing Jinja (``model.chat_template: plain``); the one list of names.
+BUILTIN_TEMPLATES = {
+    "plain": lambda family: _resource("plain.jinja"),  # base models: no control tokens (resources/.../plain.jinja)
+    "chatml": lambda family: CHATML_TEMPLATE,
+    "family": _family_template,  # the family's published instruct format (skilltune models families)
+}
+
+
+def template_problem(value: str | None) -> str | None:
+    """What is wrong with a ``model.chat_template`` value: a name must be a built-in (Jinja has ``{``)."""
+    if value is None or "{" in value or value in BUILTIN_TEMPLATES:
+        return None
+    return (f"unknown built-in template {value!r} (known: {', '.join(BUILTIN_TEMPLATES)}); "
+            "or write the template itself (Jinja)")
+
 
 # Tokens commonly present in vocabularies that are safe to pad with.
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
@@ -26,7 +57,7 @@ _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|
 class TokenizerInfo:
     """What was decided about the tokenizer; saved with every run and adapter."""
 
-    chat_template_source: str  # model | chatml | config
+    chat_template_source: str  # model | family:NAME | chatml | config | builtin:NAME
     pad_token: str
     pad_token_id: int
     eos_token: str
@@ -50,28 +81,48 @@ def _turn_end_token(tokenizer) -> str:
     return tokenizer.eos_token
 
 
+def _builtin(name: str, tokenizer, family) -> str:
+    """A built-in template, checked against what it needs from this tokenizer."""
+    if name == "plain" and tokenizer.eos_token is None:
+        raise ModelLoadError("model.chat_template: plain ends each answer with the end-of-sequence token, and this "
+                             "tokenizer has none", hint="use chatml, or a Jinja template with its own end token")
+    if name == "family" and family and (missing := [m for m in family.markers if m not in tokenizer.get_vocab()]):
+        raise ModelLoadError(f"model.chat_template: family: the {family.name} template needs {', '.join(missing)}, "
+                             "which this vocabulary lacks",
+                             hint="use plain or chatml (chatml adds its two tokens, and says so)")
+    return BUILTIN_TEMPLATES[name](family)
+
+
+def _choose_template(tokenizer, chat_template: str | None, family) -> tuple[str, str]:
+    """(template, where it came from): the config's (a built-in name or Jinja), the model's own, the family's
+    when its markers are in the vocabulary, else ChatML."""
+    if chat_template in BUILTIN_TEMPLATES:
+        return _builtin(chat_template, tokenizer, family), f"builtin:{chat_template}"
+    if chat_template:
+        return chat_template, "config"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template, "model"
+    if family is not None and all(m in tokenizer.get_vocab() for m in family.markers):
+        return family.template_text(), f"family:{family.name}"
+    return CHATML_TEMPLATE, "chatml"
+
+
 def prepare_tokenizer(tokenizer, chat_template: str | None = None, family=None) -> TokenizerInfo:
     """Make ``tokenizer`` ready for finetuning, in place, and describe what was done.
 
-    A tokenizer without a template gets its ``family``'s published one (a base model such
-    as Gemma 3 270M) when the family's marker tokens are in the vocabulary, else ChatML.
+    ``chat_template`` (the config's) is Jinja or a built-in's name (:data:`BUILTIN_TEMPLATES`). Without it,
+    a tokenizer without a template gets its ``family``'s published one when the family's marker tokens are
+    in the vocabulary, else ChatML.
     Returns a :class:`TokenizerInfo`; if ``added_tokens`` is not empty the model's
     embeddings must be resized (:func:`skilltune.model.loading.load_model` does it).
     """
+    template, source = _choose_template(tokenizer, chat_template, family)
+    tokenizer.chat_template = template
     added: list[str] = []
-    vocab = tokenizer.get_vocab()
-    if chat_template:
-        tokenizer.chat_template, source = chat_template, "config"
-    elif getattr(tokenizer, "chat_template", None):
-        source = "model"
-    elif family is not None and all(m in vocab for m in family.markers):
-        tokenizer.chat_template, source = family.template_text(), f"family:{family.name}"
-    else:
-        tokenizer.chat_template, source = CHATML_TEMPLATE, "chatml"
-        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            added += missing
+    if template is CHATML_TEMPLATE:  # its markers are added to a vocabulary that lacks them (and said: a warning)
+        added = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if added:
+            tokenizer.add_special_tokens({"additional_special_tokens": added})
 
     end = _turn_end_token(tokenizer)
     if tokenizer.eos_token is None or (source != "model" and tokenizer.eos_token != end):

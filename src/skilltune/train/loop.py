@@ -381,6 +381,9 @@ def _write_run_record(s: Session) -> None:
         "trainable": f"trainable params: {s.trainable:,} || all params: {s.total:,} || "
                      f"trainable%: {100 * s.trainable / s.total:.4f}",
         "precision": s.precision, "processes": s.acc.num_processes,
+        "chat template": f"{s.tok_info.chat_template_source}; each answer ends with {s.tok_info.eos_token}"
+                         + (f"; added to the vocabulary: {', '.join(s.tok_info.added_tokens)}"
+                            if s.tok_info.added_tokens else ""),
         "examples": f"{len(s.data.train)} train / {len(s.data.val)} val",
         "tokens per epoch": f"{tokens_per_epoch:,}", "steps": f"{s.total_steps} ({s.plan.steps_per_epoch}/epoch)",
         "packing": cfg.train.packing,

@@ -83,6 +83,7 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
     from skilltune.data.formats import FORMATS
     from skilltune.data.reader import not_a_data_file
     from skilltune.model.sources import model_problem
+    from skilltune.model.tokenizer import template_problem
     from skilltune.train.methods import METHODS
     from skilltune.train.objectives import OBJECTIVES
     from skilltune.train.trackers import TRACKERS
@@ -105,6 +106,8 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
                  for t in cfg.train.report_to if t not in TRACKERS]
     if problem := model_problem(cfg.model.base, cfg.model.revision):
         problems.append(f"model.base: {problem}")
+    if problem := template_problem(cfg.model.chat_template):
+        problems.append(f"model.chat_template: {problem}")
     return problems
 
 
