@@ -217,6 +217,30 @@ def test_the_wheel_ships_the_examples():
     assert "share/skilltune/examples/sql/data" in files
 
 
+def test_every_data_file_of_the_package_is_in_the_wheel():
+    """A file the code reads at run time (chat templates, cards, HTML templates) must match a package-data
+    pattern, or a pip-installed skilltune lacks it (the chat templates once did)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    src = root / "src"
+    missing = []
+    for f in sorted((src / "skilltune").rglob("*")):
+        if not f.is_file() or f.suffix in (".py", ".pyc") or "__pycache__" in f.parts or ".egg-info" in str(f):
+            continue
+        for parent in f.parents:  # the nearest package whose patterns match the file's path below it
+            package = ".".join(parent.relative_to(src).parts)
+            rel = f.relative_to(parent).as_posix()
+            if any(fnmatch.fnmatch(rel, pat) for pat in patterns.get(package, [])):
+                break
+            if parent == src / "skilltune":
+                missing.append(str(f.relative_to(src)))
+                break
+    assert missing == [], "add these to [tool.setuptools.package-data] in pyproject.toml"
+
+
 # ---------------------------------------------------------------- one templating path
 def test_html_reports_escape_untrusted_text(tmp_path):
     from skilltune.data.audit.base import CheckResult, Finding

@@ -20,6 +20,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+
 def _resource(name: str) -> str:
     from importlib import resources
 
