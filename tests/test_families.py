@@ -181,7 +181,6 @@ def test_built_in_templates_say_what_they_need(tmp_path):
     from skilltune.config.schema import ModelConfig
     from skilltune.errors import ModelLoadError
     from skilltune.model.loading import load_tokenizer
-    from skilltune.model.sources import EMBEDDED, ResolvedModel, default_template
 
     llama = build_family_model(tmp_path / "llama", "llama")
     _, info, _ = load_tokenizer(ModelConfig(base=str(llama), chat_template="family"))
@@ -193,8 +192,3 @@ def test_built_in_templates_say_what_they_need(tmp_path):
                                                      "model_type": "gemma3_text"}))
     with pytest.raises(ModelLoadError, match="the gemma3 template needs <start_of_turn>, <end_of_turn>"):
         load_tokenizer(ModelConfig(base=str(mistral), chat_template="family"))
-    # the embedded Gemma 3 270M is a base model: its documented default is plain; SmolLM2 keeps its own template
-    assert EMBEDDED["gemma3-270m"].chat_template == "plain"
-    assert default_template(ResolvedModel("embedded:gemma3-270m", "embedded", tmp_path)) == "plain"
-    assert default_template(ResolvedModel("embedded:smollm2-135m-instruct", "embedded", tmp_path)) is None
-    assert default_template(ResolvedModel(str(llama), "local", llama)) is None

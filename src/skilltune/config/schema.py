@@ -37,8 +37,7 @@ class ModelConfig(Section):
     chat_template: str | None = Field(
         None, description="The chat template: a Jinja string, or a built-in by name: 'plain' (Question:/Answer: "
         "text ending in the end-of-sequence token, no control tokens: for base models), 'chatml', 'family' (the "
-        "model family's instruct format). Default: the model's own, else the embedded model's documented default, "
-        "else its family's, else ChatML.",
+        "model family's instruct format). Default: the model's own, else its family's, else ChatML.",
     )
 
 

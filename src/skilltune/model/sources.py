@@ -52,8 +52,6 @@ class EmbeddedModel:
     license: str = ""
     hub_id: str = ""  # the original model on the Hugging Face Hub (a model card's base_model)
     license_id: str = ""  # the Hub's licence identifier
-    # the built-in chat template a config without model.chat_template gets (a base model's documented default)
-    chat_template: str | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {}
@@ -87,9 +85,6 @@ register_embedded(
         license="Gemma terms of use (ai.google.dev/gemma/terms)",
         hub_id="google/gemma-3-270m",
         license_id="gemma",
-        # a base model: plain text (no instruct turn tokens) generalised better on the SQL task's validation
-        # questions: 0.88 and 0.85 (seeds 42, 2) against 0.73-0.84 with Gemma's turn format (bench/NOTES.md, session 12)
-        chat_template="plain",
     )
 )
 
@@ -257,13 +252,6 @@ def _hub(spec: str, revision: str | None) -> ResolvedModel:
             "or download the model once elsewhere with `huggingface-cli download` and copy the cache",
         ) from None
     return ResolvedModel(spec, "hub", Path(path))
-
-
-def default_template(source: ResolvedModel) -> str | None:
-    """The chat template ``source`` gets when the config names none: an embedded model's documented default."""
-    if source.kind != "embedded":
-        return None
-    return EMBEDDED[source.spec.split(":", 1)[1]].chat_template
 
 
 def _embedded_problem(spec: str, revision: str | None) -> str | None:
