@@ -325,20 +325,22 @@ def test_a_disk_that_fills_mid_run_is_a_message_and_resume_continues_exactly(tmp
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
-def test_a_full_disk_in_any_command_is_a_message_not_a_traceback(tmp_path, monkeypatch):
-    import errno
-
+@pytest.mark.parametrize("err,needles", [
+    ((28, "No space left on device"), ("the disk is full (", "free space and run the command again")),
+    ((13, "Permission denied"), ("permission denied (", "fix that path's permissions")),
+    ((30, "Read-only file system"), ("the file system is read-only (", "write to a writable folder")),
+], ids=["disk full", "permission denied", "read-only"])
+def test_a_file_system_refusal_in_any_command_is_a_message_not_a_traceback(tmp_path, monkeypatch, err, needles):
     from skilltune.data import ops
 
-    def full(path, text):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def refuse(path, text):  # as root a real chmod would not refuse, so the OS error is raised as the OS would
+        raise OSError(err[0], err[1], str(path))
 
-    monkeypatch.setattr(ops, "atomic_write_text", full)
+    monkeypatch.setattr(ops, "atomic_write_text", refuse)
     data = write_jsonl(tmp_path / "in.jsonl", SQL_ROWS)
     code, out = cli("data", "split", str(data), "--out-dir", str(tmp_path / "out"))
     assert code == 1, out
-    assert "the disk is full writing" in out and "free space and run the command again" in out
-    assert "Traceback" not in out
+    assert all(n in out for n in needles) and str(tmp_path / "out") in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("layout,kernels", [("cache", False), ("cache", True), ("packed", True)])

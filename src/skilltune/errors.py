@@ -68,3 +68,26 @@ def is_disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# The file-system failures a user fixes, not us: (what happened, what to do). Anything else keeps its traceback.
+_FILESYSTEM = {
+    errno.EACCES: ("permission denied", "fix that path's permissions, or (for an output) write somewhere you may: "
+                                        "another --out / --workdir / train.output_dir"),
+    errno.EPERM: ("operation not permitted", "fix that path's permissions, or (for an output) write somewhere you may"),
+    errno.EROFS: ("the file system is read-only", "write to a writable folder (another --out / --workdir / "
+                                                  "train.output_dir, or SKILLTUNE_HOME for the registry and caches)"),
+}
+
+
+def filesystem_problem(exc: BaseException) -> tuple[str, str] | None:
+    """(message, hint) for a full disk, a permission refused or a read-only file system; None for anything else."""
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    if is_disk_full(exc):
+        return (f"the disk is full{where}",
+                "free space and run the command again; outputs are written to a temporary name and renamed, so no "
+                "half-written file was left in place")
+    if isinstance(exc, OSError) and exc.errno in _FILESYSTEM:
+        what, hint = _FILESYSTEM[exc.errno]
+        return f"{what}{where}", hint
+    return None

@@ -15,7 +15,7 @@ from skilltune import __version__
 from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, export_cmd, generate_cmd, models_cmd, readiness_cmd,
                            registry_cmd, scorecard_cmd, serve_cmd, train_cmd)
 from skilltune.cli.common import err_console
-from skilltune.errors import SkilltuneError, is_disk_full
+from skilltune.errors import SkilltuneError, filesystem_problem
 
 app = typer.Typer(
     help="skilltune — teach an open LLM a new skill: audit data, finetune, evaluate, ship with rollback.\n\n"
@@ -81,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except Exception as exc:
-        if not is_disk_full(exc):
+        problem = filesystem_problem(exc)
+        if problem is None:
             raise  # our bug: keep the traceback
-        where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
-        err_console.print(f"[bold red]error:[/bold red] the disk is full{escape(where)} ({escape(str(exc)[:200])})",
-                          highlight=False, soft_wrap=True)
-        err_console.print("[yellow]what to do:[/yellow] free space and run the command again; outputs are written "
-                          "to a temporary name and renamed, so no half-written file was left in place",
-                          highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(problem[0])}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]what to do:[/yellow] {escape(problem[1])}", highlight=False, soft_wrap=True)
         return 1
 
 
