@@ -108,6 +108,43 @@ def test_hostile_chat_request(hostile, what, kwargs, status, needle):
     still_fine()
 
 
+def test_a_body_that_trickles_in_gets_a_408_and_frees_the_keys_slot(server):
+    import socket
+
+    base, state, _ = server(api_key=KEYS, per_key_concurrency=1, body_timeout_s=1.0)
+    port = int(base.rsplit(":", 1)[1])
+    body = b'{"model": "svc", "messages": [{"role": "user", "content": "List all users."}], "max_tokens": 2}'
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer key-alice-0001\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.3)  # alice's one slot is held by the trickling request; bob is served meanwhile
+        assert httpx.post(f"{base}/v1/chat/completions", json=NORMAL, headers=BOB, timeout=30).status_code == 200
+        t0 = time.perf_counter()
+        reply = sock.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply, reply
+        assert time.perf_counter() - t0 < 3
+    # the slot is free again: alice's next request is answered, not a 429
+    assert httpx.post(f"{base}/v1/chat/completions", json=NORMAL, headers=ALICE, timeout=30).status_code == 200
+    assert any(r["status"] == 408 and r["client"] == "alice" for r in state.log.rows())
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(hostile):
+    base, state, still_fine = hostile
+
+    def chunks():  # no Content-Length: the limit is found while the body streams in
+        yield b'{"model": "svc", "x": "'
+        for _ in range(6):
+            yield b"y" * 2**20
+        yield b'"}'
+
+    r = httpx.post(f"{base}/v1/chat/completions", content=chunks(), timeout=30,
+                   headers={**ALICE, "content-type": "application/json"})
+    assert r.status_code == 413 and "over this server's limit" in r.json()["error"]["message"], r.text
+    assert state.log.rows()[-1]["status"] == 413
+    still_fine()
+
+
 def test_context_limit_names_both_numbers(hostile):
     base, state, still_fine = hostile
     limit = state.prompt_limit(state.engine.current)

@@ -180,6 +180,7 @@ class ServeConfig(Section):
         None, ge=1, description="Longest prompt in tokens (default: the model's context length); prompt + "
         "max_tokens over the context is a 400 context_length_exceeded.")
     max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest request body; bigger ones get 413.")
+    body_timeout_s: float = Field(30, gt=0, description="Seconds a request body may take to arrive; slower is a 408.")
     max_request_compute: int = Field(
         4_000_000, ge=1, description="Largest prompt tokens x max_tokens one request may ask for (a 400 above it), "
         "so no single request holds the engine for long.")

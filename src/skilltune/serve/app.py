@@ -127,39 +127,58 @@ def route_label(app: FastAPI, scope) -> str:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is a 413, by its Content-Length or as it streams in."""
+    """ASGI middleware: a body over ``limit`` bytes is a 413, by its Content-Length or as it streams in; a body
+    that has not arrived whole ``timeout_s`` after the request began is a 408 (a client trickling bytes holds a
+    connection, and with a key that key's slots, no longer than that).
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    A refusal while the route reads the body is answered here, and the route is told the client left; what it
+    would answer then is not sent. The gate logs the refusal's status (``request.state.refused``).
+    """
+
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
-        seen = 0
+            return await self._refuse(scope, receive, send, 413, self._too_large_message(), "request_too_large")
+        seen, whole, refused = 0, False, False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, whole, refused
+            if whole:  # after the body only the disconnect is left to wait for, however long the answer takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                refused = True
+                await self._refuse(scope, receive, send, 408, f"the request body did not arrive within "
+                                                              f"{self.timeout_s:g} s", "request_timeout")
+                return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
+            whole = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > self.limit:
-                raise _TooLarge
+                refused = True
+                await self._refuse(scope, receive, send, 413, self._too_large_message(), "request_too_large")
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
 
-    async def _too_large(self, scope, receive, send):
-        await _error(413, f"the request body is over this server's limit of {self.limit:,} bytes",
-                     code="request_too_large")(scope, receive, send)
+        await self.app(scope, counted, unless_refused)
 
+    def _too_large_message(self) -> str:
+        return f"the request body is over this server's limit of {self.limit:,} bytes"
 
-class _TooLarge(Exception):
-    pass
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, message: str, code: str) -> None:
+        scope.setdefault("state", {})["refused"] = (status, message)
+        await _error(status, message, code=code)(scope, receive, send)
 
 
 async def _disconnected(request: Request) -> None:
@@ -213,6 +232,8 @@ def _record(request: Request, route: str, status: int, t0: float, client: str) -
     """Metrics and the request log for one request, whatever its outcome."""
     state = _st(request)
     latency = time.perf_counter() - t0
+    if refused := getattr(request.state, "refused", None):  # the body limit answered (413, 408), not the route
+        status, request.state.error = refused
     state.metrics.requests.labels(route=route, status=str(status)).inc()
     state.metrics.latency.labels(route=route).observe(latency)
     if status >= 400:
@@ -600,7 +621,7 @@ def create_app(state, allowed_hosts: list[str] | None = None) -> FastAPI:
     for exc, handler in ((ApiError, _api_error), (RequestValidationError, _validation),
                          (StarletteHTTPException, _http), (Exception, _internal)):
         app.add_exception_handler(exc, handler)
-    app.add_middleware(BodyLimit, limit=state.cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=state.cfg.max_body_bytes, timeout_s=state.cfg.body_timeout_s)
     app.middleware("http")(_gate)
     app.post("/v1/chat/completions")(chat)
     app.post("/v1/completions")(completions)
