@@ -96,6 +96,40 @@ def test_queue_full_returns_429(server):
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
 
 
+def test_a_promoted_version_that_cannot_load_is_tried_once_and_reported(server, monkeypatch):
+    from skilltune.serve import server as server_module
+
+    base, state, reg = server()
+    real, tries = server_module.load_version, []
+
+    def broken_v2(registry, ref, *args):
+        if ref == "svc@v2":
+            tries.append(ref)
+            raise OSError("svc@v2: adapter_model.safetensors is truncated")
+        return real(registry, ref, *args)
+
+    monkeypatch.setattr(server_module, "load_version", broken_v2)
+    reg.promote("svc@v2", reason="a bad release")
+    time.sleep(1.0)  # ten polls of the alias
+    assert tries == ["svc@v2"]  # not reloaded at every poll
+    health = httpx.get(f"{base}/health").json()
+    assert health["version"] == "svc@v1" and "svc@v2, which could not be loaded" in health["alias_problem"]
+    assert "still serving svc@v1" in httpx.get(f"{base}/ready").json()["alias_problem"]
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "svc", "messages": [{"role": "user", "content": "q"}],
+                                                         "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "svc@v1"
+    reg.rollback("svc", reason="back")  # the alias points at what is served again: the problem is gone
+    time.sleep(0.5)
+    assert "alias_problem" not in httpx.get(f"{base}/health").json()
+    monkeypatch.setattr(server_module, "load_version", real)  # fixed: promoting it again is tried again
+    reg.promote("svc@v2", reason="fixed")
+    deadline = time.time() + 30
+    while httpx.get(f"{base}/health").json()["version"] != "svc@v2" and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{base}/health").json()["version"] == "svc@v2"
+    reg.rollback("svc", reason="leave the module's registry as it was")  # the alias back on v1
+
+
 def test_load_with_hot_rollback_mid_way(server):
     """8 clients x 25 requests, 0 errors; a promote then a rollback happen in the middle."""
     base, state, reg = server()

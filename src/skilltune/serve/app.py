@@ -589,7 +589,9 @@ async def models(request: Request):
 
 async def health(request: Request):
     """Liveness: the process answers (a load balancer's restart signal)."""
-    return {"status": "ok", "version": _st(request).engine.current.version}
+    state = _st(request)
+    return {"status": "ok", "version": state.engine.current.version,
+            **({"alias_problem": state.alias_problem} if state.alias_problem else {})}
 
 
 async def ready(request: Request):
@@ -599,7 +601,8 @@ async def ready(request: Request):
     engine = state.engine
     body = {"status": "ready" if ok else "not ready", "reason": reason, "version": engine.current.version,
             "queue_depth": engine.pending(), "busy": engine.busy_since is not None,
-            "last_progress_s_ago": round(time.monotonic() - engine.last_progress, 2)}
+            "last_progress_s_ago": round(time.monotonic() - engine.last_progress, 2),
+            **({"alias_problem": state.alias_problem} if state.alias_problem else {})}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -8,6 +8,7 @@ moves it, the new version is loaded in the background and swapped in atomically.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from skilltune.registry.db import shown
 from skilltune.serve.clients import KeyLimits
 from skilltune.serve.engine import Engine, Loaded
 from skilltune.serve.requestlog import RequestLog, default_target
+
+logger = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -75,6 +78,8 @@ class ServerState:
     trust_remote_code: bool = False  # the operator's flag, used for every version the alias moves to
     draining: bool = False  # SIGTERM received: /ready says 503 while in-flight requests finish
     limits: KeyLimits = field(default_factory=KeyLimits)
+    alias_problem: str | None = None  # the alias points at a version that failed to load: why (still serving)
+    _failed: str | None = None  # that version, not tried again until the alias moves
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def prompt_limit(self, loaded: Loaded) -> int:
@@ -97,16 +102,34 @@ class ServerState:
         while not self._stop.wait(self.poll_s):
             try:
                 v = self.registry.get(self.ref)
-                wanted = f"{v.name}@v{v.number}"
-                if wanted != self.engine.current.version:
-                    loaded = load_version(self.registry, wanted, self.trust_remote_code, self.cfg.precision)
-                    old = self.engine.current.version
-                    self.engine.swap(loaded)
-                    self.metrics.version.labels(name=self.name, version=old).set(0)
-                    self.metrics.version.labels(name=self.name, version=wanted).set(1)
-                    self.record_serving(wanted)
-            except Exception:  # noqa: BLE001 - keep serving the current version; retried next poll
+            except Exception:  # noqa: BLE001 - the registry is briefly unreachable: keep serving, ask again
                 continue
+            self._move_to(f"{v.name}@v{v.number}")
+
+    def _move_to(self, wanted: str) -> None:
+        """Serve ``wanted`` if it is not served yet. A version that fails to load is tried once, not at every poll
+        (a load takes seconds of CPU): the current version keeps serving and /health and /ready say why, until
+        the alias moves again."""
+        current = self.engine.current.version
+        if wanted == current:
+            self.alias_problem = self._failed = None
+            return
+        if wanted == self._failed:
+            return
+        try:
+            loaded = load_version(self.registry, wanted, self.trust_remote_code, self.cfg.precision)
+        except Exception as exc:  # noqa: BLE001 - whatever broke the new version, the current one keeps serving
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            self._failed = wanted
+            self.alias_problem = (f"{self.ref} points at {wanted}, which could not be loaded "
+                                  f"({type(exc).__name__}: {first}); still serving {current}")
+            logger.warning("%s", self.alias_problem)
+            return
+        self.engine.swap(loaded)
+        self.alias_problem = self._failed = None
+        self.metrics.version.labels(name=self.name, version=current).set(0)
+        self.metrics.version.labels(name=self.name, version=wanted).set(1)
+        self.record_serving(wanted)
 
     def record_serving(self, version: str) -> None:
         """Monitoring evidence for the checklist, on every version this server actually serves (after a hot
