@@ -314,3 +314,16 @@ def test_serve_flags_out_of_range_are_config_errors_not_tracebacks():
     assert code == 2, out
     assert "serve.port: got 0" in out and "serve.max_tokens_limit: got -3" in out
     assert "Traceback" not in out
+
+
+def test_an_argument_that_is_not_utf8_is_a_message_not_a_traceback(tmp_path):
+    # a terminal passing bytes that are not UTF-8: Python keeps them as lone surrogates (surrogateescape)
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    code, out = cli("generate", "embedded:smollm2-135m-instruct", bad)
+    assert code == 2 and "argument b'caf\\xe9' is not UTF-8 text" in out and "Traceback" not in out
+    code, out = cli("registry", "promote", "m@v1", f"--reason={bad}")
+    assert code == 2 and "is not UTF-8 text" in out
+    named = tmp_path / ("rows" + b"\xff".decode("utf-8", "surrogateescape") + ".jsonl")  # an existing file's name
+    named.write_text("")
+    code, out = cli("data", "audit", str(named), "--no-tokenizer")
+    assert code == 1 and "the file is empty" in out

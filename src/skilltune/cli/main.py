@@ -6,6 +6,7 @@ exit code, with no traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -60,7 +61,25 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _undecodable(argv: list[str]) -> str | None:
+    """An argument the terminal passed as bytes that are not UTF-8 (Python keeps them as lone surrogates, which
+    no tokenizer, database or JSON file takes). An existing file's name may be any bytes: that one is kept."""
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            if os.path.lexists(value):
+                continue
+            shown = value.encode("utf-8", "surrogateescape")
+            return f"argument {shown!r} is not UTF-8 text (byte {exc.start}); pass text in UTF-8"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    if problem := _undecodable(sys.argv[1:] if argv is None else argv):
+        err_console.print(f"[bold red]error:[/bold red] {escape(problem)}", highlight=False, soft_wrap=True)
+        return 2
     try:
         rv = app(args=argv, prog_name="skilltune", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
