@@ -250,5 +250,23 @@ def test_bf16_greedy_choice_is_the_first_maximum():
     """The argmax over bf16 logits runs in fp32 (4x faster on a CPU): the same index, ties to the first."""
     from skilltune.model.decode import _choose
 
+    from types import SimpleNamespace
+
+    greedy = [SimpleNamespace(temperature=0.0, top_p=None)] * 2
     logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0]], dtype=torch.bfloat16)
-    assert _choose(logits, [0.0, 0.0], None).tolist() == [1, 0] == logits.argmax(-1).tolist()
+    assert _choose(logits, greedy, None).tolist() == [1, 0] == logits.argmax(-1).tolist()
+
+
+def test_each_rows_top_p_is_its_own():
+    """A row's top-p replaces the model's for that row only: a nucleus of one token is the argmax however hot."""
+    from types import SimpleNamespace
+
+    from skilltune.model.decode import _choose
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[1.0, 1.2, 0.9, 1.1]] * 2)
+    model = SimpleNamespace(generation_config=SimpleNamespace(top_k=None, top_p=1.0))
+    rows = [SimpleNamespace(temperature=5.0, top_p=1e-6), SimpleNamespace(temperature=5.0, top_p=None)]
+    picks = torch.stack([_choose(logits, rows, model) for _ in range(200)])
+    assert set(picks[:, 0].tolist()) == {1}  # the nucleus: the most likely token alone
+    assert len(set(picks[:, 1].tolist())) == 4  # the model's top-p of 1.0: any of the four

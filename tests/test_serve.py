@@ -342,7 +342,7 @@ def test_a_stop_sequence_ends_decoding(server, continuous):
 @pytest.mark.parametrize("option", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     {"response_format": {"type": "json_object"}}, {"logprobs": True}, {"logit_bias": {"50": 10}},
-    {"presence_penalty": 0.5}, {"temperature": 0.8, "top_p": 0.5}])
+    {"presence_penalty": 0.5}])
 def test_options_the_server_does_not_compute_are_refused_by_name(server, option):
     """An answer that silently ignores tools, JSON mode, logprobs or penalties is worse than a 400 naming them."""
     base, _, _ = server()
@@ -354,6 +354,26 @@ def test_options_the_server_does_not_compute_are_refused_by_name(server, option)
     harmless = {"logprobs": False, "response_format": {"type": "text"}, "top_p": 0.5, "tool_choice": "none",
                 "user": "u1", "seed": 3, "presence_penalty": 0}  # top_p at temperature 0: greedy either way
     assert httpx.post(f"{base}/v1/chat/completions", json={**body, **harmless}).status_code == 200
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_top_p_is_served_per_request(server, continuous):
+    """A nucleus of one token is the greedy answer, however hot the temperature; requests with other top_p
+    values in the same batch keep theirs."""
+    base, _, _ = server(continuous_batching=continuous)
+    body = {"model": "svc", "max_tokens": 8, "messages": [{"role": "user", "content": "List all users."}]}
+    greedy = httpx.post(f"{base}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with ThreadPoolExecutor(6) as pool:
+        narrow = pool.map(lambda _: httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                                               json={**body, "temperature": 2.0, "top_p": 1e-6}), range(3))
+        wide = pool.map(lambda _: httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                                             json={**body, "temperature": 2.0, "top_p": 1.0}), range(3))
+        narrow, wide = list(narrow), list(wide)
+    assert all(r.status_code == 200 for r in narrow + wide)
+    assert [r.json()["choices"][0]["message"]["content"] for r in narrow] == [greedy] * 3
+    for bad in (0, 1.5, -0.1):
+        r = httpx.post(f"{base}/v1/chat/completions", json={**body, "temperature": 1.0, "top_p": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "top_p", r.text
 
 
 def test_completions_refuse_echo_and_logprobs(server):

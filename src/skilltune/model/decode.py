@@ -41,6 +41,7 @@ class Request(Protocol):
     prompt: str  # rendered with the chat template
     max_tokens: int
     temperature: float
+    top_p: float | None  # nucleus sampling's mass (None: the model's generation config)
 
 
 def decode_refusal(model, longest: int | None = None) -> str | None:
@@ -141,7 +142,7 @@ class DecodeBatch:
                          **self.last_logits, **({self.cache_arg: cache} if cache is not None else {}))
         now = time.monotonic()
         rows = [Row(r, len(i), len(i), now, sink(r) if sink else None) for r, i in zip(requests, ids)]
-        first = _choose(out.logits[:, -1], [r.temperature for r in requests], self.model)
+        first = _choose(out.logits[:, -1], requests, self.model)
         self._merge(_cache_of(out), mask, rows, first)
 
     def _prefix_cache(self, rows: int):
@@ -182,7 +183,7 @@ class DecodeBatch:
         out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self.cache_arg: self.cache})
         self.cache = _cache_of(out)
-        chosen = _choose(out.logits[:, -1], [r.request.temperature for r in self.rows], self.model)
+        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model)
         self.next_tokens = chosen
         for row, token in zip(self.rows, chosen.tolist()):
             row.position += 1
@@ -317,25 +318,27 @@ def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
 
 
-def _choose(logits: torch.Tensor, temperatures: list[float], model) -> torch.Tensor:
-    """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k/top-p, as generate)."""
+def _choose(logits: torch.Tensor, requests: list[Request], model) -> torch.Tensor:
+    """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k, and the request's
+    top-p or else the model's, as generate)."""
     greedy = logits.float().argmax(-1)  # the same index; PyTorch's CPU argmax is 4x slower on bf16
-    if not any(t > 0 for t in temperatures):
+    if not any(r.temperature > 0 for r in requests):
         return greedy
     gen = getattr(model, "generation_config", None)
-    top_k, top_p = getattr(gen, "top_k", None) or 50, getattr(gen, "top_p", None) or 1.0
+    top_k, model_top_p = getattr(gen, "top_k", None) or 50, getattr(gen, "top_p", None) or 1.0
     out = greedy.clone()
-    for i, t in enumerate(temperatures):
-        if t <= 0:
+    for i, r in enumerate(requests):
+        if r.temperature <= 0:
             continue
-        row = logits[i].float() / t
+        row = logits[i].float() / r.temperature
         if top_k and top_k < row.shape[-1]:
             kth = torch.topk(row, top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
         probs = torch.softmax(row, -1)
+        top_p = getattr(r, "top_p", None) or model_top_p
         if top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > top_p
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the most likely token always stays
             probs[order[drop]] = 0
             probs = probs / probs.sum()
         out[i] = torch.multinomial(probs, 1)[0]

@@ -67,7 +67,8 @@ def _step_streamer(on_step: Callable[[list[int], list[int]], None], idx: list[in
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
              temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
              stop_rows: Callable[[list[int]], list[bool]] | None = None,
-             on_step: Callable[[list[int], list[int]], None] | None = None) -> list[Generation]:
+             on_step: Callable[[list[int], list[int]], None] | None = None,
+             top_p: float | None = None) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
@@ -77,6 +78,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             ends that prompt's decoding early (its text is what was decoded so far).
         on_step: called after every decode step with prompts' indices and the token each just produced
             (static batches: every row of the batch, a finished one producing padding): token streaming.
+        top_p: nucleus sampling's mass when sampling (None: the model's generation config).
     """
     if not prompts:
         return []
@@ -88,9 +90,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
     with generation_kernels(model):
         if decode_refusal(model, longest):
             return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
-                                    progress, stop_rows, on_step)
+                                    progress, stop_rows, on_step, top_p)
         return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
-                                 batch_size, temperature, eos, progress, stop_rows, on_step)
+                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p)
 
 
 @dataclass
@@ -99,10 +101,11 @@ class _Prompt:
     prompt: str
     max_tokens: int
     temperature: float
+    top_p: float | None = None
 
 
 def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
-                      stop_rows, on_step) -> list[Generation]:
+                      stop_rows, on_step, top_p=None) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
     ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
@@ -111,7 +114,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
     """
     prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
     batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
-    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature) for i in order)
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
     stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
@@ -137,7 +140,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
 
 @torch.inference_mode()
 def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
-                     stop_rows, on_step) -> list[Generation]:
+                     stop_rows, on_step, top_p=None) -> list[Generation]:
     """transformers' ``generate`` on consecutive batches of ``batch_size`` (left padding, KV cache)."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -147,16 +150,18 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
             idx = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            options = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            if temperature > 0 and top_p is not None:
+                options["top_p"] = top_p
             t0 = time.perf_counter()
             if stop_rows is not None:
                 from transformers import StoppingCriteriaList
 
-                sampling["stopping_criteria"] = StoppingCriteriaList([_row_stopper(stop_rows, idx)])
+                options["stopping_criteria"] = StoppingCriteriaList([_row_stopper(stop_rows, idx)])
             if on_step is not None:
-                sampling["streamer"] = _step_streamer(on_step, idx)
+                options["streamer"] = _step_streamer(on_step, idx)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **options)
             elapsed = time.perf_counter() - t0
             new = out[:, batch["input_ids"].shape[1]:]  # (batch, new_tokens)
             for row, i in enumerate(idx):

@@ -95,6 +95,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -107,6 +108,7 @@ class CompletionRequest(BaseModel):
     prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -312,16 +314,20 @@ UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "frequency_penalty": lambda v, r: bool(v), "best_of": lambda v, r: v not in (None, 1),
     "echo": lambda v, r: bool(v), "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
     "modalities": lambda v, r: v not in (None, ["text"]), "prediction": lambda v, r: bool(v),
-    # nucleus sampling per request: decoding uses the model's own top-p when it samples (temperature > 0)
-    "top_p": lambda v, r: v not in (None, 1, 1.0) and getattr(r, "temperature", 0) > 0,
 }
+
+
+def _sampling(req: ChatRequest | CompletionRequest) -> dict:
+    """How the request's tokens are chosen: greedy at temperature 0 (top-p does not matter then, so greedy
+    requests batch together whatever top_p they send), else sampled with its top-p (None: the model's)."""
+    return {"temperature": req.temperature, "top_p": req.top_p if req.temperature > 0 else None}
 
 
 def _refuse_unsupported(req: BaseModel) -> None:
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED and UNSUPPORTED[name](value, req):
             raise ApiError(400, f"'{name}' is not supported by this server: it answers with plain text, greedy "
-                           "or sampled at the request's temperature; leave the option out", param=name,
+                           "or sampled at the request's temperature and top_p; leave the option out", param=name,
                            code="unsupported_parameter")
 
 
@@ -368,13 +374,13 @@ async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
                        "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
 
 
-async def _run(request: Request, prompt: str, max_tokens: int, temperature: float, stops: list[str]):
+async def _run(request: Request, prompt: str, max_tokens: int, sampling: dict, stops: list[str]):
     """Queue the request and wait for it; a time-out or a client that leaves cancels it in the engine."""
     state = _st(request)
     engine: Engine = state.engine
     timeout = state.request_timeout_s
     try:
-        fut = engine.submit(prompt, max_tokens, temperature, timeout_s=timeout, stops=stops)
+        fut = engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **sampling)
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
@@ -443,7 +449,7 @@ def _held_back(text: str, stops: list[str]) -> int:
                 for s in stops), default=0)
 
 
-async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, temperature: float, stops: list[str],
+async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, sampling: dict, stops: list[str],
                   logged_prompt: str, rid: str, include_usage: bool = False):
     """Token-by-token streaming: each chunk goes out as its tokens are decoded (the first after the prefill).
 
@@ -455,8 +461,8 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, tem
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
     try:
-        fut = state.engine.submit(prompt, max_tokens, temperature, timeout_s=state.request_timeout_s, stops=stops,
-                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+        fut = state.engine.submit(prompt, max_tokens, timeout_s=state.request_timeout_s, stops=stops,
+                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **sampling)
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
@@ -543,9 +549,9 @@ async def chat(req: ChatRequest, request: Request):
     await _admit(state, loaded, prompt, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "chat", prompt, max_tokens, req.temperature, stops, msgs[-1]["content"], rid,
+        return await _stream(request, "chat", prompt, max_tokens, _sampling(req), stops, msgs[-1]["content"], rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
+    version, out = await _run(request, prompt, max_tokens, _sampling(req), stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
@@ -570,9 +576,9 @@ async def completions(req: CompletionRequest, request: Request):
     await _admit(state, state.engine.current, prompt, max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "completion", prompt, max_tokens, req.temperature, stops, prompt, rid,
+        return await _stream(request, "completion", prompt, max_tokens, _sampling(req), stops, prompt, rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, req.temperature, stops)
+    version, out = await _run(request, prompt, max_tokens, _sampling(req), stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,

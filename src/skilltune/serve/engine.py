@@ -4,7 +4,7 @@ Requests wait in a bounded queue (full -> the caller answers 429). By default th
 batches continuously (serve/continuous.py): a request joins the running batch between two
 decode steps and leaves it as soon as it stops. For a model that cannot (sliding-window
 layers), or with continuous batching off, the static mode takes what is queued (up to
-``max_batch``, same sampling temperature), generates it as one left-padded batch to its end,
+``max_batch``, same sampling (temperature, top-p)), generates it as one left-padded batch to its end,
 and resolves each request's future. ``swap`` replaces the model between batches: rows in
 flight finish on the model they started with.
 
@@ -64,6 +64,7 @@ class Job:
     max_tokens: int
     temperature: float
     deadline: float = float("inf")  # time.monotonic() after which decoding stops
+    top_p: float | None = None  # nucleus sampling's mass when sampling (None: the model's generation config)
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
     stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
@@ -161,7 +162,7 @@ class Engine:
         self.continuous = continuous  # continuous batching where the model allows it (serve/continuous.py)
         # the server's limits (serve.max_prompt_tokens, serve.max_tokens_limit): what bounds a row's key span
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
-        self._held: deque[Job] = deque()  # taken from the queue for a later batch (another temperature)
+        self._held: deque[Job] = deque()  # taken from the queue for a later batch (another sampling)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.last_progress = time.monotonic()  # a decode step, a finished batch, or an idle poll
@@ -183,11 +184,12 @@ class Engine:
         return waiting and (time.monotonic() - self.last_progress > after_s or not self.worker.is_alive())
 
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
-               on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = ()) -> Future:
+               on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = (),
+               top_p: float | None = None) -> Future:
         """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
         decoding ends at the token that completes one of ``stops`` (the text returned still holds it)."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops))
+        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -203,9 +205,9 @@ class Engine:
         return self.queue.get(timeout=timeout)
 
     def _take_batch(self) -> list[Job]:
-        """Jobs that share a sampling temperature, oldest first.
+        """Jobs that share their sampling (temperature, top-p), oldest first.
 
-        A job with another temperature is held back here for a later batch, never put
+        A job that samples otherwise is held back here for a later batch, never put
         back into the queue: the worker is the queue's only consumer, so a blocking put
         on a full queue would wait for itself forever.
         """
@@ -217,7 +219,8 @@ class Engine:
                 job = self._next_job(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (batch if job.temperature == first.temperature else other).append(job)
+            same = (job.temperature, job.top_p) == (first.temperature, first.top_p)
+            (batch if same else other).append(job)
             if len(other) >= self.max_batch:
                 break
         self._held.extendleft(reversed(other))
@@ -230,7 +233,8 @@ class Engine:
 
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
-                        temperature=live[0].temperature, stop_rows=stop_rows, on_step=self._streamer(loaded, live))
+                        temperature=live[0].temperature, top_p=live[0].top_p, stop_rows=stop_rows,
+                        on_step=self._streamer(loaded, live))
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
@@ -328,7 +332,7 @@ class Engine:
                 _resolve(row.request.future, error=TimeoutError("the request's time-out passed while decoding"))
 
     def _static_batch(self, loaded: Loaded) -> None:
-        """The static mode: take a batch of one temperature and generate it to its end."""
+        """The static mode: take a batch of one sampling (temperature, top-p) and generate it to its end."""
         try:
             batch = self._take_batch()
         except queue.Empty:
