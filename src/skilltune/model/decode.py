@@ -42,6 +42,7 @@ class Request(Protocol):
     max_tokens: int
     temperature: float
     top_p: float | None  # nucleus sampling's mass (None: the model's generation config)
+    seed: int | None  # its own random stream when sampling: the same seed, the same draws, whatever the batch
 
 
 def decode_refusal(model, longest: int | None = None) -> str | None:
@@ -92,6 +93,7 @@ class Row:
     sink: Callable[[int], None] | None = None  # called with each answer token as it is chosen
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # ended on the end-of-turn token
+    rng: torch.Generator | None = None  # the request's seeded random stream (sampling with a seed)
 
     @property
     def finished(self) -> bool:
@@ -141,8 +143,9 @@ class DecodeBatch:
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                          **self.last_logits, **({self.cache_arg: cache} if cache is not None else {}))
         now = time.monotonic()
-        rows = [Row(r, len(i), len(i), now, sink(r) if sink else None) for r, i in zip(requests, ids)]
-        first = _choose(out.logits[:, -1], requests, self.model)
+        rows = [Row(r, len(i), len(i), now, sink(r) if sink else None, rng=_rng(r, self.device))
+                for r, i in zip(requests, ids)]
+        first = _choose(out.logits[:, -1], requests, self.model, [row.rng for row in rows])
         self._merge(_cache_of(out), mask, rows, first)
 
     def _prefix_cache(self, rows: int):
@@ -183,7 +186,7 @@ class DecodeBatch:
         out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self.cache_arg: self.cache})
         self.cache = _cache_of(out)
-        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model)
+        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model, [r.rng for r in self.rows])
         self.next_tokens = chosen
         for row, token in zip(self.rows, chosen.tolist()):
             row.position += 1
@@ -318,9 +321,18 @@ def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
 
 
-def _choose(logits: torch.Tensor, requests: list[Request], model) -> torch.Tensor:
+def _rng(request: Request, device) -> torch.Generator | None:
+    """The request's own random stream when it samples with a seed (OpenAI's ``seed``), else None."""
+    seed = getattr(request, "seed", None)
+    if seed is None or request.temperature <= 0:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _choose(logits: torch.Tensor, requests: list[Request], model,
+            rngs: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k, and the request's
-    top-p or else the model's, as generate)."""
+    top-p or else the model's, as generate), drawn from the row's seeded stream when it has one."""
     greedy = logits.float().argmax(-1)  # the same index; PyTorch's CPU argmax is 4x slower on bf16
     if not any(r.temperature > 0 for r in requests):
         return greedy
@@ -341,5 +353,5 @@ def _choose(logits: torch.Tensor, requests: list[Request], model) -> torch.Tenso
             drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the most likely token always stays
             probs[order[drop]] = 0
             probs = probs / probs.sum()
-        out[i] = torch.multinomial(probs, 1)[0]
+        out[i] = torch.multinomial(probs, 1, generator=rngs[i] if rngs else None)[0]
     return out

@@ -68,7 +68,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
              temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
              stop_rows: Callable[[list[int]], list[bool]] | None = None,
              on_step: Callable[[list[int], list[int]], None] | None = None,
-             top_p: float | None = None) -> list[Generation]:
+             top_p: float | None = None, seed: int | None = None) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
@@ -79,6 +79,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
         on_step: called after every decode step with prompts' indices and the token each just produced
             (static batches: every row of the batch, a finished one producing padding): token streaming.
         top_p: nucleus sampling's mass when sampling (None: the model's generation config).
+        seed: when sampling, each prompt's draws come from a stream seeded with it (the running batch), or the
+            static batch starts from it (best effort: the batch's other rows share that stream).
     """
     if not prompts:
         return []
@@ -89,10 +91,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
     longest = len(ids[order[-1]]) + max_new_tokens
     with generation_kernels(model):
         if decode_refusal(model, longest):
+            if seed is not None and temperature > 0:
+                torch.manual_seed(seed)
             return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
                                     progress, stop_rows, on_step, top_p)
         return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
-                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p)
+                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed)
 
 
 @dataclass
@@ -102,10 +106,11 @@ class _Prompt:
     max_tokens: int
     temperature: float
     top_p: float | None = None
+    seed: int | None = None
 
 
 def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
-                      stop_rows, on_step, top_p=None) -> list[Generation]:
+                      stop_rows, on_step, top_p=None, seed=None) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
     ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
@@ -114,7 +119,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
     """
     prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
     batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
-    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p) for i in order)
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
     stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None

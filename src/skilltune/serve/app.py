@@ -96,6 +96,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -109,6 +110,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -318,9 +320,12 @@ UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
 
 
 def _sampling(req: ChatRequest | CompletionRequest) -> dict:
-    """How the request's tokens are chosen: greedy at temperature 0 (top-p does not matter then, so greedy
-    requests batch together whatever top_p they send), else sampled with its top-p (None: the model's)."""
-    return {"temperature": req.temperature, "top_p": req.top_p if req.temperature > 0 else None}
+    """How the request's tokens are chosen: greedy at temperature 0 (top-p and seed do not matter then, so greedy
+    requests batch together whatever they send), else sampled with its top-p (None: the model's) and its seed
+    (the same seed, the same answer: a row's own random stream in the running batch)."""
+    sampling = req.temperature > 0
+    return {"temperature": req.temperature, "top_p": req.top_p if sampling else None,
+            "seed": req.seed if sampling else None}
 
 
 def _refuse_unsupported(req: BaseModel) -> None:

@@ -4,7 +4,7 @@ Requests wait in a bounded queue (full -> the caller answers 429). By default th
 batches continuously (serve/continuous.py): a request joins the running batch between two
 decode steps and leaves it as soon as it stops. For a model that cannot (sliding-window
 layers), or with continuous batching off, the static mode takes what is queued (up to
-``max_batch``, same sampling (temperature, top-p)), generates it as one left-padded batch to its end,
+``max_batch``, same sampling (temperature, top-p, seed)), generates it as one left-padded batch to its end,
 and resolves each request's future. ``swap`` replaces the model between batches: rows in
 flight finish on the model they started with.
 
@@ -65,6 +65,7 @@ class Job:
     temperature: float
     deadline: float = float("inf")  # time.monotonic() after which decoding stops
     top_p: float | None = None  # nucleus sampling's mass when sampling (None: the model's generation config)
+    seed: int | None = None  # sampling: its own seeded random stream in the running batch (best effort in static)
     future: Future = field(default_factory=Future)
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
     stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
@@ -185,11 +186,12 @@ class Engine:
 
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
                on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = (),
-               top_p: float | None = None) -> Future:
+               top_p: float | None = None, seed: int | None = None) -> Future:
         """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
         decoding ends at the token that completes one of ``stops`` (the text returned still holds it)."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p)
+        job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p,
+                  seed=seed)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -205,7 +207,7 @@ class Engine:
         return self.queue.get(timeout=timeout)
 
     def _take_batch(self) -> list[Job]:
-        """Jobs that share their sampling (temperature, top-p), oldest first.
+        """Jobs that share their sampling (temperature, top-p, seed), oldest first.
 
         A job that samples otherwise is held back here for a later batch, never put
         back into the queue: the worker is the queue's only consumer, so a blocking put
@@ -219,7 +221,7 @@ class Engine:
                 job = self._next_job(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            same = (job.temperature, job.top_p) == (first.temperature, first.top_p)
+            same = (job.temperature, job.top_p, job.seed) == (first.temperature, first.top_p, first.seed)
             (batch if same else other).append(job)
             if len(other) >= self.max_batch:
                 break
@@ -233,7 +235,7 @@ class Engine:
 
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
-                        temperature=live[0].temperature, top_p=live[0].top_p, stop_rows=stop_rows,
+                        temperature=live[0].temperature, top_p=live[0].top_p, seed=live[0].seed, stop_rows=stop_rows,
                         on_step=self._streamer(loaded, live))
 
     @staticmethod
@@ -332,7 +334,7 @@ class Engine:
                 _resolve(row.request.future, error=TimeoutError("the request's time-out passed while decoding"))
 
     def _static_batch(self, loaded: Loaded) -> None:
-        """The static mode: take a batch of one sampling (temperature, top-p) and generate it to its end."""
+        """The static mode: take a batch of one sampling (temperature, top-p, seed) and generate it to its end."""
         try:
             batch = self._take_batch()
         except queue.Empty:
