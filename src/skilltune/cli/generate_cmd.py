@@ -18,6 +18,10 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
                                                              "trained with, if any)."),
              max_new_tokens: int = typer.Option(128, min=1, help="Generation budget."),
              temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+             top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling's mass "
+                                                   "when sampling (default: the model's generation config)."),
+             seed: Optional[int] = typer.Option(None, "--seed", help="Sampling: each prompt draws from its own "
+                                                "stream seeded with this (the same seed, the same answers)."),
              precision: str = typer.Option("auto", help="Weights: auto (bf16 where the CPU computes it fast, as "
                                                         "eval and serve), bf16 or fp32."),
              base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "
@@ -44,7 +48,7 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
         system = training_system_prompt(target.adapter_dir)
     rendered = [render_prompt(target.tokenizer, p, system) for p in prompts]
     outs = run_generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
-                        temperature=temperature)
+                        temperature=temperature, top_p=top_p or None, seed=seed)
     for p, out in zip(prompts, outs):
         console.print(f"[bold cyan]user[/bold cyan]: {escape(p)}", highlight=False)
         console.print(f"[bold green]{escape(target.label)}[/bold green]: {escape(out.text)}", highlight=False)
