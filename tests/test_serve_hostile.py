@@ -300,6 +300,27 @@ def test_keys_file_names_clients(tmp_path):
     f.write_text("broken line\n")
     with pytest.raises(SkilltuneError, match="keys:1"):
         load_api_keys(None, f)
+    # asking for auth and getting none is an error, never a server without auth
+    f.write_text("# nobody yet\n\n")
+    with pytest.raises(SkilltuneError, match="holds no keys .* without authentication"):
+        load_api_keys(None, f)
+    f.write_bytes(b"alice:sk-\xff\xfe-key\n")
+    with pytest.raises(SkilltuneError, match="not UTF-8"):
+        load_api_keys(None, f)
+
+
+def test_a_short_or_missing_key_in_the_environment_is_refused(monkeypatch):
+    from skilltune.errors import SkilltuneError
+    from skilltune.serve.clients import load_api_keys
+
+    monkeypatch.setenv("K_SHORT", "abc")
+    with pytest.raises(SkilltuneError, match="the key is 3 characters; at least 8"):
+        load_api_keys("K_SHORT")
+    monkeypatch.delenv("K_UNSET", raising=False)
+    with pytest.raises(SkilltuneError, match="empty or unset"):
+        load_api_keys("K_UNSET")
+    monkeypatch.setenv("K_OK", "s3cret-long-key")
+    assert load_api_keys("K_OK") == {"s3cret-long-key": "default"}
 
 
 def test_per_key_rate_limit():

@@ -46,7 +46,7 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
     Limits (body size, prompt vs context, per-request compute, per-key concurrency and rate, time-out,
     graceful shutdown) come from the serve: section of --config, --set, then the flags.
 
-    Example: SKILLTUNE_API_KEY=secret skilltune serve sql-demo@production --api-key-env SKILLTUNE_API_KEY
+    Example: SKILLTUNE_API_KEY=$(openssl rand -hex 16) skilltune serve sql-demo@production --api-key-env SKILLTUNE_API_KEY
     """
     quiet_libraries()
     from skilltune.config.load import load_config, validate

@@ -21,30 +21,54 @@ from pathlib import Path
 from skilltune.errors import SkilltuneError
 
 
+MIN_KEY_CHARS = 8  # shorter keys are guessed by trying
+
+
 def load_api_keys(env_name: str | None = None, keys_file: str | Path | None = None) -> dict[str, str]:
-    """``{key: name}`` from ``$env_name`` (named ``default``) and ``keys_file`` (``NAME:KEY`` lines)."""
+    """``{key: name}`` from ``$env_name`` (named ``default``) and ``keys_file`` (``NAME:KEY`` lines).
+
+    Asking for auth and getting none is an error, never a server without auth: an unset variable, a file
+    without keys, a key shorter than :data:`MIN_KEY_CHARS`.
+    """
     keys: dict[str, str] = {}
     if env_name:
         key = os.environ.get(env_name)
         if not key:
             raise SkilltuneError(f"--api-key-env {env_name}: that environment variable is empty or unset",
                                  hint=f"export {env_name}=... first")
+        if len(key) < MIN_KEY_CHARS:
+            raise SkilltuneError(f"--api-key-env {env_name}: the key is {len(key)} characters; at least "
+                                 f"{MIN_KEY_CHARS} are needed",
+                                 hint="a long random one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         keys[key] = "default"
     if keys_file:
-        path = Path(keys_file)
-        if not path.is_file():
-            raise SkilltuneError(f"API keys file not found: {path}", hint="one NAME:KEY per line")
-        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            name, sep, key = (part.strip() for part in line.partition(":"))
-            if not sep or not name or len(key) < 8:
-                raise SkilltuneError(f"{path}:{lineno}: expected NAME:KEY with a key of 8+ characters",
-                                     hint="one client per line, e.g. analytics-team:sk-...")
-            if key in keys:
-                raise SkilltuneError(f"{path}:{lineno}: the key of {name!r} is already used by {keys[key]!r}")
-            keys[key] = name
+        keys.update(_keys_file(Path(keys_file), keys))
+    return keys
+
+
+def _keys_file(path: Path, known: dict[str, str]) -> dict[str, str]:
+    if not path.is_file():
+        raise SkilltuneError(f"API keys file not found: {path}", hint="one NAME:KEY per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SkilltuneError(f"{path}: not UTF-8 text (byte {exc.start})", hint="one NAME:KEY per line") from None
+    keys: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, key = (part.strip() for part in line.partition(":"))
+        if not sep or not name or len(key) < MIN_KEY_CHARS:
+            raise SkilltuneError(f"{path}:{lineno}: expected NAME:KEY with a key of {MIN_KEY_CHARS}+ characters",
+                                 hint="one client per line, e.g. analytics-team:sk-...")
+        if key in keys or key in known:
+            raise SkilltuneError(f"{path}:{lineno}: the key of {name!r} is already used by "
+                                 f"{(keys | known)[key]!r}")
+        keys[key] = name
+    if not keys:
+        raise SkilltuneError(f"{path} holds no keys (blank lines and comments only): the server would run without "
+                             "authentication", hint="one client per line, e.g. analytics-team:sk-...")
     return keys
 
 
