@@ -552,3 +552,24 @@ def test_rater_tokens_stored_by_older_versions_are_hashed_on_open(tmp_path):
         con.execute(text("INSERT INTO raters (study_id, name, token) VALUES (1, 'bob', 'plain-old-token-32-chars-long-xx')"))
     with session_factory(url)() as s:
         assert [r.token for r in s.query(Rater).all()] == [token_hash("plain-old-token-32-chars-long-xx")]
+
+
+def test_a_damaged_database_file_is_a_message_naming_it(tmp_path, monkeypatch):
+    """The registry, the request log and a scorecard study are SQLite files by default: a damaged one (or
+    another file in its place) is a message saying which and what to do, not a SQLAlchemy traceback."""
+    from skilltune.scorecard.db import session_factory
+    from skilltune.serve.requestlog import RequestLog
+
+    monkeypatch.delenv("SKILLTUNE_REGISTRY_URL", raising=False)
+    monkeypatch.setenv("SKILLTUNE_HOME", str(tmp_path / "home"))
+    damaged = b"SQLite format 3\x00" + b"not a page" * 50
+    (tmp_path / "home" / "registry").mkdir(parents=True)
+    (tmp_path / "home" / "registry" / "registry.db").write_bytes(damaged)
+    code, out = cli("registry", "list")
+    assert code == 1 and "cannot open the registry database" in out and "file is not a database" in out, out
+    assert "restore it from a backup" in out and "Traceback" not in out
+    (tmp_path / "log.db").write_bytes(damaged)
+    with pytest.raises(SkilltuneError, match="cannot open the request log .*log.db: file is not a database"):
+        RequestLog(tmp_path / "log.db", service="svc")
+    with pytest.raises(SkilltuneError, match="cannot open the scorecard database"):
+        session_factory(f"sqlite:///{tmp_path / 'log.db'}")

@@ -91,3 +91,11 @@ def filesystem_problem(exc: BaseException) -> tuple[str, str] | None:
         what, hint = _FILESYSTEM[exc.errno]
         return f"{what}{where}", hint
     return None
+
+
+def unreadable_database(what: str, where: str, exc: BaseException) -> SkilltuneError:
+    """A database file that is damaged or is something else (SQLite: "file is not a database")."""
+    reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return SkilltuneError(f"cannot open the {what} {where}: {reason}",
+                          hint=f"the file is damaged or is not a {what}: restore it from a backup, or move it aside "
+                               "(a new, empty one is then created)")

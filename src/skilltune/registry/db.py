@@ -114,16 +114,20 @@ def make_session_factory(url: str, upgrade: bool | None = None):
     ``upgrade``: None upgrades an older SQLite registry on open and asks for `skilltune registry upgrade`
     on a shared database.
     """
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DatabaseError, OperationalError
 
     from skilltune.registry.migrate import ensure
 
     engine = make_engine(url)
     try:
         ensure(engine, shown(url), url.startswith("sqlite") if upgrade is None else upgrade)
-    except OperationalError as exc:
+    except DatabaseError as exc:
         from skilltune.errors import SkilltuneError
 
+        hint = ("check --registry-url / SKILLTUNE_REGISTRY_URL and that the server is up"
+                if isinstance(exc, OperationalError) else
+                "the database file is damaged or is not a registry: restore it from a backup (the artifacts in the "
+                "store are content-addressed and untouched), or point SKILLTUNE_HOME / --registry-url elsewhere")
         raise SkilltuneError(f"cannot open the registry database {shown(url)}: {str(exc.orig).strip()[:200]}",
-                             hint="check --registry-url / SKILLTUNE_REGISTRY_URL and that the server is up") from None
+                             hint=hint) from None
     return sessionmaker(engine, expire_on_commit=False)

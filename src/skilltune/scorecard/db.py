@@ -6,9 +6,12 @@ import datetime as dt
 import hashlib
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from skilltune.errors import unreadable_database
 from skilltune.paths import private_file, sqlite_file
+from skilltune.registry.db import shown
 
 
 class Base(DeclarativeBase):
@@ -88,9 +91,12 @@ def session_factory(url: str):
         private_file(db_file)  # rater link hashes and the CSRF secret: owner-only (0600)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if url.startswith("sqlite")
                            else {})
-    Base.metadata.create_all(engine)
     Session = sessionmaker(engine, expire_on_commit=False)
-    _hash_legacy_tokens(Session)
+    try:
+        Base.metadata.create_all(engine)
+        _hash_legacy_tokens(Session)
+    except DatabaseError as exc:
+        raise unreadable_database("scorecard database", str(db_file or shown(url)), exc) from None
     return Session
 
 

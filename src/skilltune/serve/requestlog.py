@@ -16,9 +16,12 @@ from pathlib import Path
 
 from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, delete, event, insert,
                         inspect, select, text)
+from sqlalchemy.exc import DatabaseError
 
 from skilltune.data.pii import redact
+from skilltune.errors import unreadable_database
 from skilltune.paths import private_file, sqlite_file
+from skilltune.registry.db import shown
 
 _META = MetaData()
 REQUESTS = Table(
@@ -63,12 +66,15 @@ class RequestLog:
             @event.listens_for(self.engine, "connect")
             def _wal(dbapi_conn, _record):
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
-        _META.create_all(self.engine)
-        with self.engine.begin() as c:  # logs written before these columns existed
-            have = {col["name"] for col in inspect(c).get_columns("requests")}
-            for column, ddl in ADDED_LATER.items():
-                if column not in have:
-                    c.execute(text(f"ALTER TABLE requests ADD COLUMN {column} {ddl}"))
+        try:
+            _META.create_all(self.engine)
+            with self.engine.begin() as c:  # logs written before these columns existed
+                have = {col["name"] for col in inspect(c).get_columns("requests")}
+                for column, ddl in ADDED_LATER.items():
+                    if column not in have:
+                        c.execute(text(f"ALTER TABLE requests ADD COLUMN {column} {ddl}"))
+        except DatabaseError as exc:
+            raise unreadable_database("request log", str(self.path or shown(self.url)), exc) from None
 
     def _clean(self, text_: str) -> str:
         return redact(text_)[0] if self.redact else text_
