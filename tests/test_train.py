@@ -325,6 +325,28 @@ def test_a_disk_that_fills_mid_run_is_a_message_and_resume_continues_exactly(tmp
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
+def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path, tiny_model_dir):
+    """A second `--resume` while the first still trains (two terminals, a scheduler's retry) is refused: the two
+    would interleave checkpoints and metrics. The lock goes with the process, so after a kill resume works."""
+    cfg_path = _config(tmp_path, tiny_model_dir, epochs=200, save_steps=5, logging_steps=50)
+    run = tmp_path / "runs" / "locked"
+    first = subprocess.Popen([sys.executable, "-m", "skilltune.cli.main", "train", str(cfg_path), "--run-dir", str(run)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(run.glob("checkpoints/step-*/COMPLETE")) and time.time() < deadline:
+            time.sleep(0.2)
+        code, out = cli("train", str(cfg_path), "--resume", "--run-dir", str(run))
+        assert code == 1 and f"is being trained by another process (pid {first.pid})" in out, out
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with pytest.raises(TrainingInterrupted):  # the kill released the lock: resuming takes it
+        train(load_config(cfg_path), run_dir=run, resume=True, stop_after=1)
+    with pytest.raises(TrainingInterrupted):  # and train() released it again when it ended
+        train(load_config(cfg_path), run_dir=run, resume=True, stop_after=1)
+
+
 @pytest.mark.parametrize("err,needles", [
     ((28, "No space left on device"), ("the disk is full (", "free space and run the command again")),
     ((13, "Permission denied"), ("permission denied (", "fix that path's permissions")),

@@ -121,3 +121,31 @@ def clean_stale_temp_dirs(parent: Path, name: str) -> None:
     """Remove leftovers of an interrupted :func:`atomic_dir` for ``name``."""
     for stale in Path(parent).glob(f".tmp-{name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def hold_exclusive(folder: Path, name: str = ".lock"):
+    """An exclusive lock on ``folder`` for as long as the returned file stays open (the process's life: a kill
+    releases it), or None when another process holds it. The holder's pid is written into the lock file."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before
+        return open(os.devnull, "w")  # noqa: SIM115 - held open like a lock file
+    fh = open(Path(folder) / name, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def lock_holder(folder: Path, name: str = ".lock") -> str:
+    """The pid written by whoever holds ``folder``'s lock (for messages)."""
+    try:
+        return (Path(folder) / name).read_text().strip() or "?"
+    except OSError:
+        return "?"

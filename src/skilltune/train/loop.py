@@ -26,7 +26,7 @@ from skilltune.errors import TrainingError, is_disk_full
 from skilltune.model.loading import load_model, load_tokenizer
 from skilltune.model.sources import model_fingerprint
 from skilltune.model.target import ADAPTER_META
-from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint
+from skilltune.paths import atomic_dir, atomic_write_text, file_fingerprint, hold_exclusive, lock_holder
 from skilltune.train import checkpoint as ckpt
 from skilltune.train.batches import StepPlan
 from skilltune.train.kernels import install_kernels, skipped_kernels
@@ -167,14 +167,18 @@ def train(cfg: SkilltuneConfig, run_name: str = "run", resume: bool = False, run
         force: resume even if the config or data changed since the checkpoint.
         stop_after: stop (as if interrupted, checkpoint written) after this many steps; for tests.
     """
-    s = setup(cfg, run_name, resume, run_dir, force, reporter or Reporter())
     try:
-        fit(s, stop_after)
-        return finish(s)
-    except Exception as exc:
-        if is_disk_full(exc):
-            raise _disk_full(s) from None
-        raise
+        s = setup(cfg, run_name, resume, run_dir, force, reporter or Reporter())
+        try:
+            fit(s, stop_after)
+            return finish(s)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise _disk_full(s) from None
+            raise
+    finally:
+        while _HELD:  # the run directory's lock: released however training ended (a kill releases it too)
+            _HELD.popitem()[1].close()
 
 
 def _disk_full(s: Session) -> TrainingError:
@@ -268,12 +272,26 @@ def _shared_run_dir(acc, cfg, run_name, resume, run_dir) -> tuple[Path, bool]:
     obj = [None, None]
     if acc.is_main_process:
         run_path, resuming = _resolve_run_dir(cfg, run_name, resume, run_dir)
+        _lock_run(run_path)
         obj = [str(run_path), resuming]
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         obj = broadcast_object_list(obj)
     return Path(obj[0]), bool(obj[1])
+
+
+_HELD: dict[str, object] = {}  # run directory -> its open lock file, held while train() runs
+
+
+def _lock_run(run_path: Path) -> None:
+    """One process trains a run directory at a time: a second `--resume` (two terminals, a scheduler's retry
+    while the first still runs) would interleave checkpoints and metrics. A kill releases the lock."""
+    lock = hold_exclusive(run_path)
+    if lock is None:
+        raise TrainingError(f"{run_path} is being trained by another process (pid {lock_holder(run_path)})",
+                            hint="wait for it to finish or stop it, then --resume; or train into a new run directory")
+    _HELD[str(run_path)] = lock
 
 
 def _resume_point(ckpt_root: Path, resuming: bool, identity: dict, force: bool) -> Path | None:
