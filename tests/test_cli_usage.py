@@ -327,3 +327,15 @@ def test_an_argument_that_is_not_utf8_is_a_message_not_a_traceback(tmp_path):
     named.write_text("")
     code, out = cli("data", "audit", str(named), "--no-tokenizer")
     assert code == 1 and "the file is empty" in out
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_anything():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = cli("serve", "never-registered@production", "--port", str(port))
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in out, out
+    assert "choose another port with --port" in out and "Traceback" not in out

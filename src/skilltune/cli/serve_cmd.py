@@ -81,8 +81,10 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
     if engine != "transformers":
         raise SkilltuneError(f"unknown engine '{engine}'", hint="transformers or vllm")
     from skilltune.serve.clients import load_api_keys
-    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback, make_server
+    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback, listen_problem, make_server
 
+    if problem := listen_problem(cfg.host, cfg.port):  # before the model loads (seconds to minutes)
+        raise SkilltuneError(problem[0], hint=problem[1])
     keys = load_api_keys(cfg.api_key_env, cfg.api_keys_file)
     if not keys and not is_loopback(cfg.host) and not allow_unauthenticated:
         raise SkilltuneError(f"--host {cfg.host} makes the server reachable from other machines, and no API key is "
