@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from skilltune.cli.common import ConsoleStages, console
+from skilltune.cli.common import ConsoleStages, console, listen_problem
 
 app = typer.Typer(help="Blind A/B and rubric scoring by people, with agreement and a verdict.\n\n"
                        "Example: skilltune scorecard create --from runs/x/eval --name voice-1 --raters alice,bob",
@@ -57,10 +57,13 @@ def serve(name: str, host: str = typer.Option("127.0.0.1", "--host"), port: int 
     """
     import uvicorn
 
+    from skilltune.errors import SkilltuneError
     from skilltune.scorecard.app import create_app
     from skilltune.scorecard.study import get_study
 
     study, Session = get_study(name, url)
+    if problem := listen_problem(host, port):
+        raise SkilltuneError(problem[0], hint=problem[1])
     console.print(f"scorecard '{name}' on http://{host}:{port}/r/<rater token>")
     uvicorn.run(create_app(Session, name), host=host, port=port, log_level="warning")
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from skilltune.cli.common import ConsoleStages, console, plain, quiet_libraries
+from skilltune.cli.common import ConsoleStages, console, listen_problem, plain, quiet_libraries
 from skilltune.errors import SkilltuneError
 
 
@@ -81,7 +81,7 @@ def serve(ref: str = typer.Argument(..., help="NAME@alias or NAME@vN from the re
     if engine != "transformers":
         raise SkilltuneError(f"unknown engine '{engine}'", hint="transformers or vllm")
     from skilltune.serve.clients import load_api_keys
-    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback, listen_problem, make_server
+    from skilltune.serve.server import allowed_hosts_for, build_state, is_loopback, make_server
 
     if problem := listen_problem(cfg.host, cfg.port):  # before the model loads (seconds to minutes)
         raise SkilltuneError(problem[0], hint=problem[1])

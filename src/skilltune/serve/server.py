@@ -195,29 +195,6 @@ def make_server(state: ServerState, host: str, port: int, allowed_hosts: list[st
     return GracefulServer(config)
 
 
-def listen_problem(host: str, port: int) -> tuple[str, str] | None:
-    """(why, what to do) when the server could not listen on ``host:port`` (the port in use, the host not an
-    address here), found before the model loads; None when it can. Bound as uvicorn binds, then released."""
-    import errno
-    import socket
-
-    other_host = "pass an address of this machine with --host (127.0.0.1; 0.0.0.0 for every interface)"
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return f"--host {host}: not an address of this machine ({exc.strerror})", other_host
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            hint = other_host if exc.errno == errno.EADDRNOTAVAIL else \
-                "choose another port with --port, or stop what listens there"
-            return f"cannot listen on {host}:{port}: {exc.strerror}", hint
-    return None
-
-
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
