@@ -65,6 +65,17 @@ def test_unknown_card_lists_the_known_ones(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     assert load_card(str(tmp_path))[1]["hidden_size"] == 64
+    # a multimodal config nests its decoder's sizes (Gemma 3 4B+, Llama 3.2 Vision): those are used
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": TINY}))
+    assert load_card(str(tmp_path))[1]["hidden_size"] == 64
+    # a config without the sizes, or not JSON: a message, not a KeyError
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": "x", "vocab_size": 10}))
+    with pytest.raises(SkilltuneError, match="hidden_size, intermediate_size, num_hidden_layers, num_attention_heads "
+                                             "missing or not a positive whole number"):
+        load_card(str(tmp_path))
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(SkilltuneError, match="not a readable config.json"):
+        load_card(str(tmp_path))
 
 
 def test_estimate_cli():

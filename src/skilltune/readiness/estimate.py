@@ -32,7 +32,7 @@ def load_card(model: str) -> tuple[str, dict]:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        return path.parent.name, json.loads(path.read_text())
+        return path.parent.name, _checked_config(path)
     cards = resources.files("skilltune.resources.cards")
     key = model.lower().removeprefix("meta-llama/").removeprefix("qwen/")
     f = cards.joinpath(f"{key}.json")
@@ -42,6 +42,25 @@ def load_card(model: str) -> tuple[str, dict]:
                              hint=f"use one of: {', '.join(names)}; or pass a local config.json")
     card = json.loads(f.read_text())
     return card["name"], card["config"]
+
+
+_NEEDED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _checked_config(path: Path) -> dict:
+    """A local config.json with the sizes the estimate needs (a multimodal model's ``text_config`` if nested)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise SkilltuneError(f"{path}: not a readable config.json ({exc})") from None
+    if isinstance(cfg, dict) and "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    bad = [k for k in _NEEDED if not isinstance(cfg, dict) or not isinstance(cfg.get(k), int)
+           or isinstance(cfg.get(k), bool) or cfg[k] < 1]
+    if bad:
+        raise SkilltuneError(f"{path}: {', '.join(bad)} missing or not a positive whole number",
+                             hint="pass a decoder model's config.json (as on the Hugging Face Hub), or a card name")
+    return cfg
 
 
 def linear_shapes(cfg: dict) -> list[tuple[str, int, int]]:
