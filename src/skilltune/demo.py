@@ -69,6 +69,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
     from skilltune.readiness.checklist import checklist
     from skilltune.registry.api import Registry
     from skilltune.train.loop import train
+    from skilltune.train.prepare import config_problems
 
     example = find_example("sql")
     workdir = Path(workdir).resolve()
@@ -82,7 +83,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
                   f"data.test={_subset(example / 'data' / 'test.jsonl', data / 'test.jsonl', 8)}",
                   "train.max_steps=3", "train.eval_steps=3", "train.save_steps=3", "eval.max_new_tokens=24",
                   "eval.batch_size=8"]
-    cfg = load_config(example / "config.yaml", extra)
+    cfg = load_config(example / "config.yaml", extra, checks=config_problems)  # a wrong --model fails here, first
 
     def timed(label: str, fn):
         stage(label)
