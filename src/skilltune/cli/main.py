@@ -17,6 +17,7 @@ from skilltune.cli import (config_cmd, data_cmd, demo_cmd, eval_cmd, export_cmd,
                            registry_cmd, scorecard_cmd, serve_cmd, train_cmd)
 from skilltune.cli.common import err_console
 from skilltune.errors import SkilltuneError, filesystem_problem
+from skilltune.text import lone_surrogate
 
 app = typer.Typer(
     help="skilltune — teach an open LLM a new skill: audit data, finetune, evaluate, ship with rollback.\n\n"
@@ -66,13 +67,9 @@ def _undecodable(argv: list[str]) -> str | None:
     no tokenizer, database or JSON file takes). An existing file's name may be any bytes: that one is kept."""
     for arg in argv:
         value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            if os.path.lexists(value):
-                continue
+        if (at := lone_surrogate(value)) is not None and not os.path.lexists(value):
             shown = value.encode("utf-8", "surrogateescape")
-            return f"argument {shown!r} is not UTF-8 text (byte {exc.start}); pass text in UTF-8"
+            return f"argument {shown!r} is not UTF-8 text (byte {at}); pass text in UTF-8"
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 from skilltune.data.formats import FORMATS, FieldProblem, detect_format
 from skilltune.data.types import Example, RowProblem
 from skilltune.errors import DataError
+from skilltune.text import lone_surrogate
 
 
 @dataclass
@@ -144,13 +145,11 @@ def not_a_data_file(path: str | Path) -> str | None:
 
 
 def _lone_surrogate(texts: list[str]) -> str | None:
-    """JSON can escape half a surrogate pair (``"\\ud800"``): valid JSON, not text a tokenizer can encode."""
+    """A row's text with half a surrogate pair (``"\\ud800"`` in JSON): valid JSON, not text a tokenizer encodes."""
     for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return (f"a lone surrogate {text[exc.start]!r} (an escape for half a character) at character {exc.start} "
-                    f"of {text[max(0, exc.start - 20):exc.start]!r}...; fix the writer that produced it")
+        if (at := lone_surrogate(text)) is not None:
+            return (f"a lone surrogate {text[at]!r} (an escape for half a character) at character {at} "
+                    f"of {text[max(0, at - 20):at]!r}...; fix the writer that produced it")
     return None
 
 

@@ -176,28 +176,22 @@ def model_fingerprint(path: Path) -> str:
 def _embedded(spec: str, revision: str | None) -> ResolvedModel:
     name = spec.split(":", 1)[1]
     if name not in EMBEDDED:
-        raise ModelLoadError(
-            f"unknown embedded model '{name}'", hint=f"choose one of: {', '.join(sorted(EMBEDDED))}"
-        )
+        raise ModelLoadError(_embedded_problem(spec, revision), hint="see `skilltune models list`")
     model = EMBEDDED[name]
     return ResolvedModel(spec, "embedded", dequantize_gguf(embedded_gguf_path(model), name))
 
 
 def _gguf(spec: str, revision: str | None) -> ResolvedModel:
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file not found: {path}", hint="pass an existing .gguf file")
+    if problem := _gguf_problem(spec, revision):
+        raise ModelLoadError(problem, hint="pass an existing .gguf file")
     return ResolvedModel(spec, "gguf", dequantize_gguf(path.resolve(), path.stem.lower()))
 
 
 def _local(spec: str, revision: str | None) -> ResolvedModel:
-    path = Path(spec).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path} is a folder but has no config.json, so it is not a Hugging Face model directory",
-            hint="pass the folder that holds config.json and the weights, or a .gguf file",
-        )
-    return ResolvedModel(spec, "local", path)
+    if problem := _local_problem(spec, revision):
+        raise ModelLoadError(problem, hint="pass the folder that holds config.json and the weights, or a .gguf file")
+    return ResolvedModel(spec, "local", Path(spec).expanduser().resolve())
 
 
 def _registry(spec: str, revision: str | None) -> ResolvedModel:
@@ -269,7 +263,8 @@ def _gguf_problem(spec: str, revision: str | None) -> str | None:
 
 def _local_problem(spec: str, revision: str | None) -> str | None:
     path = Path(spec).expanduser().resolve()
-    return None if (path / "config.json").is_file() else f"{path} has no config.json: not a Hugging Face model folder"
+    return None if (path / "config.json").is_file() else (f"{path} is a folder but has no config.json, so it is not a "
+                                                          "Hugging Face model directory")
 
 
 def _registry_problem(spec: str, revision: str | None) -> str | None:

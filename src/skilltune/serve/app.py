@@ -32,6 +32,7 @@ from starlette.routing import Match
 
 from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
+from skilltune.text import lone_surrogate
 
 PROBES = ("/health", "/ready")  # answered without a key and not logged: load balancers call them every second
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -53,11 +54,9 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 def _unicode(text: str) -> str:
     """JSON may escape a lone surrogate (``"\\ud800"``), which no tokenizer, log or response can encode: a 422."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start}; "
-                         "send text (UTF-8), not half of a surrogate pair") from None
+    if (at := lone_surrogate(text)) is not None:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[at]!r} at character {at}; "
+                         "send text (UTF-8), not half of a surrogate pair")
     return text
 
 
