@@ -242,3 +242,20 @@ def test_custom_criteria_from_file(eval_dir, tmp_path):
     _, Session = get_study("custom")
     page = TestClient(create_app(Session, "custom")).get(f"/r/{token}", follow_redirects=True).text
     assert "sql style" in page and "Readable SQL?" in page and "unreadable" in page and "Answer B" not in page
+
+
+@pytest.mark.parametrize("lines,needle", [
+    ("not json\n", "per_example.jsonl:1: not JSON"),
+    ('{"prompt": "p", "base_output": "a"}\n', "per_example.jsonl:1: a row needs prompt, base_output, tuned_output"),
+    ("\n", "holds no answers"),
+], ids=["not JSON", "a row without the tuned answer", "empty"])
+def test_a_study_from_a_damaged_eval_folder_is_a_message(tmp_path, lines, needle):
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "per_example.jsonl").write_text(lines)
+    code, out = cli("scorecard", "create", "--from", str(d), "--name", "broken", "--raters", "alice")
+    assert code == 1 and needle in out and "Traceback" not in out, out
+    (d / "per_example.jsonl").write_text('{"prompt": "p", "base_output": "a", "tuned_output": "b"}\n')
+    (d / "results.json").write_text("{")
+    code, out = cli("scorecard", "create", "--from", str(d), "--name", "broken", "--raters", "alice")
+    assert code == 1 and "results.json is not readable JSON" in out, out

@@ -58,12 +58,44 @@ def criteria_from_names(names: list) -> list[dict]:
 
 def criteria_for(eval_dir: str | Path) -> list[str]:
     """The criteria an evaluation asks people to judge: its config's ``eval.scorecard_criteria``, else generic."""
-    results = Path(eval_dir) / "results.json"
-    if results.is_file():
-        chosen = json.loads(results.read_text()).get("scorecard_criteria")
-        if chosen:
-            return list(chosen)
-    return list(GENERIC_CRITERIA)
+    chosen = _eval_results(eval_dir).get("scorecard_criteria")
+    return list(chosen) if chosen else list(GENERIC_CRITERIA)
+
+
+def _eval_results(eval_dir: str | Path) -> dict:
+    """The evaluation's ``results.json`` ({} when it has none)."""
+    path = Path(eval_dir) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise StudyError(f"{path} is not readable JSON ({exc})", hint="run `skilltune eval` again") from None
+    if not isinstance(results, dict):
+        raise StudyError(f"{path} is not an evaluation's results (a JSON object)", hint="run `skilltune eval` again")
+    return results
+
+
+_ROW_FIELDS = ("prompt", "base_output", "tuned_output")
+
+
+def _eval_rows(per_example: Path) -> list[dict]:
+    """The evaluation's answers, one per line; a line that is not one names itself."""
+    rows = []
+    for lineno, line in enumerate(per_example.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise StudyError(f"{per_example}:{lineno}: not JSON ({exc})", hint="run `skilltune eval` again") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in _ROW_FIELDS):
+            raise StudyError(f"{per_example}:{lineno}: a row needs {', '.join(_ROW_FIELDS)} as text",
+                             hint="pass the folder `skilltune eval` wrote (it compares base and tuned answers)")
+        rows.append(row)
+    if not rows:
+        raise StudyError(f"{per_example} holds no answers", hint="run `skilltune eval` on a non-empty test set")
+    return rows
 
 
 def create_study(eval_dir: str | Path, name: str, criteria: list, mode: str = "ab", sample: int = 50,
@@ -77,13 +109,12 @@ def create_study(eval_dir: str | Path, name: str, criteria: list, mode: str = "a
     per_example = Path(eval_dir) / "per_example.jsonl"
     if not per_example.is_file():
         raise StudyError(f"{eval_dir} has no per_example.jsonl", hint="run `skilltune eval` first and pass its folder")
-    rows = [json.loads(line) for line in per_example.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _eval_rows(per_example)
     rng = random.Random(seed)
     rows = rng.sample(rows, min(sample, len(rows)))
     raters = raters or ["rater1"]
     Session = session_factory(url or default_url())
-    results = json.loads((Path(eval_dir) / "results.json").read_text()) if (Path(eval_dir) / "results.json").is_file() \
-        else {}
+    results = _eval_results(eval_dir)
     with Session() as s, s.begin():
         if s.scalars(select(Study).where(Study.name == name)).first():
             raise StudyError(f"a study named {name!r} exists", hint="choose another --name")
