@@ -178,7 +178,8 @@ def test_registry_add_refuses_symlinks(run_dir, tmp_path):
 
 
 # a truncated or corrupt copy: refused at registration, a message (not a traceback) when loaded directly
-@pytest.mark.parametrize("damage", ["truncated weights", "garbage tokenizer", "run record without lineage"])
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage tokenizer", "run record without lineage",
+                                    "eval results not JSON"])
 def test_a_damaged_run_is_refused_by_the_registry_and_explained_by_generate(run_dir, tmp_path, damage):
     damaged = _copy_run(run_dir, tmp_path / "damaged")
     if damage == "truncated weights":
@@ -188,9 +189,13 @@ def test_a_damaged_run_is_refused_by_the_registry_and_explained_by_generate(run_
     elif damage == "garbage tokenizer":
         (damaged / "adapter" / "tokenizer.json").write_text("{garbage")
         needles = ("tokenizer.json (", "the tokenizer cannot be read (")
-    else:
+    elif damage == "run record without lineage":
         (damaged / "run.json").write_text(json.dumps({"base_model": "x"}))
         needles = ("not a run record skilltune wrote", None)
+    else:
+        (damaged / "eval").mkdir(exist_ok=True)
+        (damaged / "eval" / "results.json").write_text("{")
+        needles = ("results.json is not readable JSON", None)
     code, out = cli("registry", "add", str(damaged), "--name", "damaged")
     assert code == 1 and needles[0] in out and "Traceback" not in out, out
     assert Registry().list("damaged") == []

@@ -266,11 +266,11 @@ class Registry:
             run_config = load_config(run_dir / "config.yaml").model_dump(mode="json")
         metrics = {}
         if (run_dir / "eval" / "results.json").is_file():
-            metrics["eval"] = json.loads((run_dir / "eval" / "results.json").read_text())
+            metrics["eval"] = _json_file(run_dir / "eval" / "results.json")
         manifest = self.store.put_dir(artifact)
         lineage = {
             "run_dir": str(run_dir.resolve()), "base_model": run["base_model"], "method": meta.method,
-            "adapter_config": json.loads((artifact / "adapter_config.json").read_text())
+            "adapter_config": _json_file(artifact / "adapter_config.json")
             if (artifact / "adapter_config.json").is_file() else None,
             "data": run["identity"]["data"], "config": run["identity"]["config"], "tokenizer": run["tokenizer"],
             "final_train_loss": summary.get("final_train_loss"), "final_val_loss": summary.get("final_val_loss"),
