@@ -259,3 +259,16 @@ def test_a_study_from_a_damaged_eval_folder_is_a_message(tmp_path, lines, needle
     (d / "results.json").write_text("{")
     code, out = cli("scorecard", "create", "--from", str(d), "--name", "broken", "--raters", "alice")
     assert code == 1 and "results.json is not readable JSON" in out, out
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{", "--criteria-file"), ("[1, 2]", "criterion 1: a name, or an object"),
+    ('{"tone": 1}', "expected a non-empty list"), ('["tone", "tone"]', "a name appears twice"),
+], ids=["not JSON", "numbers", "an object, not a list", "a name twice"])
+def test_a_bad_criteria_file_is_a_message_and_makes_no_study(eval_dir, tmp_path, content, needle):
+    f = tmp_path / "criteria.json"
+    f.write_text(content)
+    code, out = cli("scorecard", "create", "--from", str(eval_dir), "--name", "crit", "--criteria-file", str(f))
+    assert code == 1 and needle in out and "Traceback" not in out, out
+    code, out = cli("scorecard", "report", "crit")
+    assert "no study named 'crit'" in out

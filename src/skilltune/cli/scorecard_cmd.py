@@ -33,11 +33,16 @@ def create(source: Path = typer.Option(..., "--from", help="An eval folder (with
 
     Example: skilltune scorecard create --from runs/sql/eval --name sql-review --raters alice,bob --sample 40
     """
-    from skilltune.scorecard.study import DEFAULT_GATES, create_study, criteria_for
+    from skilltune.scorecard.study import DEFAULT_GATES, StudyError, create_study, criteria_for
 
     crit: list = [c.strip() for c in criteria.split(",") if c.strip()] if criteria else criteria_for(source)
     if criteria_file is not None:
-        crit = json.loads(criteria_file.read_text())
+        try:
+            crit = json.loads(criteria_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StudyError(f"--criteria-file {criteria_file}: not readable JSON ({exc})",
+                             hint='a list like [{"name": "tone", "description": "...", "anchors": {"1": "...", '
+                                  '"5": "..."}}]') from None
     with ConsoleStages().stage(f"creating study {name!r} from {source}"):
         study, tokens = create_study(source, name, crit, mode, sample,
                                      [r.strip() for r in raters.split(",") if r.strip()], overlap, seed, url,

@@ -42,10 +42,15 @@ def default_url() -> str:
 
 def criteria_from_names(names: list) -> list[dict]:
     """Criteria from names (built-in descriptions and anchors) or full dicts {name, description, anchors}."""
+    if not isinstance(names, list) or not names:
+        raise StudyError(f"criteria: expected a non-empty list of names or {{name, description, anchors}} objects, "
+                         f"got {type(names).__name__}")
     out = []
     for n in names:
+        if not isinstance(n, (str, dict)) or not n:
+            raise StudyError(f"criterion {n!r}: a name, or an object {{name, description, anchors}}")
         if isinstance(n, dict):
-            if not n.get("name") or not isinstance(n.get("anchors", {}), dict):
+            if not isinstance(n.get("name"), str) or not n["name"] or not isinstance(n.get("anchors", {}), dict):
                 raise StudyError(f"criterion {n!r}: needs a name and anchors as {{\"1\": text, ..., \"5\": text}}")
             out.append({"name": n["name"], "description": n.get("description", ""),
                         "anchors": {str(k): v for k, v in n.get("anchors", {}).items()}})
@@ -53,6 +58,8 @@ def criteria_from_names(names: list) -> list[dict]:
         desc, anchors = DEFAULT_CRITERIA.get(n, (f"How good is the answer on {n.replace('_', ' ')}?",
                                                  {1: "poor", 3: "acceptable", 5: "excellent"}))
         out.append({"name": n, "description": desc, "anchors": {str(k): v for k, v in anchors.items()}})
+    if len({c["name"] for c in out}) != len(out):
+        raise StudyError(f"criteria: a name appears twice ({', '.join(c['name'] for c in out)})")
     return out
 
 
