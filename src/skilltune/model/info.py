@@ -32,8 +32,8 @@ def model_info(spec: str, trust_remote_code: bool = False) -> dict:
 
     cfg = ModelConfig(base=spec, trust_remote_code=trust_remote_code)
     source = resolve_model(spec)
+    tokenizer, tinfo, _ = load_tokenizer(cfg, source)  # a config.json that is not JSON is its error, said first
     config = json.loads((source.path / "config.json").read_text())
-    tokenizer, tinfo, _ = load_tokenizer(cfg, source)
     params, dtype = _param_count(source.path)
     size = sum(f.stat().st_size for f in source.path.rglob("*") if f.is_file())
     return {
