@@ -131,3 +131,11 @@ def test_models_info_cli_on_embedded(monkeypatch):
 def test_cli_help_has_examples(args, needle):
     code, out = cli(*args)
     assert code == 0 and needle in " ".join(out.split())
+
+
+def test_models_info_of_a_folder_whose_config_is_not_json_is_a_message(tmp_path):
+    from helpers import cli
+
+    (tmp_path / "config.json").write_text("{")
+    code, out = cli("models", "info", str(tmp_path))
+    assert code == 1 and "is not a valid JSON file" in out and "Traceback" not in out, out
