@@ -134,8 +134,6 @@ def test_cli_help_has_examples(args, needle):
 
 
 def test_models_info_of_a_folder_whose_config_is_not_json_is_a_message(tmp_path):
-    from helpers import cli
-
     (tmp_path / "config.json").write_text("{")
     code, out = cli("models", "info", str(tmp_path))
     assert code == 1 and "is not a valid JSON file" in out and "Traceback" not in out, out
