@@ -98,6 +98,20 @@ def test_a_skipped_check_never_counts_and_never_replaces_one_that_ran(sysrun):
     assert "skipped" not in leak["summary"]
 
 
+def test_a_damaged_audit_record_is_no_evidence_and_the_next_audit_writes_it_again(tmp_path):
+    from skilltune.data.records import find_audit
+    from skilltune.paths import file_fingerprint, home
+
+    data = write_jsonl(tmp_path / "rows.jsonl", SQL_ROWS)
+    sha = file_fingerprint(data)["sha256"]
+    record = home() / "evidence" / "audits" / f"{sha}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("{ half a record")
+    assert find_audit(sha) is None  # the checklist then says MISSING, not a traceback
+    code, out = cli("data", "audit", str(data), "--no-tokenizer")
+    assert "Traceback" not in out and find_audit(sha)["checks"], out
+
+
 def test_the_data_item_names_the_skipped_checks(tmp_path, sysrun):
     from skilltune.data.audit import CHECKS, CheckResult
     from skilltune.data.audit.run import AuditReport

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from skilltune.paths import atomic_write_text, file_fingerprint, home
+
+log = logging.getLogger(__name__)
 
 
 def _dir(kind: str) -> Path:
@@ -24,7 +27,7 @@ def record_audit(report) -> Path:
     """
     data = report.to_json()
     path = _dir("audits") / f"{data['fingerprint']['sha256']}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = _load(path) or {}
     before = {c["name"]: c for c in old.get("checks", [])}
     checks = []
     for check in data["checks"]:
@@ -54,10 +57,21 @@ def record_spotcheck(file: str, reviewer: str, verdicts: list[dict]) -> Path:
 
 
 def find_audit(sha256: str) -> dict | None:
-    path = _dir("audits") / f"{sha256}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _load(_dir("audits") / f"{sha256}.json")
 
 
 def find_spotcheck(sha256: str) -> dict | None:
-    path = _dir("spotchecks") / f"{sha256}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _load(_dir("spotchecks") / f"{sha256}.json")
+
+
+def _load(path: Path) -> dict | None:
+    """A record, or None when there is none — or it is damaged: damaged evidence is no evidence (the checklist
+    says MISSING and the next audit writes it again), never a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s is damaged; treated as not recorded", path)
+        return None
+    return record if isinstance(record, dict) else None
