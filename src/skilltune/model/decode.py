@@ -323,10 +323,9 @@ def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 def _rng(request: Request, device) -> torch.Generator | None:
     """The request's own random stream when it samples with a seed (OpenAI's ``seed``), else None."""
-    seed = getattr(request, "seed", None)
-    if seed is None or request.temperature <= 0:
+    if request.seed is None or request.temperature <= 0:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(request.seed)
 
 
 def _choose(logits: torch.Tensor, requests: list[Request], model,
@@ -347,7 +346,7 @@ def _choose(logits: torch.Tensor, requests: list[Request], model,
             kth = torch.topk(row, top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
         probs = torch.softmax(row, -1)
-        top_p = getattr(r, "top_p", None) or model_top_p
+        top_p = r.top_p or model_top_p
         if top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the most likely token always stays
