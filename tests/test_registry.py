@@ -222,3 +222,53 @@ def test_the_store_location_is_configurable(two_runs, tmp_path, monkeypatch):
     v = Registry().add(two_runs[0], "st")
     digest = v.manifest["adapter_model.safetensors"]
     assert (tmp_path / "shared-store" / "objects" / digest[:2] / digest[2:]).is_file()
+
+
+def test_gc_frees_only_what_no_version_uses(two_runs):
+    reg = Registry()
+    v1, v2 = reg.add(two_runs[0], "g"), reg.add(two_runs[1], "g")
+    checkouts = [reg.materialize("g@v1"), reg.materialize("g@v2")]
+    code, out = cli("registry", "delete", "g@v1")
+    assert code == 0 and "registry gc" in out
+    only_v1 = set(v1.manifest.values()) - set(v2.manifest.values())
+    assert only_v1 and set(v2.manifest.values()) - set(v1.manifest.values())  # the adapters differ, the rest is shared
+
+    def obj(digest):
+        return reg.store.root / "objects" / digest[:2] / digest[2:]
+
+    code, out = cli("registry", "gc", "--dry-run")
+    assert code == 0 and f"would remove {len(only_v1)} store files no version uses" in out
+    assert "would remove 1 checkouts of deleted versions" in out and str(checkouts[0]) in out.replace("\n", "")
+    assert all(obj(d).is_file() for d in only_v1) and checkouts[0].is_dir()  # a dry run removes nothing
+    cleanup = reg.gc()
+    assert {p.parent.name + p.name for p in cleanup.unused} == only_v1 and cleanup.checkouts == [checkouts[0]]
+    assert cleanup.sizes["unused"] == sum(len((two_runs[0] / "adapter" / rel).read_bytes())
+                                          for rel, d in v1.manifest.items() if d in only_v1)
+    assert not any(obj(d).exists() for d in only_v1) and not checkouts[0].exists()
+    reg.store.verify(v2.manifest)  # every file of the version left is there, with its hash
+    assert reg.store.matches(v2.manifest, checkouts[1]) and reg.gc().sizes == {"unused": 0, "partial": 0,
+                                                                                 "checkouts": 0}
+
+
+def test_gc_waits_for_no_add_and_cleans_up_after_a_killed_one(two_runs):
+    """A `registry add` killed mid-copy leaves a partial object; gc is refused while the add runs (it could take
+    objects not yet in a version) and removes the partial copy once the kill released the store."""
+    script = ("import shutil, sys, time\n"
+              "def stuck(fin, fout, *a, **k):\n"
+              "    fout.write(fin.read(10)); fout.flush(); print('copying', flush=True); time.sleep(600)\n"
+              "shutil.copyfileobj = stuck\n"
+              "from skilltune.registry.api import Registry\nRegistry().add(sys.argv[1], 'k')\n")
+    reg = Registry()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(two_runs[0])], env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"copying"
+        with pytest.raises(RegistryError, match="in use: a `registry add` or a checkout is running"):
+            reg.gc()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    cleanup = reg.gc()
+    assert len(cleanup.partial) == 1 and ".tmp" in cleanup.partial[0].name and cleanup.sizes["partial"] == 10
+    assert not cleanup.partial[0].exists() and reg.list("k") == []
+    assert reg.add(two_runs[0], "k").number == 1  # the store works as before

@@ -149,3 +149,45 @@ def lock_holder(folder: Path, name: str = ".lock") -> str:
         return (Path(folder) / name).read_text().strip() or "?"
     except OSError:
         return "?"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool, wait: bool = True):
+    """Hold an advisory lock on ``path`` for the ``with`` block: shared (many holders) or exclusive (one).
+
+    Yields True when held; with ``wait=False`` yields False instead of waiting when it is taken. A kill
+    releases it. Where no lock can be taken (no ``fcntl``; a shared lock in a folder this user may only read,
+    with no lock file yet) it is granted without locking.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fh = _open_lock_file(Path(path), shared)
+    if fh is None:
+        yield True
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path, shared: bool):
+    """A handle to lock, or None for a shared lock on a file that can be neither created nor read."""
+    try:
+        return open(path, "a")  # noqa: SIM115 - closed by file_lock
+    except OSError:
+        if not shared:
+            raise
+    try:
+        return open(path)  # noqa: SIM115 - a read-only folder: a shared lock needs only a read handle
+    except OSError:
+        return None

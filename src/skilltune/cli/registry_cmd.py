@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skilltune.cli.common import console
+from skilltune.cli.common import console, human_bytes, plain
 
 app = typer.Typer(help="Versions with lineage, promote and one-command rollback.\n\n"
                        "Example: skilltune registry rollback sql-demo", no_args_is_help=True)
@@ -161,4 +161,28 @@ def delete(ref: str, url: Optional[str] = typer.Option(None, "--registry-url", h
     Example: skilltune registry delete sql-demo@v1
     """
     _reg(url).delete(ref)
-    console.print(f"deleted {ref}")
+    console.print(f"deleted {ref}; `skilltune registry gc` frees the disk its files used (files other versions "
+                  "share stay)", highlight=False)
+
+
+@app.command()
+def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove nothing."),
+       url: Optional[str] = typer.Option(None, "--registry-url", help=URL_HELP)):
+    """Free the disk deleted versions used: store files no version names, partial copies a killed `registry
+    add` left, and this machine's checkouts of deleted versions. Every version in the database is kept.
+
+    Example: skilltune registry gc --dry-run
+    """
+    cleanup = _reg(url).gc(dry_run)
+    parts = [(cleanup.unused, "store files no version uses", "unused"),
+             (cleanup.partial, "partial copies of an interrupted add", "partial"),
+             (cleanup.checkouts, "checkouts of deleted versions", "checkouts")]
+    verb = "would remove" if dry_run else "removed"
+    for paths, what, key in parts:
+        console.print(f"{verb} {len(paths)} {what} ({human_bytes(cleanup.sizes[key])})", highlight=False)
+        if dry_run:
+            for path in paths:
+                plain(f"  {path}")
+    total = sum(cleanup.sizes.values())
+    console.print(f"{'would free' if dry_run else 'freed'} {human_bytes(total)}", highlight=False)
+

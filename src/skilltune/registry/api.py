@@ -10,10 +10,11 @@ import getpass
 import json
 import os
 import re
+import shutil
 import subprocess
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select, text
@@ -267,7 +268,6 @@ class Registry:
         metrics = {}
         if (run_dir / "eval" / "results.json").is_file():
             metrics["eval"] = _json_file(run_dir / "eval" / "results.json")
-        manifest = self.store.put_dir(artifact)
         lineage = {
             "run_dir": str(run_dir.resolve()), "base_model": run["base_model"], "method": meta.method,
             "adapter_config": _json_file(artifact / "adapter_config.json")
@@ -281,18 +281,20 @@ class Registry:
             "parent": run["base_model"]["spec"] if run["base_model"].get("kind") == "registry" else None,
             "provenance": run.get("provenance") or {},
         }
-        with self.tx(lock=name) as s:
-            same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
-                    if v.manifest == manifest]
-            if same and not allow_duplicate:
-                raise RegistryError(f"{run_dir} is already registered as {name}@v{same[0]} (identical files; any "
-                                    "damaged store objects were repaired from it)",
-                                    hint=f"use {name}@v{same[0]}, or pass --allow-duplicate to add it again")
-            last = s.scalars(select(Version.number).where(Version.name == name)
-                             .order_by(Version.number.desc())).first() or 0
-            v = Version(name=name, number=last + 1, note=note, method=meta.method, manifest=manifest,
-                        lineage=lineage, metrics=metrics)
-            s.add(v)
+        with self.store.in_use():  # a `registry gc` never takes objects not yet in a version
+            manifest = self.store.put_dir(artifact)
+            with self.tx(lock=name) as s:
+                same = [v.number for v in s.scalars(select(Version).where(Version.name == name)).all()
+                        if v.manifest == manifest]
+                if same and not allow_duplicate:
+                    raise RegistryError(f"{run_dir} is already registered as {name}@v{same[0]} (identical files; any "
+                                        "damaged store objects were repaired from it)",
+                                        hint=f"use {name}@v{same[0]}, or pass --allow-duplicate to add it again")
+                last = s.scalars(select(Version.number).where(Version.name == name)
+                                 .order_by(Version.number.desc())).first() or 0
+                v = Version(name=name, number=last + 1, note=note, method=meta.method, manifest=manifest,
+                            lineage=lineage, metrics=metrics)
+                s.add(v)
         return v
 
     def versions_of_run(self, run_dir: str | None) -> list[str]:
@@ -403,7 +405,27 @@ class Registry:
         return self._materialize(self.get(ref))
 
     def _materialize(self, v: Version) -> Path:
-        return self.store.materialize(v.manifest, home() / "registry" / "checkout" / v.name / f"v{v.number}")
+        with self.store.in_use():
+            return self.store.materialize(v.manifest, _checkouts() / v.name / f"v{v.number}")
+
+    def gc(self, dry_run: bool = False) -> "Cleanup":
+        """Free the disk deleted versions used: store objects no version names any more, partial copies a
+        killed `registry add` left, and this machine's checkouts of deleted versions. Versions of every name
+        in this registry's database count; a store must not be shared with another database's versions."""
+        with self.store.alone() as alone:
+            if not alone:
+                raise RegistryError(f"the artifact store {self.store.root} is in use: a `registry add` or a "
+                                    "checkout is running", hint="run `skilltune registry gc` again when it is done")
+            with self.Session() as s:
+                versions = s.execute(select(Version.name, Version.number, Version.manifest)).all()
+            unused, partial = self.store.unused({d for _, _, m in versions for d in m.values()})
+            live = {(name, f"v{number}") for name, number, _ in versions}
+            stale = [d for d in sorted(_checkouts().glob("*/*")) if d.is_dir() and not d.is_symlink()
+                     and (d.name.startswith(".tmp-") or (d.parent.name, d.name) not in live)]
+            cleanup = Cleanup(unused, partial, stale)
+            if not dry_run:
+                cleanup.remove()
+        return cleanup
 
     def checkout(self, ref: str, trust_remote_code: bool = False) -> "Checkout":
         """What every command that loads a version needs: the version, its verified files, and how to load its
@@ -419,6 +441,34 @@ class Checkout:
     ref: str  # NAME@vN
     path: Path  # the verified artifact folder
     policy: object  # LoadPolicy for its base model
+
+
+def _checkouts() -> Path:
+    return home() / "registry" / "checkout"
+
+
+@dataclass
+class Cleanup:
+    """What `registry gc` removes (or would, in a dry run); ``sizes`` are the bytes each part frees, taken
+    before anything is removed."""
+    unused: list[Path]
+    partial: list[Path]
+    checkouts: list[Path]
+    sizes: dict[str, int] = field(init=False)
+
+    def __post_init__(self):
+        self.sizes = {part: sum(_bytes(p) for p in getattr(self, part)) for part in ("unused", "partial", "checkouts")}
+
+    def remove(self) -> None:
+        for path in self.unused + self.partial:
+            path.unlink(missing_ok=True)
+        for folder in self.checkouts:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bytes(path: Path) -> int:
+    files = [path] if path.is_file() else path.rglob("*")
+    return sum(f.lstat().st_size for f in files if f.is_file() and not f.is_symlink())
 
 
 def diff_versions(a: Version, b: Version) -> dict[str, list[str]]:

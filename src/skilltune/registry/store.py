@@ -16,7 +16,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from skilltune.errors import SkilltuneError
-from skilltune.paths import atomic_dir, private_dir, sha256_file
+from skilltune.paths import atomic_dir, file_lock, private_dir, sha256_file
 
 
 class TamperedArtifact(SkilltuneError):
@@ -66,6 +66,29 @@ class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         private_dir(self.root / "objects")
+
+    def in_use(self):
+        """A shared hold on the store, taken by every add (from its first copied object until its version is
+        recorded) and every checkout: :meth:`unused` runs only while nobody holds it."""
+        return file_lock(self.root / ".lock", shared=True)
+
+    def alone(self):
+        """Yields whether the store is held by nobody else (then held exclusively for the ``with`` block)."""
+        return file_lock(self.root / ".lock", shared=False, wait=False)
+
+    def unused(self, keep: set[str]) -> tuple[list[Path], list[Path]]:
+        """The objects no digest in ``keep`` names, and the partial copies an add that was killed left
+        (``*.tmpPID``). Call it inside :meth:`alone`: a running add's objects are not in ``keep`` yet."""
+        unused, partial = [], []
+        for obj in sorted((self.root / "objects").glob("??/*")):
+            name = obj.parent.name + obj.name
+            if not obj.is_file() or obj.is_symlink():
+                continue
+            if ".tmp" in obj.name:
+                partial.append(obj)
+            elif len(name) == 64 and name not in keep:
+                unused.append(obj)
+        return unused, partial
 
     def _object(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
