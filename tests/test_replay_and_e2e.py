@@ -62,3 +62,46 @@ def test_embedded_smollm2_trains_end_to_end(tmp_path, monkeypatch):
               add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_a_killed_replay_continues_where_it_stopped(tmp_path, stopping_run_dir, monkeypatch):
+    """Answers are journalled as they are made: the same command after a kill generates only the rest, and the
+    file is the one an uninterrupted run writes. Another model (or other limits) starts over."""
+    from skilltune.data import replay as replay_mod
+
+    args = dict(model=str(stopping_run_dir), n=12, max_new_tokens=8, batch_size=1)  # journalled every 4 prompts
+    whole = replay_mod.replay(dst=tmp_path / "whole.jsonl", **args)
+    real, asked = replay_mod.generate, []
+
+    class Killed(BaseException):  # like a kill, not an error: nothing is caught or cleaned up on its way out
+        pass
+
+    def killed_after_two_chunks(model, tokenizer, prompts, **kw):
+        if len(asked) == 2:
+            raise Killed
+        asked.append(len(prompts))
+        return real(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(replay_mod, "generate", killed_after_two_chunks)
+    dst = tmp_path / "general.jsonl"
+    with pytest.raises(Killed):
+        replay_mod.replay(dst=dst, **args)
+    journal = tmp_path / ".general.jsonl.replay-journal"
+    assert not dst.exists() and len(journal.read_text().splitlines()) == 1 + 8
+    with open(journal, "a") as fh:
+        fh.write('{"i": 11, "te')  # a kill mid-line
+    monkeypatch.setattr(replay_mod, "generate", lambda model, tokenizer, prompts, **kw: (
+        asked.append(len(prompts)), real(model, tokenizer, prompts, **kw))[1])
+    code, out = cli("data", "replay", str(dst), "--model", str(stopping_run_dir), "--n", "12", "--max-new-tokens",
+                    "8")
+    assert code == 0 and "(8 answered by the interrupted run resumed)" in out, out
+    assert asked == [4, 4, 4]  # only the four prompts left were generated again
+    assert dst.read_text() == (tmp_path / "whole.jsonl").read_text() and not journal.exists()
+    assert whole.resumed == 0
+    # a journal made with other limits is not used
+    asked.clear()
+    monkeypatch.setattr(replay_mod, "generate", killed_after_two_chunks)
+    with pytest.raises(Killed):
+        replay_mod.replay(dst=dst, **args)
+    monkeypatch.setattr(replay_mod, "generate", real)
+    assert replay_mod.replay(dst=dst, **{**args, "max_new_tokens": 9}).resumed == 0

@@ -161,6 +161,8 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
             seed: int = typer.Option(42, "--seed")) -> None:
     """Build general data with no download: the base model answers bundled general prompts (self-distillation).
 
+    Killed, the same command continues where it stopped (answers are journalled beside DST as they are made).
+
     Example: skilltune data replay general.jsonl --n 200 && skilltune data mix train.jsonl general.jsonl mixed.jsonl
     """
     quiet_libraries()
@@ -169,6 +171,7 @@ def replay_(dst: Path = typer.Argument(..., help="Output JSONL."),
     res = replay(model, dst, n, max_new_tokens, seed, stages=ConsoleStages())
     dropped = res.unfinished + res.empty
     console.print(f"wrote {res.written} of {res.asked} general examples answered by {model} -> {dst}"
+                  + (f" ({res.resumed} answered by the interrupted run resumed)" if res.resumed else "")
                   + (f"; dropped {dropped}: {res.unfinished} did not finish within --max-new-tokens "
                      f"{max_new_tokens} (they would teach rambling), {res.empty} were empty" if dropped else ""),
                   highlight=False, soft_wrap=True)
