@@ -341,10 +341,9 @@ def test_a_stop_sequence_ends_decoding(server, continuous):
 
 @pytest.mark.parametrize("option", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    {"response_format": {"type": "json_object"}}, {"logprobs": True}, {"logit_bias": {"50": 10}},
-    {"presence_penalty": 0.5}])
+    {"logprobs": True}, {"logit_bias": {"50": 10}}, {"presence_penalty": 0.5}])
 def test_options_the_server_does_not_compute_are_refused_by_name(server, option):
-    """An answer that silently ignores tools, JSON mode, logprobs or penalties is worse than a 400 naming them."""
+    """An answer that silently ignores tools, logprobs or penalties is worse than a 400 naming them."""
     base, _, _ = server()
     body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     r = httpx.post(f"{base}/v1/chat/completions", json={**body, **option})

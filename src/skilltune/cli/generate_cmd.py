@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -24,6 +25,9 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
                                                 "stream seeded with this (the same seed, the same answers)."),
              precision: str = typer.Option("auto", help="Weights: auto (bf16 where the CPU computes it fast, as "
                                                         "eval and serve), bf16 or fp32."),
+             json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="A JSON Schema file: each answer "
+                                                        "is decoded under its grammar (structured output)."),
+             json_object: bool = typer.Option(False, "--json", help="Each answer is one JSON object."),
              base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "
                                                                      "(its hash must match the adapter's record)."),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -36,10 +40,12 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     from dataclasses import replace
 
     from skilltune.model.generate import generate as run_generate
+    from skilltune.model.structured import GrammarError, vocab_width
     from skilltune.model.target import load_target, training_system_prompt
     from skilltune.model.tokenizer import render_prompt
     from skilltune.registry.api import resolve_spec
 
+    grammar = _grammar(json_schema, json_object)
     spec, policy = resolve_spec(model, trust_remote_code)
     if base:
         policy = replace(policy, base=base)
@@ -47,11 +53,40 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     if system is None and target.adapter_dir is not None:  # answer the way the model was trained to be asked
         system = training_system_prompt(target.adapter_dir)
     rendered = [render_prompt(target.tokenizer, p, system) for p in prompts]
+    if grammar is not None:
+        try:
+            grammar.check(target.tokenizer, target.tokenizer.eos_token_id, vocab_width(target.model, target.tokenizer))
+        except GrammarError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--json-schema") from None
     outs = run_generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p or None, seed=seed)
+                        temperature=temperature, top_p=top_p or None, seed=seed,
+                        grammars=[grammar] * len(rendered))  # each row builds its own matcher from it
     for p, out in zip(prompts, outs):
         console.print(f"[bold cyan]user[/bold cyan]: {escape(p)}", highlight=False)
         console.print(f"[bold green]{escape(target.label)}[/bold green]: {escape(out.text)}", highlight=False)
+
+
+def _grammar(schema_file: Optional[Path], json_object: bool):
+    """The grammar --json-schema / --json ask for (None: plain text); a bad file or schema is a usage error."""
+    import json
+
+    from skilltune.model.structured import Grammar, GrammarError
+
+    if schema_file is None and not json_object:
+        return None
+    if schema_file is not None and json_object:
+        raise typer.BadParameter("give --json-schema or --json, not both", param_hint="--json")
+    schema = None
+    if schema_file is not None:
+        try:
+            schema = json.loads(schema_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise typer.BadParameter(f"{schema_file}: not a readable JSON file ({exc})",
+                                     param_hint="--json-schema") from None
+    try:
+        return Grammar.json(schema)
+    except GrammarError as exc:
+        raise typer.BadParameter(f"{schema_file}: {exc}", param_hint="--json-schema") from None
 
 
 def _dtype(precision: str):

@@ -34,6 +34,8 @@ from typing import Callable, Protocol
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from skilltune.model.structured import Grammar, RowMatcher, vocab_width
+
 
 class Request(Protocol):
     """What a row decodes (the server's jobs and offline prompts both are one)."""
@@ -43,6 +45,7 @@ class Request(Protocol):
     temperature: float
     top_p: float | None  # nucleus sampling's mass (None: the model's generation config)
     seed: int | None  # its own random stream when sampling: the same seed, the same draws, whatever the batch
+    grammar: Grammar | None  # what the answer must match (structured output), or None
 
 
 def decode_refusal(model, longest: int | None = None) -> str | None:
@@ -94,10 +97,12 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # ended on the end-of-turn token
     rng: torch.Generator | None = None  # the request's seeded random stream (sampling with a seed)
+    matcher: RowMatcher | None = None  # its grammar's state (structured output)
+    complete: bool = False  # its grammar is satisfied and allows nothing more (ended without the end token)
 
     @property
     def finished(self) -> bool:
-        return self.stopped or len(self.tokens) >= self.request.max_tokens
+        return self.stopped or self.complete or len(self.tokens) >= self.request.max_tokens
 
 
 class DecodeBatch:
@@ -143,10 +148,17 @@ class DecodeBatch:
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                          **self.last_logits, **({self.cache_arg: cache} if cache is not None else {}))
         now = time.monotonic()
-        rows = [Row(r, len(i), len(i), now, sink(r) if sink else None, rng=_rng(r, self.device))
-                for r, i in zip(requests, ids)]
-        first = _choose(out.logits[:, -1], requests, self.model, [row.rng for row in rows])
+        rows = [Row(r, len(i), len(i), now, sink(r) if sink else None, rng=_rng(r, self.device),
+                    matcher=self.matcher(r)) for r, i in zip(requests, ids)]
+        first = _choose(out.logits[:, -1], requests, self.model, [row.rng for row in rows],
+                        [row.matcher for row in rows])
         self._merge(_cache_of(out), mask, rows, first)
+
+    def matcher(self, request: Request) -> RowMatcher | None:
+        """The request's grammar at its start for this batch's model (None: no grammar). Raises GrammarError."""
+        if request.grammar is None:
+            return None
+        return request.grammar.matcher(self.tokenizer, self.eos, vocab_width(self.model, self.tokenizer))
 
     def _prefix_cache(self, rows: int):
         """A cache holding the shared prefix's keys and values for ``rows`` rows (computed on first use)."""
@@ -186,7 +198,8 @@ class DecodeBatch:
         out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self.cache_arg: self.cache})
         self.cache = _cache_of(out)
-        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model, [r.rng for r in self.rows])
+        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model, [r.rng for r in self.rows],
+                         [r.matcher for r in self.rows])
         self.next_tokens = chosen
         for row, token in zip(self.rows, chosen.tolist()):
             row.position += 1
@@ -199,6 +212,8 @@ class DecodeBatch:
             row.stopped = True
             return
         row.tokens.append(token)
+        if row.matcher is not None:
+            row.complete = row.matcher.take(token)
         if row.sink is not None:
             row.sink(token)
 
@@ -233,7 +248,7 @@ class DecodeBatch:
         now = time.monotonic() if now is None else now
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         return Generation(text, row.prompt_tokens, len(row.tokens) + (1 if row.stopped else 0), now - row.started,
-                          row.stopped)
+                          row.stopped or row.complete)
 
 
 class KVBuffer(CacheLayerMixin):
@@ -329,9 +344,16 @@ def _rng(request: Request, device) -> torch.Generator | None:
 
 
 def _choose(logits: torch.Tensor, requests: list[Request], model,
-            rngs: list[torch.Generator | None] | None = None) -> torch.Tensor:
+            rngs: list[torch.Generator | None] | None = None,
+            matchers: list[RowMatcher | None] | None = None) -> torch.Tensor:
     """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k, and the request's
-    top-p or else the model's, as generate), drawn from the row's seeded stream when it has one."""
+    top-p or else the model's, as generate), drawn from the row's seeded stream when it has one. A row with a
+    grammar chooses among the tokens it allows."""
+    if matchers and any(m is not None for m in matchers):
+        logits = logits.to(torch.float32, copy=True)  # the masks below never touch the model's output
+        for row, m in zip(logits, matchers):
+            if m is not None:
+                m.constrain(row)
     greedy = logits.float().argmax(-1)  # the same index; PyTorch's CPU argmax is 4x slower on bf16
     if not any(r.temperature > 0 for r in requests):
         return greedy

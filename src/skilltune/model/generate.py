@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers import LogitsProcessor
 
 from skilltune.model.decode import DecodeBatch, decode_refusal, shared_prefix
 from skilltune.model.kernels import generation_kernels
+from skilltune.model.structured import Grammar, vocab_width
 
 
 @dataclass
@@ -64,11 +66,47 @@ def _step_streamer(on_step: Callable[[list[int], list[int]], None], idx: list[in
     return _Steps()
 
 
+class _GrammarLogits(LogitsProcessor):
+    """A transformers logits processor: each row with a grammar chooses among the tokens it allows (the rows of
+    a static batch, as :func:`skilltune.model.decode._choose` does for the running batch)."""
+
+    def __init__(self, grammars: list, model, tokenizer, eos: int, prompt_width: int):
+        width = vocab_width(model, tokenizer)
+        self.matchers = [g.matcher(tokenizer, eos, width) if g is not None else None for g in grammars]
+        self.eos, self.prompt_width = eos, prompt_width
+        self.done = [False] * len(grammars)  # the row chose its end token, or its grammar is complete
+
+    def whole(self, row: int, last: int) -> bool:
+        """Whether ``row``'s grammar is satisfied to its end, ``last`` (the batch's final token, never fed back to
+        the processor) included."""
+        m = self.matchers[row]
+        if m is not None and not self.done[row]:
+            self.done[row] = last == self.eos or m.take(last)
+        return m is not None and self.done[row]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.prompt_width:  # the token each row chose at the step before
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                m = self.matchers[row]
+                if m is not None and not self.done[row]:
+                    self.done[row] = token == self.eos or m.take(token)
+        for row, m in enumerate(self.matchers):
+            if m is None:
+                continue
+            if self.done[row]:  # whole: only the end token (the rest of the batch may decode on)
+                scores[row] = float("-inf")
+                scores[row, self.eos] = 0.0
+            else:
+                m.constrain(scores[row])
+        return scores
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
              temperature: float = 0.0, eos_token_id: int | None = None, progress=None,
              stop_rows: Callable[[list[int]], list[bool]] | None = None,
              on_step: Callable[[list[int], list[int]], None] | None = None,
-             top_p: float | None = None, seed: int | None = None) -> list[Generation]:
+             top_p: float | None = None, seed: int | None = None,
+             grammars: list[Grammar | None] | None = None) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
@@ -81,9 +119,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
         top_p: nucleus sampling's mass when sampling (None: the model's generation config).
         seed: when sampling, each prompt's draws come from a stream seeded with it (the running batch), or the
             static batch starts from it (best effort: the batch's other rows share that stream).
+        grammars: per prompt, what its answer must match (structured output: model/structured.py), or None.
     """
     if not prompts:
         return []
+    grammars = grammars or [None] * len(prompts)
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     model.eval()
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -94,9 +134,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             if seed is not None and temperature > 0:
                 torch.manual_seed(seed)
             return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
-                                    progress, stop_rows, on_step, top_p)
+                                    progress, stop_rows, on_step, top_p, grammars)
         return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
-                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed)
+                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed, grammars)
 
 
 @dataclass
@@ -107,10 +147,11 @@ class _Prompt:
     temperature: float
     top_p: float | None = None
     seed: int | None = None
+    grammar: Grammar | None = None
 
 
 def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
-                      stop_rows, on_step, top_p=None, seed=None) -> list[Generation]:
+                      stop_rows, on_step, top_p=None, seed=None, grammars=None) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
     ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
@@ -119,7 +160,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
     """
     prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
     batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
-    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed) for i in order)
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed, grammars[i]) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
     stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
@@ -145,7 +186,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
 
 @torch.inference_mode()
 def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
-                     stop_rows, on_step, top_p=None) -> list[Generation]:
+                     stop_rows, on_step, top_p=None, grammars=None) -> list[Generation]:
     """transformers' ``generate`` on consecutive batches of ``batch_size`` (left padding, KV cache)."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -165,6 +206,12 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
                 options["stopping_criteria"] = StoppingCriteriaList([_row_stopper(stop_rows, idx)])
             if on_step is not None:
                 options["streamer"] = _step_streamer(on_step, idx)
+            shaped = None
+            if grammars and any(grammars[i] is not None for i in idx):
+                from transformers import LogitsProcessorList
+
+                shaped = _GrammarLogits([grammars[i] for i in idx], model, tokenizer, eos, batch["input_ids"].shape[1])
+                options["logits_processor"] = LogitsProcessorList([shaped])
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, **options)
             elapsed = time.perf_counter() - t0
@@ -174,6 +221,8 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
                 stopped = eos in tokens
                 if stopped:
                     tokens = tokens[: tokens.index(eos)]
+                elif shaped is not None and tokens:  # its grammar completed on the budget's last token: whole
+                    stopped = shaped.whole(row, tokens[-1])
                 tokens = [t for t in tokens if t != tokenizer.pad_token_id]
                 results[i] = Generation(
                     text=tokenizer.decode(tokens, skip_special_tokens=True),

@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from skilltune.model.structured import Grammar, GrammarError, vocab_width
 from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
 from skilltune.text import lone_surrogate
@@ -87,6 +88,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk (no choices) with the request's token usage, before [DONE]
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict = Field(alias="schema")  # JSON Schema; `schema` is a BaseModel attribute, hence the alias
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON matching a schema (the answer is decoded
+    under that grammar: model/structured.py)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send options we do not use
     model: Text
@@ -100,6 +118,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -114,6 +133,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
 
 
 def route_label(app: FastAPI, scope) -> str:
@@ -309,7 +329,6 @@ async def _then(body, done):
 UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "tools": lambda v, r: bool(v), "functions": lambda v, r: bool(v),
     "tool_choice": lambda v, r: v not in (None, "none"), "function_call": lambda v, r: v not in (None, "none"),
-    "response_format": lambda v, r: not (v is None or (isinstance(v, dict) and v.get("type") == "text")),
     "logprobs": lambda v, r: v is not None and v is not False, "top_logprobs": lambda v, r: bool(v),
     "logit_bias": lambda v, r: bool(v), "presence_penalty": lambda v, r: bool(v),
     "frequency_penalty": lambda v, r: bool(v), "best_of": lambda v, r: v not in (None, 1),
@@ -330,9 +349,26 @@ def _sampling(req: ChatRequest | CompletionRequest) -> dict:
 def _refuse_unsupported(req: BaseModel) -> None:
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED and UNSUPPORTED[name](value, req):
-            raise ApiError(400, f"'{name}' is not supported by this server: it answers with plain text, greedy "
-                           "or sampled at the request's temperature and top_p; leave the option out", param=name,
-                           code="unsupported_parameter")
+            raise ApiError(400, f"'{name}' is not supported by this server: it answers with text (or JSON: "
+                           "response_format), greedy or sampled at the request's temperature and top_p; leave the "
+                           "option out", param=name, code="unsupported_parameter")
+
+
+async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | None:
+    """The grammar ``response_format`` asks for, compiled for the model serving now (None: plain text)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}",
+                       param="response_format.json_schema")
+    try:
+        grammar = Grammar.json(fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
+        await run_in_threadpool(grammar.check, loaded.tokenizer, loaded.tokenizer.eos_token_id,
+                                vocab_width(loaded.model, loaded.tokenizer))
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+    return grammar
 
 
 def _check_model(state, name: str) -> None:
@@ -378,13 +414,13 @@ async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
                        "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
 
 
-async def _run(request: Request, prompt: str, max_tokens: int, sampling: dict, stops: list[str]):
+async def _run(request: Request, prompt: str, max_tokens: int, decoding: dict, stops: list[str]):
     """Queue the request and wait for it; a time-out or a client that leaves cancels it in the engine."""
     state = _st(request)
     engine: Engine = state.engine
     timeout = state.request_timeout_s
     try:
-        fut = engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **sampling)
+        fut = engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **decoding)
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
@@ -393,7 +429,10 @@ async def _run(request: Request, prompt: str, max_tokens: int, sampling: dict, s
     try:
         done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
-            return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
+            try:
+                return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
+            except GrammarError as exc:  # a model swapped in since the check cannot take the grammar
+                raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
         fut.cancel()  # nobody waits for it any more: the engine stops decoding it at its next step
         if gone in done:
             request.state.status = 499  # logged as nginx does: the client closed the request
@@ -453,7 +492,7 @@ def _held_back(text: str, stops: list[str]) -> int:
                 for s in stops), default=0)
 
 
-async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, sampling: dict, stops: list[str],
+async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, decoding: dict, stops: list[str],
                   logged_prompt: str, rid: str, include_usage: bool = False):
     """Token-by-token streaming: each chunk goes out as its tokens are decoded (the first after the prefill).
 
@@ -466,7 +505,7 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, sam
     pieces: asyncio.Queue[str] = asyncio.Queue()
     try:
         fut = state.engine.submit(prompt, max_tokens, timeout_s=state.request_timeout_s, stops=stops,
-                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **sampling)
+                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **decoding)
     except QueueFull:
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
@@ -512,6 +551,10 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, sam
             request.state.status, request.state.error = 504, "generation did not finish within the time-out"
             request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
             yield f"data: {json.dumps({'error': {'message': request.state.error, 'type': 'timeout'}})}\n\n"
+        except GrammarError as exc:  # a model swapped in since the check cannot take the grammar
+            request.state.status, request.state.error = 400, str(exc)
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
         except Exception:  # a failure inside the engine, after the response started: say so, never a traceback
             request.state.status, request.state.error = 500, "internal server error"
             request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
@@ -551,11 +594,12 @@ async def chat(req: ChatRequest, request: Request):
     request.state.log = {"prompt": msgs[-1]["content"]}
     prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     await _admit(state, loaded, prompt, max_tokens)
+    decoding = {**_sampling(req), "grammar": await _grammar(req, loaded)}
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "chat", prompt, max_tokens, _sampling(req), stops, msgs[-1]["content"], rid,
+        return await _stream(request, "chat", prompt, max_tokens, decoding, stops, msgs[-1]["content"], rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, _sampling(req), stops)
+    version, out = await _run(request, prompt, max_tokens, decoding, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
@@ -577,12 +621,14 @@ async def completions(req: CompletionRequest, request: Request):
     max_tokens = _limit(state, req.max_tokens, 16)
     stops = _stops(req.stop)
     request.state.log = {"prompt": prompt}
-    await _admit(state, state.engine.current, prompt, max_tokens)
+    loaded = state.engine.current
+    await _admit(state, loaded, prompt, max_tokens)
+    decoding = {**_sampling(req), "grammar": await _grammar(req, loaded)}
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "completion", prompt, max_tokens, _sampling(req), stops, prompt, rid,
+        return await _stream(request, "completion", prompt, max_tokens, decoding, stops, prompt, rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, _sampling(req), stops)
+    version, out = await _run(request, prompt, max_tokens, decoding, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,

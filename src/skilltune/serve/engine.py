@@ -27,6 +27,7 @@ from typing import Callable
 
 from skilltune.model.decode import DecodeBatch
 from skilltune.model.generate import Generation, generate
+from skilltune.model.structured import Grammar, GrammarError, vocab_width
 
 
 class QueueFull(Exception):
@@ -70,6 +71,7 @@ class Job:
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
     stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
     stop_seen: bool = False  # set by the worker when the decoded text reached a stop sequence
+    grammar: Grammar | None = None  # structured output: what the answer must match (checked before the queue)
 
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
@@ -143,6 +145,18 @@ def answer_sink(job: Job, tokenizer, eos: int | None) -> Callable[[int], None] |
     return AnswerText(job, tokenizer, eos).add if job.watched else None
 
 
+def _grammar_problem(job: Job, model, tokenizer, eos: int) -> GrammarError | None:
+    """Why ``job``'s grammar cannot run on this model (it was checked against the model current when it arrived;
+    a swap since may bring another tokenizer), else None with its matcher ready."""
+    if job.grammar is None:
+        return None
+    try:
+        job.grammar.check(tokenizer, eos, vocab_width(model, tokenizer))
+    except GrammarError as exc:
+        return exc
+    return None
+
+
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
     """Set a request's result or error unless its caller already cancelled it (then it goes nowhere)."""
     try:
@@ -186,12 +200,13 @@ class Engine:
 
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
                on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = (),
-               top_p: float | None = None, seed: int | None = None) -> Future:
+               top_p: float | None = None, seed: int | None = None, grammar: Grammar | None = None) -> Future:
         """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
-        decoding ends at the token that completes one of ``stops`` (the text returned still holds it)."""
+        decoding ends at the token that completes one of ``stops`` (the text returned still holds it); ``grammar``
+        constrains the answer (structured output)."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p,
-                  seed=seed)
+                  seed=seed, grammar=grammar)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -236,7 +251,7 @@ class Engine:
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
                         temperature=live[0].temperature, top_p=live[0].top_p, seed=live[0].seed, stop_rows=stop_rows,
-                        on_step=self._streamer(loaded, live))
+                        on_step=self._streamer(loaded, live), grammars=[j.grammar for j in live])
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
@@ -301,6 +316,8 @@ class Engine:
         for job in jobs:
             if job.finished_by_caller(now):
                 _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
+            elif (problem := _grammar_problem(job, batch.model, batch.tokenizer, batch.eos)) is not None:
+                _resolve(job.future, error=problem)
             else:
                 live.append(job)
         if not batch.rows and not live:
@@ -341,10 +358,15 @@ class Engine:
             self.last_progress = time.monotonic()
             return
         now = time.monotonic()
-        live = [j for j in batch if not j.finished_by_caller(now)]
+        live = []
         for job in batch:
-            if job not in live:
+            if job.finished_by_caller(now):
                 _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
+            elif (problem := _grammar_problem(job, loaded.model, loaded.tokenizer,
+                                              loaded.tokenizer.eos_token_id)) is not None:
+                _resolve(job.future, error=problem)
+            else:
+                live.append(job)
         if not live:
             return
         self.busy_since = time.monotonic()
