@@ -277,8 +277,7 @@ def test_engine_never_deadlocks_on_mixed_temperatures_with_a_full_queue(monkeypa
     from skilltune.model.generate import Generation
     from skilltune.serve import engine as engine_mod
 
-    def stub_generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, stop_rows=None,
-                      on_step=None, top_p=None, seed=None):
+    def stub_generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, **options):
         time.sleep(0.01)
         return [Generation(f"t={temperature}", 1, 1, 0.01, True) for _ in prompts]
 

@@ -341,9 +341,9 @@ def test_a_stop_sequence_ends_decoding(server, continuous):
 
 @pytest.mark.parametrize("option", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    {"logprobs": True}, {"logit_bias": {"50": 10}}, {"presence_penalty": 0.5}])
+    {"logit_bias": {"50": 10}}, {"presence_penalty": 0.5}])
 def test_options_the_server_does_not_compute_are_refused_by_name(server, option):
-    """An answer that silently ignores tools, logprobs or penalties is worse than a 400 naming them."""
+    """An answer that silently ignores tools, logit biases or penalties is worse than a 400 naming them."""
     base, _, _ = server()
     body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     r = httpx.post(f"{base}/v1/chat/completions", json={**body, **option})
@@ -392,13 +392,57 @@ def test_a_seed_makes_a_sampled_answer_repeatable_whatever_shares_its_batch(serv
     assert len({ask({"seed": s}) for s in range(10, 16)}) > 1  # seeds do differ (tiny model, 8 tokens at 1.5)
 
 
-def test_completions_refuse_echo_and_logprobs(server):
+def test_completions_refuse_echo_and_best_of(server):
     base, _, _ = server()
     body = {"model": "svc", "prompt": "SELECT", "max_tokens": 2}
-    for option in ({"echo": True}, {"logprobs": 0}, {"best_of": 3}):
+    for option in ({"echo": True}, {"best_of": 3}):
         r = httpx.post(f"{base}/v1/completions", json={**body, **option})
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(option)), r.text
     assert httpx.post(f"{base}/v1/completions", json={**body, "logprobs": None, "best_of": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_logprobs_are_the_models_own(server, continuous):
+    """Each answer token's log-probability and the top-k at its place are those of the model's own distribution
+    (recomputed here token by token), on completions and chat; asking wrongly is a 4xx."""
+    from openai import OpenAI
+
+    base, state, _ = server(precision="fp32", continuous_batching=continuous)
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    loaded = state.engine.current
+    tok, model = loaded.tokenizer, loaded.model
+    prompt = "SELECT name FROM"
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    expected = []  # (token text, logprob, top-3 texts) of the greedy answer, by teacher forcing
+    with torch.no_grad():
+        for _ in range(6):
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+            top = torch.topk(lp, 3)
+            token = int(top.indices[0])
+            expected.append((tok.decode([token]), float(lp[token]), [tok.decode([t]) for t in top.indices.tolist()]))
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    done = client.completions.create(model="svc", prompt=prompt, max_tokens=6, logprobs=3).choices[0]
+    got = done.logprobs
+    assert got.tokens == [e[0] for e in expected] and "".join(got.tokens) == done.text
+    assert got.token_logprobs == pytest.approx([e[1] for e in expected], abs=1e-4)
+    assert [list(top) for top in got.top_logprobs] == [e[2] for e in expected]
+    assert got.text_offset == [sum(len(e[0]) for e in expected[:i]) for i in range(6)]
+    chat = client.chat.completions.create(model="svc", messages=[{"role": "user", "content": "List all users."}],
+                                          max_tokens=5, logprobs=True, top_logprobs=2).choices[0]
+    content = chat.logprobs.content
+    assert "".join(c.token for c in content) == chat.message.content and len(content) <= 5
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob) and c.logprob <= 0
+        assert bytes(c.bytes).decode() == c.token
+    body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    for extra, status, param in (({"top_logprobs": 2}, 400, "top_logprobs"),
+                                 ({"logprobs": True, "stream": True}, 400, "logprobs"),
+                                 ({"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs")):
+        r = httpx.post(f"{base}/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "logprobs": 6})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "logprobs", r.text
 
 
 def test_streamed_usage_when_asked(server):

@@ -46,6 +46,7 @@ class Request(Protocol):
     top_p: float | None  # nucleus sampling's mass (None: the model's generation config)
     seed: int | None  # its own random stream when sampling: the same seed, the same draws, whatever the batch
     grammar: Grammar | None  # what the answer must match (structured output), or None
+    logprobs: int | None  # None: no log-probabilities; k: each answer token's, and the k most likely at its place
 
 
 def decode_refusal(model, longest: int | None = None) -> str | None:
@@ -88,6 +89,32 @@ def shared_prefix(prompt_ids: list[list[int]], min_tokens: int = 16) -> list[int
 
 
 @dataclass
+class TokenLogprob:
+    """An answer token's log-probability under the model (its raw distribution: before temperature, top-p or a
+    grammar), and the ``k`` most likely tokens at that place with theirs."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, requests: list) -> list[TokenLogprob | None]:
+    """Per row, the chosen token's :class:`TokenLogprob` when its request asks for log-probabilities, else None."""
+    wanted = [i for i, r in enumerate(requests) if r.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(requests)
+    if not wanted:
+        return out
+    lp = torch.log_softmax(logits[wanted].float(), -1)
+    k = max(requests[i].logprobs for i in wanted)
+    top = torch.topk(lp, k) if k else None
+    for j, i in enumerate(wanted):
+        token, n = int(chosen[i]), requests[i].logprobs
+        out[i] = TokenLogprob(token, float(lp[j, token]), list(zip(top.indices[j, :n].tolist(),
+                                                                   top.values[j, :n].tolist())) if n else [])
+    return out
+
+
+@dataclass
 class Row:
     request: Request
     prompt_tokens: int
@@ -98,6 +125,7 @@ class Row:
     stopped: bool = False  # ended on the end-of-turn token
     rng: torch.Generator | None = None  # the request's seeded random stream (sampling with a seed)
     matcher: RowMatcher | None = None  # its grammar's state (structured output)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per answer token, when the request asks
     complete: bool = False  # its grammar is satisfied and allows nothing more (ended without the end token)
 
     @property
@@ -152,7 +180,7 @@ class DecodeBatch:
                     matcher=self.matcher(r)) for r, i in zip(requests, ids)]
         first = _choose(out.logits[:, -1], requests, self.model, [row.rng for row in rows],
                         [row.matcher for row in rows])
-        self._merge(_cache_of(out), mask, rows, first)
+        self._merge(_cache_of(out), mask, rows, first, token_logprobs(out.logits[:, -1], first, requests))
 
     def matcher(self, request: Request) -> RowMatcher | None:
         """The request's grammar at its start for this batch's model (None: no grammar). Raises GrammarError."""
@@ -171,7 +199,7 @@ class DecodeBatch:
         return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self._prefix_kv],
                             config=self.model.config)
 
-    def _merge(self, cache, mask: torch.Tensor, rows: list[Row], first: torch.Tensor) -> None:
+    def _merge(self, cache, mask: torch.Tensor, rows: list[Row], first: torch.Tensor, scored: list) -> None:
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.rows = _buffered((layer.keys, layer.values) for layer in cache.layers), mask, []
             self.next_tokens = first
@@ -185,8 +213,8 @@ class DecodeBatch:
             self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
             self.next_tokens = torch.cat([self.next_tokens, first])
         self.rows += rows
-        for row, token in zip(rows, first.tolist()):
-            self._take(row, token)
+        for row, token, logprob in zip(rows, first.tolist(), scored):
+            self._take(row, token, logprob)
 
     # ------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -198,20 +226,23 @@ class DecodeBatch:
         out = self.model(input_ids=self.next_tokens[:, None], attention_mask=self.mask, position_ids=positions,
                          use_cache=True, **{self.cache_arg: self.cache})
         self.cache = _cache_of(out)
-        chosen = _choose(out.logits[:, -1], [r.request for r in self.rows], self.model, [r.rng for r in self.rows],
+        requests = [r.request for r in self.rows]
+        chosen = _choose(out.logits[:, -1], requests, self.model, [r.rng for r in self.rows],
                          [r.matcher for r in self.rows])
         self.next_tokens = chosen
-        for row, token in zip(self.rows, chosen.tolist()):
+        for row, token, logprob in zip(self.rows, chosen.tolist(), token_logprobs(out.logits[:, -1], chosen, requests)):
             row.position += 1
-            self._take(row, token)
+            self._take(row, token, logprob)
 
-    def _take(self, row: Row, token: int) -> None:
+    def _take(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> None:
         if row.finished:
             return
         if token == self.eos:
             row.stopped = True
             return
         row.tokens.append(token)
+        if logprob is not None:
+            row.logprobs.append(logprob)
         if row.matcher is not None:
             row.complete = row.matcher.take(token)
         if row.sink is not None:
@@ -248,7 +279,7 @@ class DecodeBatch:
         now = time.monotonic() if now is None else now
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         return Generation(text, row.prompt_tokens, len(row.tokens) + (1 if row.stopped else 0), now - row.started,
-                          row.stopped or row.complete)
+                          row.stopped or row.complete, row.logprobs if row.request.logprobs is not None else None)
 
 
 class KVBuffer(CacheLayerMixin):

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor
 
-from skilltune.model.decode import DecodeBatch, decode_refusal, shared_prefix
+from skilltune.model.decode import DecodeBatch, TokenLogprob, decode_refusal, shared_prefix, token_logprobs
 from skilltune.model.kernels import generation_kernels
 from skilltune.model.structured import Grammar, vocab_width
 
@@ -29,6 +29,7 @@ class Generation:
     new_tokens: int
     latency_s: float  # from its prefill to its last token (static batches: the batch's wall time)
     stopped: bool  # ended on the end token (not on max_new_tokens)
+    logprobs: list[TokenLogprob] | None = None  # per answer token, when asked for
 
 
 def _row_stopper(stop_rows: Callable[[list[int]], list[bool]], idx: list[int]):
@@ -106,7 +107,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
              stop_rows: Callable[[list[int]], list[bool]] | None = None,
              on_step: Callable[[list[int], list[int]], None] | None = None,
              top_p: float | None = None, seed: int | None = None,
-             grammars: list[Grammar | None] | None = None) -> list[Generation]:
+             grammars: list[Grammar | None] | None = None,
+             logprobs: list[int | None] | None = None) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
@@ -120,10 +122,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
         seed: when sampling, each prompt's draws come from a stream seeded with it (the running batch), or the
             static batch starts from it (best effort: the batch's other rows share that stream).
         grammars: per prompt, what its answer must match (structured output: model/structured.py), or None.
+        logprobs: per prompt, None or k: each answer token's log-probability and the k most likely at its place.
     """
     if not prompts:
         return []
     grammars = grammars or [None] * len(prompts)
+    logprobs = logprobs or [None] * len(prompts)
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     model.eval()
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -134,9 +138,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             if seed is not None and temperature > 0:
                 torch.manual_seed(seed)
             return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
-                                    progress, stop_rows, on_step, top_p, grammars)
+                                    progress, stop_rows, on_step, top_p, grammars, logprobs)
         return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
-                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed, grammars)
+                                 batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed, grammars,
+                                 logprobs)
+
+
+def _static_logprobs(logits: tuple, new: torch.Tensor, wanted: list[int | None]) -> list[list | None]:
+    """Per row of a static batch, its tokens' :class:`TokenLogprob` (None where not asked), from the raw logits
+    ``generate`` returns for each step."""
+    per_step = [token_logprobs(step_logits, new[:, s], [_Asks(k) for k in wanted]) for s, step_logits in
+                enumerate(logits)]
+    return [[step[row] for step in per_step] if k is not None else None for row, k in enumerate(wanted)]
+
+
+@dataclass
+class _Asks:
+    logprobs: int | None
 
 
 @dataclass
@@ -148,10 +166,11 @@ class _Prompt:
     top_p: float | None = None
     seed: int | None = None
     grammar: Grammar | None = None
+    logprobs: int | None = None
 
 
 def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
-                      stop_rows, on_step, top_p=None, seed=None, grammars=None) -> list[Generation]:
+                      stop_rows, on_step, top_p=None, seed=None, grammars=None, logprobs=None) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
     ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
@@ -160,7 +179,8 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
     """
     prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
     batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
-    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed, grammars[i]) for i in order)
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed, grammars[i], logprobs[i])
+                  for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
     stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
@@ -186,7 +206,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
 
 @torch.inference_mode()
 def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
-                     stop_rows, on_step, top_p=None, grammars=None) -> list[Generation]:
+                     stop_rows, on_step, top_p=None, grammars=None, logprobs=None) -> list[Generation]:
     """transformers' ``generate`` on consecutive batches of ``batch_size`` (left padding, KV cache)."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -212,10 +232,13 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
 
                 shaped = _GrammarLogits([grammars[i] for i in idx], model, tokenizer, eos, batch["input_ids"].shape[1])
                 options["logits_processor"] = LogitsProcessorList([shaped])
+            scored = logprobs is not None and any(logprobs[i] is not None for i in idx)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **options)
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, output_logits=scored,
+                                 return_dict_in_generate=True, **options)
             elapsed = time.perf_counter() - t0
-            new = out[:, batch["input_ids"].shape[1]:]  # (batch, new_tokens)
+            new = out.sequences[:, batch["input_ids"].shape[1]:]  # (batch, new_tokens)
+            steps = _static_logprobs(out.logits, new, [logprobs[i] for i in idx]) if scored else None
             for row, i in enumerate(idx):
                 tokens = new[row].tolist()
                 stopped = eos in tokens
@@ -230,6 +253,7 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
                     new_tokens=len(tokens) + (1 if stopped else 0),
                     latency_s=elapsed,
                     stopped=stopped,
+                    logprobs=steps[row][:len(tokens)] if steps is not None and steps[row] is not None else None,
                 )
             if progress is not None:
                 progress(len(idx))

@@ -119,6 +119,8 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None  # each answer token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and the k most likely tokens at its place
 
 
 class CompletionRequest(BaseModel):
@@ -134,6 +136,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     response_format: ResponseFormat | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # k: each token's log-probability and the k most likely there
 
 
 def route_label(app: FastAPI, scope) -> str:
@@ -329,7 +332,6 @@ async def _then(body, done):
 UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "tools": lambda v, r: bool(v), "functions": lambda v, r: bool(v),
     "tool_choice": lambda v, r: v not in (None, "none"), "function_call": lambda v, r: v not in (None, "none"),
-    "logprobs": lambda v, r: v is not None and v is not False, "top_logprobs": lambda v, r: bool(v),
     "logit_bias": lambda v, r: bool(v), "presence_penalty": lambda v, r: bool(v),
     "frequency_penalty": lambda v, r: bool(v), "best_of": lambda v, r: v not in (None, 1),
     "echo": lambda v, r: bool(v), "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
@@ -352,6 +354,25 @@ def _refuse_unsupported(req: BaseModel) -> None:
             raise ApiError(400, f"'{name}' is not supported by this server: it answers with text (or JSON: "
                            "response_format), greedy or sampled at the request's temperature and top_p; leave the "
                            "option out", param=name, code="unsupported_parameter")
+
+
+def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
+    """None, or how many alternatives to list at each answer token (OpenAI's logprobs / top_logprobs)."""
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        k = req.logprobs
+    if k is not None and req.stream:
+        raise ApiError(400, "'logprobs' is not streamed by this server: ask without stream", param="logprobs",
+                       code="unsupported_parameter")
+    return k
+
+
+def _decoding(req: ChatRequest | CompletionRequest, grammar: Grammar | None) -> dict:
+    """What the engine needs to know of how to decode ``req`` besides its prompt and budget."""
+    return {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req)}
 
 
 async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | None:
@@ -460,6 +481,35 @@ def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
     if cuts:
         return text[:min(cuts)], "stop"
     return text, "stop" if stopped else "length"
+
+
+def _scored(tokenizer, entries: list, text: str) -> list[tuple[str, object]]:
+    """Each answer token's text with its :class:`~skilltune.model.decode.TokenLogprob`, up to where ``text`` (the
+    answer after any stop sequence cut it) ends."""
+    out, length = [], 0
+    for e in entries:
+        if length >= len(text) and out:
+            break
+        piece = tokenizer.decode([e.token])
+        out.append((piece, e))
+        length += len(piece)
+    return out if text else []
+
+
+def _chat_logprob(tokenizer, piece: str, e) -> dict:
+    top = [(tokenizer.decode([t]), lp) for t, lp in e.top]
+    return {"token": piece, "logprob": e.logprob, "bytes": list(piece.encode("utf-8")),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top]}
+
+
+def _completion_logprobs(tokenizer, scored: list) -> dict:
+    offsets, at = [], 0
+    for piece, _ in scored:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": [piece for piece, _ in scored], "token_logprobs": [e.logprob for _, e in scored],
+            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for _, e in scored],
+            "text_offset": offsets}
 
 
 class _Chunks:
@@ -594,7 +644,7 @@ async def chat(req: ChatRequest, request: Request):
     request.state.log = {"prompt": msgs[-1]["content"]}
     prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     await _admit(state, loaded, prompt, max_tokens)
-    decoding = {**_sampling(req), "grammar": await _grammar(req, loaded)}
+    decoding = _decoding(req, await _grammar(req, loaded))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "chat", prompt, max_tokens, decoding, stops, msgs[-1]["content"], rid,
@@ -602,10 +652,13 @@ async def chat(req: ChatRequest, request: Request):
     version, out = await _run(request, prompt, max_tokens, decoding, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, msgs[-1]["content"], out, text)
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    if out.logprobs is not None:
+        choice["logprobs"] = {"content": [_chat_logprob(loaded.tokenizer, piece, e)
+                                          for piece, e in _scored(loaded.tokenizer, out.logprobs, text)],
+                              "refusal": None}
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": finish}], "usage": _usage(out)},
-                        headers={"X-Skilltune-Version": version})
+                         "choices": [choice], "usage": _usage(out)}, headers={"X-Skilltune-Version": version})
 
 
 async def completions(req: CompletionRequest, request: Request):
@@ -623,7 +676,7 @@ async def completions(req: CompletionRequest, request: Request):
     request.state.log = {"prompt": prompt}
     loaded = state.engine.current
     await _admit(state, loaded, prompt, max_tokens)
-    decoding = {**_sampling(req), "grammar": await _grammar(req, loaded)}
+    decoding = _decoding(req, await _grammar(req, loaded))
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "completion", prompt, max_tokens, decoding, stops, prompt, rid,
@@ -631,9 +684,11 @@ async def completions(req: CompletionRequest, request: Request):
     version, out = await _run(request, prompt, max_tokens, decoding, stops)
     text, finish = _cut(out.text, out.stopped, stops)
     _note(request, version, prompt, out, text)
+    choice = {"index": 0, "text": text, "finish_reason": finish}
+    if out.logprobs is not None:
+        choice["logprobs"] = _completion_logprobs(loaded.tokenizer, _scored(loaded.tokenizer, out.logprobs, text))
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
-                         "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": _usage(out)},
-                        headers={"X-Skilltune-Version": version})
+                         "choices": [choice], "usage": _usage(out)}, headers={"X-Skilltune-Version": version})
 
 
 async def models(request: Request):

@@ -72,6 +72,7 @@ class Job:
     stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
     stop_seen: bool = False  # set by the worker when the decoded text reached a stop sequence
     grammar: Grammar | None = None  # structured output: what the answer must match (checked before the queue)
+    logprobs: int | None = None  # None, or k: each answer token's log-probability and the k most likely there
 
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
@@ -200,13 +201,14 @@ class Engine:
 
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
                on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = (),
-               top_p: float | None = None, seed: int | None = None, grammar: Grammar | None = None) -> Future:
+               top_p: float | None = None, seed: int | None = None, grammar: Grammar | None = None,
+               logprobs: int | None = None) -> Future:
         """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
         decoding ends at the token that completes one of ``stops`` (the text returned still holds it); ``grammar``
-        constrains the answer (structured output)."""
+        constrains the answer (structured output); ``logprobs`` (k) scores its tokens."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p,
-                  seed=seed, grammar=grammar)
+                  seed=seed, grammar=grammar, logprobs=logprobs)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -251,7 +253,8 @@ class Engine:
         return generate(loaded.model, loaded.tokenizer, [j.prompt for j in live],
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
                         temperature=live[0].temperature, top_p=live[0].top_p, seed=live[0].seed, stop_rows=stop_rows,
-                        on_step=self._streamer(loaded, live), grammars=[j.grammar for j in live])
+                        on_step=self._streamer(loaded, live), grammars=[j.grammar for j in live],
+                        logprobs=[j.logprobs for j in live])
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
@@ -362,8 +365,8 @@ class Engine:
         for job in batch:
             if job.finished_by_caller(now):
                 _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
-            elif (problem := _grammar_problem(job, loaded.model, loaded.tokenizer,
-                                              loaded.tokenizer.eos_token_id)) is not None:
+            elif job.grammar is not None and (problem := _grammar_problem(
+                    job, loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_id)) is not None:
                 _resolve(job.future, error=problem)
             else:
                 live.append(job)
@@ -380,7 +383,7 @@ class Engine:
                 if out.new_tokens > job.max_tokens:  # the batch ran longer than this request asked for
                     ids = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"][: job.max_tokens]
                     out = Generation(loaded.tokenizer.decode(ids), out.prompt_tokens, job.max_tokens,
-                                     out.latency_s, False)
+                                     out.latency_s, False, out.logprobs and out.logprobs[:job.max_tokens])
                 _resolve(job.future, (loaded.version, out))
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting request
             for job in live:
