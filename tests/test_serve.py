@@ -392,6 +392,31 @@ def test_a_seed_makes_a_sampled_answer_repeatable_whatever_shares_its_batch(serv
     assert len({ask({"seed": s}) for s in range(10, 16)}) > 1  # seeds do differ (tiny model, 8 tokens at 1.5)
 
 
+def test_n_answers_in_one_request(server):
+    """n answers are n rows: with a seed, answer i is the one seed + i gives alone (so they differ and repeat);
+    greedy answers are all the greedy one; usage counts the prompt once and every answer's tokens."""
+    from openai import OpenAI
+
+    base, state, _ = server(precision="fp32")  # bf16 logits move with the batch's shape enough to flip a near draw
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "messages": [{"role": "user", "content": "q"}], "max_tokens": 8}
+    many = client.chat.completions.create(**ask, n=4, temperature=1.5, seed=5)
+    alone = [client.chat.completions.create(**ask, temperature=1.5, seed=5 + i) for i in range(4)]
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert [c.message.content for c in many.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in many.choices}) > 1
+    assert many.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    greedy = client.chat.completions.create(**ask).choices[0].message.content
+    assert [c.message.content for c in client.chat.completions.create(**ask, n=3).choices] == [greedy] * 3
+    done = client.completions.create(model="svc", prompt="SELECT", max_tokens=4, n=2, temperature=1.0, seed=1)
+    assert [c.index for c in done.choices] == [0, 1]
+    assert state.log.rows()[-1]["completion_tokens"] == done.usage.completion_tokens
+    for extra, status, param in (({"n": 9}, 422, "n"), ({"n": 2, "stream": True}, 400, "n")):
+        r = httpx.post(f"{base}/v1/chat/completions", json={**ask, **extra})
+        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
 def test_completions_refuse_echo_and_best_of(server):
     base, _, _ = server()
     body = {"model": "svc", "prompt": "SELECT", "max_tokens": 2}

@@ -38,6 +38,7 @@ from skilltune.text import lone_surrogate
 PROBES = ("/health", "/ready")  # answered without a key and not logged: load balancers call them every second
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256  # each; held-back text is checked against every prefix of each stop at every streamed piece
+MAX_N = 8  # answers per request (each is a row of the batch)
 CHARS_PER_TOKEN_BOUND = 64  # no tokenizer packs more characters than this into one token on average
 
 
@@ -117,7 +118,7 @@ class ChatRequest(BaseModel):
     stop: Text | list[Text] | None = Field(None, description=f"Up to {MAX_STOP} sequences that end the answer.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)  # answers to the same messages (sampled ones differ; greedy ones do not)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None  # each answer token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and the k most likely tokens at its place
@@ -134,7 +135,7 @@ class CompletionRequest(BaseModel):
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
     logprobs: int | None = Field(None, ge=0, le=5)  # k: each token's log-probability and the k most likely there
 
@@ -370,9 +371,16 @@ def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
     return k
 
 
-def _decoding(req: ChatRequest | CompletionRequest, grammar: Grammar | None) -> dict:
-    """What the engine needs to know of how to decode ``req`` besides its prompt and budget."""
-    return {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req)}
+def _decodings(req: ChatRequest | CompletionRequest, grammar: Grammar | None) -> list[dict]:
+    """How the engine decodes each of ``req``'s ``n`` answers besides its prompt and budget. With a seed, answer i
+    draws from seed + i: the same request gives the same answers, and they differ from each other."""
+    if req.n > 1 and req.stream:
+        raise ApiError(400, "'n' above 1 is not streamed by this server: ask without stream", param="n",
+                       code="unsupported_parameter")
+    one = {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req)}
+    if one["seed"] is None:
+        return [one] * req.n
+    return [{**one, "seed": (one["seed"] + i) % 2**64} for i in range(req.n)]
 
 
 async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | None:
@@ -416,8 +424,9 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
-    """Refuse, before the queue, a prompt over the context or a request over the compute budget."""
+async def _admit(state, loaded, prompt: str, max_tokens: int, n: int = 1) -> None:
+    """Refuse, before the queue, a prompt over the context or a request (its ``n`` answers) over the compute
+    budget."""
     limit = state.prompt_limit(loaded)
     if len(prompt) > CHARS_PER_TOKEN_BOUND * limit:  # over for certain: no need to tokenize megabytes
         raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your messages "
@@ -429,23 +438,30 @@ async def _admit(state, loaded, prompt: str, max_tokens: int) -> None:
                        f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
                        "completion). Please reduce the length of the messages or the completion.",
                        param="messages", code="context_length_exceeded")
-    if n_prompt * max_tokens > state.cfg.max_request_compute:
-        raise ApiError(400, f"{n_prompt} prompt tokens x max_tokens {max_tokens} = {n_prompt * max_tokens:,} is "
-                       f"over this server's per-request budget of {state.cfg.max_request_compute:,}; lower "
-                       "max_tokens or shorten the prompt", param="max_tokens", code="request_too_large")
+    if n_prompt * max_tokens * n > state.cfg.max_request_compute:
+        times_n = f" x n {n}" if n > 1 else ""
+        raise ApiError(400, f"{n_prompt} prompt tokens x max_tokens {max_tokens}{times_n} = "
+                       f"{n_prompt * max_tokens * n:,} is over this server's per-request budget of "
+                       f"{state.cfg.max_request_compute:,}; lower max_tokens{' or n' if n > 1 else ''} or shorten "
+                       "the prompt", param="max_tokens", code="request_too_large")
 
 
-async def _run(request: Request, prompt: str, max_tokens: int, decoding: dict, stops: list[str]):
-    """Queue the request and wait for it; a time-out or a client that leaves cancels it in the engine."""
+async def _run(request: Request, prompt: str, max_tokens: int, decodings: list[dict], stops: list[str]) -> list:
+    """Queue the request's answers (one row each) and wait for all; a time-out or a client that leaves cancels
+    them in the engine. Returns (version, Generation) per answer."""
     state = _st(request)
     engine: Engine = state.engine
     timeout = state.request_timeout_s
+    futures = []
     try:
-        fut = engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **decoding)
+        for decoding in decodings:
+            futures.append(engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **decoding))
     except QueueFull:
+        for fut in futures:
+            fut.cancel()
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
-    waiter = asyncio.wrap_future(fut)
+    waiter = asyncio.ensure_future(asyncio.gather(*map(asyncio.wrap_future, futures)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -454,25 +470,29 @@ async def _run(request: Request, prompt: str, max_tokens: int, decoding: dict, s
                 return waiter.result()  # a TimeoutError from the engine (deadline while queued/decoding) -> 504
             except GrammarError as exc:  # a model swapped in since the check cannot take the grammar
                 raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
-        fut.cancel()  # nobody waits for it any more: the engine stops decoding it at its next step
         if gone in done:
             request.state.status = 499  # logged as nginx does: the client closed the request
             raise ApiError(499, "the client closed the request", code="client_closed_request")
         raise TimeoutError
     except (TimeoutError, asyncio.TimeoutError):
-        fut.cancel()
         raise ApiError(504, f"generation did not finish within {timeout:g} s", "timeout") from None
     finally:
+        for fut in futures:  # nobody waits for them any more: the engine stops decoding them at its next step
+            fut.cancel()
+        waiter.cancel()
         gone.cancel()
 
 
 # ---------------------------------------------------------------- responses
-def _note(request: Request, version: str, prompt: str, out, output: str) -> None:
+def _note(request: Request, version: str, prompt: str, outs, output: str) -> None:
+    """What the request log and the token counters record of an answer (``outs``: one, or a request's answers:
+    the first one's text, every answer's tokens)."""
     state = _st(request)
+    usage = _usage(*outs) if isinstance(outs, list) else _usage(outs)
     request.state.log = {"version": version, "prompt": prompt, "output": output,
-                         "prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens}
-    state.metrics.tokens.labels(kind="prompt").inc(out.prompt_tokens)
-    state.metrics.tokens.labels(kind="completion").inc(out.new_tokens)
+                         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
+    state.metrics.tokens.labels(kind="prompt").inc(usage["prompt_tokens"])
+    state.metrics.tokens.labels(kind="completion").inc(usage["completion_tokens"])
 
 
 def _cut(text: str, stopped: bool, stops: list[str]) -> tuple[str, str]:
@@ -623,9 +643,11 @@ def _include_usage(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def _usage(out) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.new_tokens,
-            "total_tokens": out.prompt_tokens + out.new_tokens}
+def _usage(out, *more) -> dict:
+    """Token usage of one answer, or of a request's answers (the prompt counted once)."""
+    completion = out.new_tokens + sum(o.new_tokens for o in more)
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": out.prompt_tokens + completion}
 
 
 # ---------------------------------------------------------------- routes
@@ -643,22 +665,28 @@ async def chat(req: ChatRequest, request: Request):
         raise ApiError(400, "the last message must be from the user", param="messages")
     request.state.log = {"prompt": msgs[-1]["content"]}
     prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    await _admit(state, loaded, prompt, max_tokens)
-    decoding = _decoding(req, await _grammar(req, loaded))
+    await _admit(state, loaded, prompt, max_tokens, req.n)
+    decodings = _decodings(req, await _grammar(req, loaded))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "chat", prompt, max_tokens, decoding, stops, msgs[-1]["content"], rid,
+        return await _stream(request, "chat", prompt, max_tokens, decodings[0], stops, msgs[-1]["content"], rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, decoding, stops)
-    text, finish = _cut(out.text, out.stopped, stops)
-    _note(request, version, msgs[-1]["content"], out, text)
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    if out.logprobs is not None:
-        choice["logprobs"] = {"content": [_chat_logprob(loaded.tokenizer, piece, e)
-                                          for piece, e in _scored(loaded.tokenizer, out.logprobs, text)],
-                              "refusal": None}
+    answers = await _run(request, prompt, max_tokens, decodings, stops)
+    choices = [_chat_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
+    version = answers[0][0]
+    _note(request, version, msgs[-1]["content"], [out for _, out in answers], choices[0]["message"]["content"])
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
-                         "choices": [choice], "usage": _usage(out)}, headers={"X-Skilltune-Version": version})
+                         "choices": choices, "usage": _usage(*[out for _, out in answers])},
+                        headers={"X-Skilltune-Version": version})
+
+
+def _chat_choice(index: int, out, stops: list[str], tokenizer) -> dict:
+    text, finish = _cut(out.text, out.stopped, stops)
+    choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    if out.logprobs is not None:
+        choice["logprobs"] = {"content": [_chat_logprob(tokenizer, piece, e)
+                                          for piece, e in _scored(tokenizer, out.logprobs, text)], "refusal": None}
+    return choice
 
 
 async def completions(req: CompletionRequest, request: Request):
@@ -675,20 +703,27 @@ async def completions(req: CompletionRequest, request: Request):
     stops = _stops(req.stop)
     request.state.log = {"prompt": prompt}
     loaded = state.engine.current
-    await _admit(state, loaded, prompt, max_tokens)
-    decoding = _decoding(req, await _grammar(req, loaded))
+    await _admit(state, loaded, prompt, max_tokens, req.n)
+    decodings = _decodings(req, await _grammar(req, loaded))
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "completion", prompt, max_tokens, decoding, stops, prompt, rid,
+        return await _stream(request, "completion", prompt, max_tokens, decodings[0], stops, prompt, rid,
                              _include_usage(req))
-    version, out = await _run(request, prompt, max_tokens, decoding, stops)
-    text, finish = _cut(out.text, out.stopped, stops)
-    _note(request, version, prompt, out, text)
-    choice = {"index": 0, "text": text, "finish_reason": finish}
-    if out.logprobs is not None:
-        choice["logprobs"] = _completion_logprobs(loaded.tokenizer, _scored(loaded.tokenizer, out.logprobs, text))
+    answers = await _run(request, prompt, max_tokens, decodings, stops)
+    choices = [_completion_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
+    version = answers[0][0]
+    _note(request, version, prompt, [out for _, out in answers], choices[0]["text"])
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
-                         "choices": [choice], "usage": _usage(out)}, headers={"X-Skilltune-Version": version})
+                         "choices": choices, "usage": _usage(*[out for _, out in answers])},
+                        headers={"X-Skilltune-Version": version})
+
+
+def _completion_choice(index: int, out, stops: list[str], tokenizer) -> dict:
+    text, finish = _cut(out.text, out.stopped, stops)
+    choice = {"index": index, "text": text, "finish_reason": finish}
+    if out.logprobs is not None:
+        choice["logprobs"] = _completion_logprobs(tokenizer, _scored(tokenizer, out.logprobs, text))
+    return choice
 
 
 async def models(request: Request):
