@@ -484,11 +484,11 @@ async def _run(request: Request, prompt: str, max_tokens: int, decodings: list[d
 
 
 # ---------------------------------------------------------------- responses
-def _note(request: Request, version: str, prompt: str, outs, output: str) -> None:
-    """What the request log and the token counters record of an answer (``outs``: one, or a request's answers:
-    the first one's text, every answer's tokens)."""
+def _note(request: Request, version: str, prompt: str, outs: list, output: str) -> None:
+    """What the request log and the token counters record of a request's answers: ``output`` (the first one's
+    text) and every answer's tokens."""
     state = _st(request)
-    usage = _usage(*outs) if isinstance(outs, list) else _usage(outs)
+    usage = _usage(*outs)
     request.state.log = {"version": version, "prompt": prompt, "output": output,
                          "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
     state.metrics.tokens.labels(kind="prompt").inc(usage["prompt_tokens"])
@@ -612,7 +612,7 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, dec
                 if full.startswith(sent) and len(full) > len(sent):
                     yield chunks.piece(full[len(sent):])
                 sent = full if full.startswith(sent) else sent
-            _note(request, answer_version, logged_prompt, out, sent)
+            _note(request, answer_version, logged_prompt, [out], sent)
             yield chunks.piece(finish=finish)
             if include_usage:
                 yield chunks.usage(out)
