@@ -1,6 +1,7 @@
 """Benchmarks (not tests): print a table of measurements on this machine.
 
     python bench/run.py [audit] [generate] [generation] [step] [matmul] [runtimes] [compare] [dpo] [serving]
+                        [structured]
                                                                                 (default: all; `make bench`)
 
 - audit:    `data audit` on 100,000 synthetic rows (target: under 2 minutes)
@@ -18,6 +19,8 @@
             skilltune's job runs before, between and after the TRL jobs (median of the three)
 - dpo:      DPO (LoRA) on the brand-voice pairs: skilltune against TRL's DPOTrainer, default and best CPU
             settings, each in its own process (bench/dpo.py); tokens/s, pairs/s, whole-command time
+- structured: the SQL prompts asking for JSON, decoded plain, as any JSON object and under a JSON schema
+            (bench/structured.py): tokens/s, how many answers parse and match the schema
 - serving:  8 concurrent clients against the server with continuous batching and with static batches
             (bench/serving.py): requests/s, generated tokens/s, latency p50/p95, time to first token
 
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dpo import TITLE as DPO_TITLE, bench_dpo  # noqa: E402
 from generation import TITLE as GENERATION_TITLE, bench_generation  # noqa: E402
 from serving import TITLE as SERVING_TITLE, bench_serving  # noqa: E402
+from structured import TITLE as STRUCTURED_TITLE, bench_structured  # noqa: E402
 from step import _model_config, bench_matmul, bench_step  # noqa: E402
 STEPS = int(os.environ.get("BENCH_STEPS", "0"))  # 0: one full epoch (needed for held-out accuracy)
 REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))
@@ -207,11 +211,12 @@ def bench_compare() -> list[dict]:
 
 
 BENCHES = {"audit": bench_audit, "generate": bench_generate, "generation": bench_generation, "step": bench_step, "matmul": bench_matmul,
-           "runtimes": bench_runtimes, "compare": bench_compare, "dpo": bench_dpo, "serving": bench_serving}
+           "runtimes": bench_runtimes, "compare": bench_compare, "dpo": bench_dpo, "serving": bench_serving,
+           "structured": bench_structured}
 TITLES = {"step": "one default training step (SQL example), own time of its ops by category, mean of 3 steps",
           "matmul": "bf16 matmul throughput at the model's shapes, median of 5 (each product on its own weight)",
           "runtimes": "greedy generation, 24 SQL prompts, SmolLM2-135M: transformers against llama.cpp",
-          "dpo": DPO_TITLE, "serving": SERVING_TITLE, "generation": GENERATION_TITLE}
+          "dpo": DPO_TITLE, "serving": SERVING_TITLE, "generation": GENERATION_TITLE, "structured": STRUCTURED_TITLE}
 
 
 def main(argv: list[str]) -> None:

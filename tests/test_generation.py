@@ -246,13 +246,18 @@ def test_inference_precision_is_validated_and_resolved(monkeypatch):
     assert precision.inference_dtype("fp32") == ("fp32", torch.float32)
 
 
+def _row(**request):
+    """A decoding row as ``_choose`` reads it: its request, no grammar, no seeded stream, no answer yet."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(request=SimpleNamespace(shaping=None, **request), matcher=None, rng=None, tokens=[])
+
+
 def test_bf16_greedy_choice_is_the_first_maximum():
     """The argmax over bf16 logits runs in fp32 (4x faster on a CPU): the same index, ties to the first."""
     from skilltune.model.decode import _choose
 
-    from types import SimpleNamespace
-
-    greedy = [SimpleNamespace(temperature=0.0, top_p=None)] * 2
+    greedy = [_row(temperature=0.0, top_p=None)] * 2
     logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0]], dtype=torch.bfloat16)
     assert _choose(logits, greedy, None).tolist() == [1, 0] == logits.argmax(-1).tolist()
 
@@ -266,7 +271,7 @@ def test_each_rows_top_p_is_its_own():
     torch.manual_seed(0)
     logits = torch.tensor([[1.0, 1.2, 0.9, 1.1]] * 2)
     model = SimpleNamespace(generation_config=SimpleNamespace(top_k=None, top_p=1.0))
-    rows = [SimpleNamespace(temperature=5.0, top_p=1e-6), SimpleNamespace(temperature=5.0, top_p=None)]
+    rows = [_row(temperature=5.0, top_p=1e-6), _row(temperature=5.0, top_p=None)]
     picks = torch.stack([_choose(logits, rows, model) for _ in range(200)])
     assert set(picks[:, 0].tolist()) == {1}  # the nucleus: the most likely token alone
     assert len(set(picks[:, 1].tolist())) == 4  # the model's top-p of 1.0: any of the four

@@ -341,9 +341,9 @@ def test_a_stop_sequence_ends_decoding(server, continuous):
 
 @pytest.mark.parametrize("option", [
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    {"logit_bias": {"50": 10}}, {"presence_penalty": 0.5}])
+    {"tool_choice": "auto"}, {"audio": {"voice": "alloy"}}])
 def test_options_the_server_does_not_compute_are_refused_by_name(server, option):
-    """An answer that silently ignores tools, logit biases or penalties is worse than a 400 naming them."""
+    """An answer that silently ignores tools or audio is worse than a 400 naming them."""
     base, _, _ = server()
     body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     r = httpx.post(f"{base}/v1/chat/completions", json={**body, **option})
@@ -415,6 +415,49 @@ def test_n_answers_in_one_request(server):
     for extra, status, param in (({"n": 9}, 422, "n"), ({"n": 2, "stream": True}, 400, "n")):
         r = httpx.post(f"{base}/v1/chat/completions", json={**ask, **extra})
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_penalties_and_logit_bias_change_the_logits_as_openai_defines(server, continuous):
+    """presence/frequency penalties and logit_bias: the greedy answer is the one decoded here token by token from
+    the model's logits adjusted by OpenAI's formula (bias added; a token seen c times loses c * frequency +
+    presence)."""
+    base, state, _ = server(precision="fp32", continuous_batching=continuous)
+    loaded = state.engine.current
+    tok, model = loaded.tokenizer, loaded.model
+    prompt, presence, frequency = "SELECT name FROM", 1.5, 0.7
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits[0, -1]
+    favoured = int(plain.argsort()[-5])  # the fifth most likely first token, lifted by a bias
+    bias = {str(favoured): 6.0}
+    answer = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(input_ids=ids).logits[0, -1].float()
+            logits[favoured] += 6.0
+            counts = torch.bincount(torch.tensor(answer or [0]), minlength=logits.shape[0])[:logits.shape[0]]
+            if not answer:
+                counts.zero_()
+            logits -= counts * frequency + (counts > 0).float() * presence
+            token = int(logits.argmax())
+            if token == tok.eos_token_id:
+                break
+            answer.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": prompt, "max_tokens": 12,
+                                                  "presence_penalty": presence, "frequency_penalty": frequency,
+                                                  "logit_bias": bias}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == tok.decode(answer, skip_special_tokens=True)
+    unbiased = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": prompt, "max_tokens": 12})
+    assert unbiased.json()["choices"][0]["text"] != r.json()["choices"][0]["text"]  # the adjustments did something
+    body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    for extra, status in (({"logit_bias": {"abc": 1}}, 400), ({"logit_bias": {str(10**9): 1}}, 400),
+                          ({"logit_bias": {"5": 101}}, 422), ({"presence_penalty": 2.5}, 422),
+                          ({"logit_bias": {str(i): 1 for i in range(301)}}, 400)):
+        r = httpx.post(f"{base}/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == status and r.json()["error"]["param"].split(".")[0] == next(iter(extra)), r.text
 
 
 def test_completions_refuse_echo_and_best_of(server):

@@ -47,6 +47,7 @@ class Request(Protocol):
     seed: int | None  # its own random stream when sampling: the same seed, the same draws, whatever the batch
     grammar: Grammar | None  # what the answer must match (structured output), or None
     logprobs: int | None  # None: no log-probabilities; k: each answer token's, and the k most likely at its place
+    shaping: Shaping | None  # penalties and biases on its logits (OpenAI's), or None
 
 
 def decode_refusal(model, longest: int | None = None) -> str | None:
@@ -86,6 +87,26 @@ def shared_prefix(prompt_ids: list[list[int]], min_tokens: int = 16) -> list[int
     for ids in prompt_ids[1:]:
         n = min(n, next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), n))
     return first[:n] if n >= min_tokens else None
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """OpenAI's adjustments of one request's logits before its token is chosen: ``bias`` is added to the named
+    tokens' logits; a token the answer already holds ``c`` times loses ``c * frequency + presence``."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    bias: tuple[tuple[int, float], ...] = ()
+
+    def apply(self, logits: torch.Tensor, history: list[int]) -> None:
+        """Adjust ``logits`` (one row over the vocabulary) in place, given the answer's tokens so far."""
+        if self.bias:
+            ids, values = zip(*self.bias)
+            logits[list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+        if (self.presence or self.frequency) and history:
+            counts = torch.bincount(torch.tensor(history, device=logits.device), minlength=logits.shape[-1])
+            counts = counts[:logits.shape[-1]].to(logits.dtype)
+            logits -= counts * self.frequency + (counts > 0).to(logits.dtype) * self.presence
 
 
 @dataclass
@@ -178,8 +199,7 @@ class DecodeBatch:
         now = time.monotonic()
         rows = [Row(r, len(i), len(i), now, sink(r) if sink else None, rng=_rng(r, self.device),
                     matcher=self.matcher(r)) for r, i in zip(requests, ids)]
-        first = _choose(out.logits[:, -1], requests, self.model, [row.rng for row in rows],
-                        [row.matcher for row in rows])
+        first = _choose(out.logits[:, -1], rows, self.model)
         self._merge(_cache_of(out), mask, rows, first, token_logprobs(out.logits[:, -1], first, requests))
 
     def matcher(self, request: Request) -> RowMatcher | None:
@@ -227,8 +247,7 @@ class DecodeBatch:
                          use_cache=True, **{self.cache_arg: self.cache})
         self.cache = _cache_of(out)
         requests = [r.request for r in self.rows]
-        chosen = _choose(out.logits[:, -1], requests, self.model, [r.rng for r in self.rows],
-                         [r.matcher for r in self.rows])
+        chosen = _choose(out.logits[:, -1], self.rows, self.model)
         self.next_tokens = chosen
         for row, token, logprob in zip(self.rows, chosen.tolist(), token_logprobs(out.logits[:, -1], chosen, requests)):
             row.position += 1
@@ -374,17 +393,18 @@ def _rng(request: Request, device) -> torch.Generator | None:
     return torch.Generator(device=device).manual_seed(request.seed)
 
 
-def _choose(logits: torch.Tensor, requests: list[Request], model,
-            rngs: list[torch.Generator | None] | None = None,
-            matchers: list[RowMatcher | None] | None = None) -> torch.Tensor:
+def _choose(logits: torch.Tensor, rows: list[Row], model) -> torch.Tensor:
     """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k, and the request's
-    top-p or else the model's, as generate), drawn from the row's seeded stream when it has one. A row with a
-    grammar chooses among the tokens it allows."""
-    if matchers and any(m is not None for m in matchers):
-        logits = logits.to(torch.float32, copy=True)  # the masks below never touch the model's output
-        for row, m in zip(logits, matchers):
-            if m is not None:
-                m.constrain(row)
+    top-p or else the model's, as generate), drawn from the row's seeded stream when it has one. A row's penalties
+    and biases adjust its logits first, and a row with a grammar chooses among the tokens it allows."""
+    requests = [row.request for row in rows]
+    if any(r.shaping is not None for r in requests) or any(row.matcher is not None for row in rows):
+        logits = logits.to(torch.float32, copy=True)  # the changes below never touch the model's output
+        for row, values in zip(rows, logits):
+            if row.request.shaping is not None:
+                row.request.shaping.apply(values, row.tokens)
+            if row.matcher is not None:
+                row.matcher.constrain(values)
     greedy = logits.float().argmax(-1)  # the same index; PyTorch's CPU argmax is 4x slower on bf16
     if not any(r.temperature > 0 for r in requests):
         return greedy
@@ -405,5 +425,5 @@ def _choose(logits: torch.Tensor, requests: list[Request], model,
             drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the most likely token always stays
             probs[order[drop]] = 0
             probs = probs / probs.sum()
-        out[i] = torch.multinomial(probs, 1, generator=rngs[i] if rngs else None)[0]
+        out[i] = torch.multinomial(probs, 1, generator=rows[i].rng)[0]
     return out

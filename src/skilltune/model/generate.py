@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor
 
-from skilltune.model.decode import DecodeBatch, TokenLogprob, decode_refusal, shared_prefix, token_logprobs
+from skilltune.model.decode import DecodeBatch, Shaping, TokenLogprob, decode_refusal, shared_prefix, token_logprobs
 from skilltune.model.kernels import generation_kernels
 from skilltune.model.structured import Grammar, vocab_width
 
@@ -67,13 +67,14 @@ def _step_streamer(on_step: Callable[[list[int], list[int]], None], idx: list[in
     return _Steps()
 
 
-class _GrammarLogits(LogitsProcessor):
-    """A transformers logits processor: each row with a grammar chooses among the tokens it allows (the rows of
-    a static batch, as :func:`skilltune.model.decode._choose` does for the running batch)."""
+class _RowLogits(LogitsProcessor):
+    """A transformers logits processor for the rows of a static batch, as :func:`skilltune.model.decode._choose`
+    does for the running batch: each row's penalties and biases, then its grammar's allowed tokens."""
 
-    def __init__(self, grammars: list, model, tokenizer, eos: int, prompt_width: int):
+    def __init__(self, grammars: list, shapings: list, model, tokenizer, eos: int, prompt_width: int):
         width = vocab_width(model, tokenizer)
         self.matchers = [g.matcher(tokenizer, eos, width) if g is not None else None for g in grammars]
+        self.shapings = shapings
         self.eos, self.prompt_width = eos, prompt_width
         self.done = [False] * len(grammars)  # the row chose its end token, or its grammar is complete
 
@@ -91,7 +92,9 @@ class _GrammarLogits(LogitsProcessor):
                 m = self.matchers[row]
                 if m is not None and not self.done[row]:
                     self.done[row] = token == self.eos or m.take(token)
-        for row, m in enumerate(self.matchers):
+        for row, (m, shaping) in enumerate(zip(self.matchers, self.shapings)):
+            if shaping is not None:
+                shaping.apply(scores[row], input_ids[row, self.prompt_width:].tolist())
             if m is None:
                 continue
             if self.done[row]:  # whole: only the end token (the rest of the batch may decode on)
@@ -108,7 +111,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
              on_step: Callable[[list[int], list[int]], None] | None = None,
              top_p: float | None = None, seed: int | None = None,
              grammars: list[Grammar | None] | None = None,
-             logprobs: list[int | None] | None = None) -> list[Generation]:
+             logprobs: list[int | None] | None = None, shapings: list[Shaping | None] | None = None
+             ) -> list[Generation]:
     """Generate a completion for each rendered prompt (already chat-templated).
 
     Args:
@@ -123,11 +127,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             static batch starts from it (best effort: the batch's other rows share that stream).
         grammars: per prompt, what its answer must match (structured output: model/structured.py), or None.
         logprobs: per prompt, None or k: each answer token's log-probability and the k most likely at its place.
+        shapings: per prompt, penalties and biases on its logits (model/decode.py ``Shaping``), or None.
     """
     if not prompts:
         return []
     grammars = grammars or [None] * len(prompts)
     logprobs = logprobs or [None] * len(prompts)
+    shapings = shapings or [None] * len(prompts)
     eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
     model.eval()
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -138,10 +144,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
             if seed is not None and temperature > 0:
                 torch.manual_seed(seed)
             return _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos,
-                                    progress, stop_rows, on_step, top_p, grammars, logprobs)
+                                    progress, stop_rows, on_step, top_p, grammars, logprobs, shapings)
         return _generate_running(model, tokenizer, prompts, [ids[i] for i in order], order, max_new_tokens,
                                  batch_size, temperature, eos, progress, stop_rows, on_step, top_p, seed, grammars,
-                                 logprobs)
+                                 logprobs, shapings)
 
 
 def _static_logprobs(logits: tuple, new: torch.Tensor, wanted: list[int | None]) -> list[list | None]:
@@ -167,10 +173,12 @@ class _Prompt:
     seed: int | None = None
     grammar: Grammar | None = None
     logprobs: int | None = None
+    shaping: Shaping | None = None
 
 
 def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, batch_size, temperature, eos, progress,
-                      stop_rows, on_step, top_p=None, seed=None, grammars=None, logprobs=None) -> list[Generation]:
+                      stop_rows, on_step, top_p=None, seed=None, grammars=None, logprobs=None,
+                      shapings=None) -> list[Generation]:
     """A running batch (model/decode.py): refilled from the queue of prompts as rows finish.
 
     ``ids``: the prompts' token ids in ``order``. New prompts join when a quarter of the batch is
@@ -179,8 +187,8 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
     """
     prefix = shared_prefix(ids) if len(ids) > 1 else None  # one prompt: nothing to share
     batch = DecodeBatch(model, tokenizer, eos, prefix=prefix)
-    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed, grammars[i], logprobs[i])
-                  for i in order)
+    queue = deque(_Prompt(i, prompts[i], max_new_tokens, temperature, top_p, seed, grammars[i], logprobs[i],
+                          shapings[i]) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
     stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
@@ -206,7 +214,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
 
 @torch.inference_mode()
 def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_size, temperature, eos, progress,
-                     stop_rows, on_step, top_p=None, grammars=None, logprobs=None) -> list[Generation]:
+                     stop_rows, on_step, top_p=None, grammars=None, logprobs=None, shapings=None) -> list[Generation]:
     """transformers' ``generate`` on consecutive batches of ``batch_size`` (left padding, KV cache)."""
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -227,10 +235,12 @@ def _generate_static(model, tokenizer, prompts, order, max_new_tokens, batch_siz
             if on_step is not None:
                 options["streamer"] = _step_streamer(on_step, idx)
             shaped = None
-            if grammars and any(grammars[i] is not None for i in idx):
+            row_grammars = [grammars[i] if grammars else None for i in idx]
+            row_shapings = [shapings[i] if shapings else None for i in idx]
+            if any(x is not None for x in row_grammars + row_shapings):
                 from transformers import LogitsProcessorList
 
-                shaped = _GrammarLogits([grammars[i] for i in idx], model, tokenizer, eos, batch["input_ids"].shape[1])
+                shaped = _RowLogits(row_grammars, row_shapings, model, tokenizer, eos, batch["input_ids"].shape[1])
                 options["logits_processor"] = LogitsProcessorList([shaped])
             scored = logprobs is not None and any(logprobs[i] is not None for i in idx)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos,

@@ -30,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from skilltune.model.decode import Shaping
 from skilltune.model.structured import Grammar, GrammarError, vocab_width
 from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
@@ -39,6 +40,7 @@ PROBES = ("/health", "/ready")  # answered without a key and not logged: load ba
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256  # each; held-back text is checked against every prefix of each stop at every streamed piece
 MAX_N = 8  # answers per request (each is a row of the batch)
+MAX_LOGIT_BIAS = 300  # tokens a request may bias (OpenAI's limit)
 CHARS_PER_TOKEN_BOUND = 64  # no tokenizer packs more characters than this into one token on average
 
 
@@ -122,6 +124,9 @@ class ChatRequest(BaseModel):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None  # each answer token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and the k most likely tokens at its place
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -138,6 +143,9 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
     logprobs: int | None = Field(None, ge=0, le=5)  # k: each token's log-probability and the k most likely there
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
 
 
 def route_label(app: FastAPI, scope) -> str:
@@ -333,8 +341,7 @@ async def _then(body, done):
 UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "tools": lambda v, r: bool(v), "functions": lambda v, r: bool(v),
     "tool_choice": lambda v, r: v not in (None, "none"), "function_call": lambda v, r: v not in (None, "none"),
-    "logit_bias": lambda v, r: bool(v), "presence_penalty": lambda v, r: bool(v),
-    "frequency_penalty": lambda v, r: bool(v), "best_of": lambda v, r: v not in (None, 1),
+    "best_of": lambda v, r: v not in (None, 1),
     "echo": lambda v, r: bool(v), "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
     "modalities": lambda v, r: v not in (None, ["text"]), "prediction": lambda v, r: bool(v),
 }
@@ -371,13 +378,28 @@ def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
     return k
 
 
-def _decodings(req: ChatRequest | CompletionRequest, grammar: Grammar | None) -> list[dict]:
+def _shaping(req: ChatRequest | CompletionRequest, vocab: int) -> Shaping | None:
+    """OpenAI's presence/frequency penalties and logit_bias (token id -> -100..100) as one :class:`Shaping`."""
+    if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or not 0 <= int(key) < vocab:
+            raise ApiError(400, f"logit_bias: {key[:20]!r} is not a token id of this model (0 to {vocab - 1})",
+                           param="logit_bias")
+        bias.append((int(key), value))
+    if not (bias or req.presence_penalty or req.frequency_penalty):
+        return None
+    return Shaping(req.presence_penalty, req.frequency_penalty, tuple(bias))
+
+
+def _decodings(req: ChatRequest | CompletionRequest, grammar: Grammar | None, vocab: int) -> list[dict]:
     """How the engine decodes each of ``req``'s ``n`` answers besides its prompt and budget. With a seed, answer i
     draws from seed + i: the same request gives the same answers, and they differ from each other."""
     if req.n > 1 and req.stream:
         raise ApiError(400, "'n' above 1 is not streamed by this server: ask without stream", param="n",
                        code="unsupported_parameter")
-    one = {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req)}
+    one = {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req), "shaping": _shaping(req, vocab)}
     if one["seed"] is None:
         return [one] * req.n
     return [{**one, "seed": (one["seed"] + i) % 2**64} for i in range(req.n)]
@@ -666,7 +688,7 @@ async def chat(req: ChatRequest, request: Request):
     request.state.log = {"prompt": msgs[-1]["content"]}
     prompt = loaded.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     await _admit(state, loaded, prompt, max_tokens, req.n)
-    decodings = _decodings(req, await _grammar(req, loaded))
+    decodings = _decodings(req, await _grammar(req, loaded), vocab_width(loaded.model, loaded.tokenizer))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "chat", prompt, max_tokens, decodings[0], stops, msgs[-1]["content"], rid,
@@ -704,7 +726,7 @@ async def completions(req: CompletionRequest, request: Request):
     request.state.log = {"prompt": prompt}
     loaded = state.engine.current
     await _admit(state, loaded, prompt, max_tokens, req.n)
-    decodings = _decodings(req, await _grammar(req, loaded))
+    decodings = _decodings(req, await _grammar(req, loaded), vocab_width(loaded.model, loaded.tokenizer))
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return await _stream(request, "completion", prompt, max_tokens, decodings[0], stops, prompt, rid,

@@ -25,7 +25,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
-from skilltune.model.decode import DecodeBatch
+from skilltune.model.decode import DecodeBatch, Shaping
 from skilltune.model.generate import Generation, generate
 from skilltune.model.structured import Grammar, GrammarError, vocab_width
 
@@ -73,6 +73,7 @@ class Job:
     stop_seen: bool = False  # set by the worker when the decoded text reached a stop sequence
     grammar: Grammar | None = None  # structured output: what the answer must match (checked before the queue)
     logprobs: int | None = None  # None, or k: each answer token's log-probability and the k most likely there
+    shaping: Shaping | None = None  # penalties and biases on its logits
 
     def finished_by_caller(self, now: float) -> bool:
         return self.future.cancelled() or now > self.deadline
@@ -202,13 +203,14 @@ class Engine:
     def submit(self, prompt: str, max_tokens: int, temperature: float, timeout_s: float | None = None,
                on_text: Callable[[str], None] | None = None, stops: list[str] | tuple[str, ...] = (),
                top_p: float | None = None, seed: int | None = None, grammar: Grammar | None = None,
-               logprobs: int | None = None) -> Future:
+               logprobs: int | None = None, shaping: Shaping | None = None) -> Future:
         """Queue a request; its future resolves to (version, Generation). ``on_text`` streams its text as decoded;
         decoding ends at the token that completes one of ``stops`` (the text returned still holds it); ``grammar``
-        constrains the answer (structured output); ``logprobs`` (k) scores its tokens."""
+        constrains the answer (structured output); ``logprobs`` (k) scores its tokens; ``shaping`` penalises and
+        biases its logits."""
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         job = Job(prompt, max_tokens, temperature, deadline, on_text=on_text, stops=tuple(stops), top_p=top_p,
-                  seed=seed, grammar=grammar, logprobs=logprobs)
+                  seed=seed, grammar=grammar, logprobs=logprobs, shaping=shaping)
         if len(self._held) >= self.queue.maxsize:  # held-back jobs count against the same bound
             raise QueueFull
         try:
@@ -254,7 +256,7 @@ class Engine:
                         max_new_tokens=max(j.max_tokens for j in live), batch_size=len(live),
                         temperature=live[0].temperature, top_p=live[0].top_p, seed=live[0].seed, stop_rows=stop_rows,
                         on_step=self._streamer(loaded, live), grammars=[j.grammar for j in live],
-                        logprobs=[j.logprobs for j in live])
+                        logprobs=[j.logprobs for j in live], shapings=[j.shaping for j in live])
 
     @staticmethod
     def _streamer(loaded: Loaded, live: list[Job]):
