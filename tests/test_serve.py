@@ -460,6 +460,24 @@ def test_penalties_and_logit_bias_change_the_logits_as_openai_defines(server, co
         assert r.status_code == status and r.json()["error"]["param"].split(".")[0] == next(iter(extra)), r.text
 
 
+def test_logprob_bytes_are_each_tokens_own(tiny_model_dir):
+    """A character split over tokens (byte-level BPE): each token's text is a replacement character, its bytes
+    are its part of the character, and the bytes joined are the answer (OpenAI's reason for the field)."""
+    from skilltune.model.decode import TokenLogprob
+    from skilltune.model.structured import token_table
+    from skilltune.model.target import load_target
+    from skilltune.serve.app import _chat_logprob
+
+    tok = load_target(str(tiny_model_dir)).tokenizer
+    text = "café 😀"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    table = token_table(tok, tok.eos_token_id, len(tok))
+    content = [_chat_logprob(tok, table, tok.decode([i]), TokenLogprob(i, -0.5, [(i, -0.5)])) for i in ids]
+    assert len(ids) > len(text) and "\ufffd" in "".join(c["token"] for c in content)  # split characters
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode()
+    assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+
+
 def test_completions_refuse_echo_and_best_of(server):
     base, _, _ = server()
     body = {"model": "svc", "prompt": "SELECT", "max_tokens": 2}
@@ -499,10 +517,11 @@ def test_logprobs_are_the_models_own(server, continuous):
                                           max_tokens=5, logprobs=True, top_logprobs=2).choices[0]
     content = chat.logprobs.content
     assert "".join(c.token for c in content) == chat.message.content and len(content) <= 5
+    assert b"".join(bytes(c.bytes) for c in content).decode() == chat.message.content
     for c in content:  # greedy: the chosen token is the most likely one
         assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
         assert c.top_logprobs[0].logprob == pytest.approx(c.logprob) and c.logprob <= 0
-        assert bytes(c.bytes).decode() == c.token
+        assert c.top_logprobs[0].bytes == c.bytes
     body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     for extra, status, param in (({"top_logprobs": 2}, 400, "top_logprobs"),
                                  ({"logprobs": True, "stream": True}, 400, "logprobs"),

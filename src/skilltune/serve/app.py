@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from skilltune.model.decode import Shaping
-from skilltune.model.structured import Grammar, GrammarError, vocab_width
+from skilltune.model.structured import Grammar, GrammarError, token_table, vocab_width
 from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
 from skilltune.text import lone_surrogate
@@ -538,10 +538,27 @@ def _scored(tokenizer, entries: list, text: str) -> list[tuple[str, object]]:
     return out if text else []
 
 
-def _chat_logprob(tokenizer, piece: str, e) -> dict:
-    top = [(tokenizer.decode([t]), lp) for t, lp in e.top]
-    return {"token": piece, "logprob": e.logprob, "bytes": list(piece.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top]}
+def _chat_logprob(tokenizer, table, piece: str, e) -> dict:
+    """One answer token in OpenAI's chat shape; ``bytes`` are the token's own (a character split over two tokens
+    gives each its part), from llguidance's token table when there is one."""
+    def raw(token: int, text: str) -> list[int]:
+        return list(table.decode_bytes([token]) if table is not None else text.encode("utf-8"))
+
+    top = [(t, tokenizer.decode([t]), lp) for t, lp in e.top]
+    return {"token": piece, "logprob": e.logprob, "bytes": raw(e.token, piece),
+            "top_logprobs": [{"token": text, "logprob": lp, "bytes": raw(t, text)} for t, text, lp in top]}
+
+
+async def _byte_table(loaded, asked: bool):
+    """llguidance's token table of the serving tokenizer (built once, off the event loop), for exact token bytes;
+    None when logprobs are not asked or the tokenizer has none (then a token's bytes are its text's)."""
+    if not asked:
+        return None
+    try:
+        return await run_in_threadpool(token_table, loaded.tokenizer, loaded.tokenizer.eos_token_id,
+                                       vocab_width(loaded.model, loaded.tokenizer))
+    except GrammarError:
+        return None
 
 
 def _completion_logprobs(tokenizer, scored: list) -> dict:
@@ -693,8 +710,9 @@ async def chat(req: ChatRequest, request: Request):
     if req.stream:
         return await _stream(request, "chat", prompt, max_tokens, decodings[0], stops, msgs[-1]["content"], rid,
                              _include_usage(req))
+    table = await _byte_table(loaded, decodings[0]["logprobs"] is not None)
     answers = await _run(request, prompt, max_tokens, decodings, stops)
-    choices = [_chat_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
+    choices = [_chat_choice(i, out, stops, loaded.tokenizer, table) for i, (_, out) in enumerate(answers)]
     version = answers[0][0]
     _note(request, version, msgs[-1]["content"], [out for _, out in answers], choices[0]["message"]["content"])
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": version,
@@ -702,11 +720,11 @@ async def chat(req: ChatRequest, request: Request):
                         headers={"X-Skilltune-Version": version})
 
 
-def _chat_choice(index: int, out, stops: list[str], tokenizer) -> dict:
+def _chat_choice(index: int, out, stops: list[str], tokenizer, table) -> dict:
     text, finish = _cut(out.text, out.stopped, stops)
     choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
     if out.logprobs is not None:
-        choice["logprobs"] = {"content": [_chat_logprob(tokenizer, piece, e)
+        choice["logprobs"] = {"content": [_chat_logprob(tokenizer, table, piece, e)
                                           for piece, e in _scored(tokenizer, out.logprobs, text)], "refusal": None}
     return choice
 
