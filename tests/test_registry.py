@@ -224,6 +224,15 @@ def test_the_store_location_is_configurable(two_runs, tmp_path, monkeypatch):
     assert (tmp_path / "shared-store" / "objects" / digest[:2] / digest[2:]).is_file()
 
 
+@pytest.fixture
+def own_model_cache(isolated_home):
+    """A model cache of the test's own: gc removes merged copies no version of its registry names, and the
+    shared cache holds other tests' (tests/conftest.py links it into every home)."""
+    (isolated_home / "models").unlink()
+    (isolated_home / "models").mkdir()
+
+
+@pytest.mark.usefixtures("own_model_cache")
 def test_gc_frees_only_what_no_version_uses(two_runs):
     reg = Registry()
     v1, v2 = reg.add(two_runs[0], "g"), reg.add(two_runs[1], "g")
@@ -236,20 +245,30 @@ def test_gc_frees_only_what_no_version_uses(two_runs):
     def obj(digest):
         return reg.store.root / "objects" / digest[:2] / digest[2:]
 
+    from skilltune.model.sources import merged_version_dir
+
+    merged = [merged_version_dir("g", n, v.manifest) for n, v in ((1, v1), (2, v2))]  # as DPO on a version makes
+    for folder in merged:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 1000)
     code, out = cli("registry", "gc", "--dry-run")
     assert code == 0 and f"would remove {len(only_v1)} store files no version uses" in out
-    assert "would remove 1 checkouts of deleted versions" in out and str(checkouts[0]) in out.replace("\n", "")
+    assert "would remove 2 checkouts and merged copies of deleted versions" in out, out
+    assert str(checkouts[0]) in out.replace("\n", "")
     assert all(obj(d).is_file() for d in only_v1) and checkouts[0].is_dir()  # a dry run removes nothing
     cleanup = reg.gc()
-    assert {p.parent.name + p.name for p in cleanup.unused} == only_v1 and cleanup.checkouts == [checkouts[0]]
+    assert {p.parent.name + p.name for p in cleanup.unused} == only_v1
+    assert cleanup.checkouts == [checkouts[0], merged[0]] and not merged[0].exists() and merged[1].is_dir()
     assert cleanup.sizes["unused"] == sum(len((two_runs[0] / "adapter" / rel).read_bytes())
                                           for rel, d in v1.manifest.items() if d in only_v1)
     assert not any(obj(d).exists() for d in only_v1) and not checkouts[0].exists()
     reg.store.verify(v2.manifest)  # every file of the version left is there, with its hash
     assert reg.store.matches(v2.manifest, checkouts[1]) and reg.gc().sizes == {"unused": 0, "partial": 0,
                                                                                  "checkouts": 0}
+    assert cleanup.sizes["checkouts"] >= 1000
 
 
+@pytest.mark.usefixtures("own_model_cache")
 def test_gc_waits_for_no_add_and_cleans_up_after_a_killed_one(two_runs):
     """A `registry add` killed mid-copy leaves a partial object; gc is refused while the add runs (it could take
     objects not yet in a version) and removes the partial copy once the kill released the store."""

@@ -176,7 +176,7 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be 
     cleanup = _reg(url).gc(dry_run)
     parts = [(cleanup.unused, "store files no version uses", "unused"),
              (cleanup.partial, "partial copies of an interrupted add", "partial"),
-             (cleanup.checkouts, "checkouts of deleted versions", "checkouts")]
+             (cleanup.checkouts, "checkouts and merged copies of deleted versions", "checkouts")]
     verb = "would remove" if dry_run else "removed"
     for paths, what, key in parts:
         console.print(f"{verb} {len(paths)} {what} ({human_bytes(cleanup.sizes[key])})", highlight=False)

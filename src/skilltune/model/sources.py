@@ -194,6 +194,12 @@ def _local(spec: str, revision: str | None) -> ResolvedModel:
     return ResolvedModel(spec, "local", Path(spec).expanduser().resolve())
 
 
+def merged_version_dir(name: str, number: int, manifest: dict) -> Path:
+    """Where a registered LoRA/DoRA version merged into its base is cached (keyed by its files)."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return models_cache() / f"registry-{name}-v{number}-{digest[:16]}"
+
+
 def _registry(spec: str, revision: str | None) -> ResolvedModel:
     """A registered version (``NAME@vN``, ``NAME@ALIAS``) as a whole model, to train on top of (DPO after SFT).
 
@@ -211,7 +217,7 @@ def _registry(spec: str, revision: str | None) -> ResolvedModel:
     if version.method == "full":  # the artifact is the whole model already
         return ResolvedModel(co.ref, "registry", co.path)
     digest = hashlib.sha256(json.dumps(version.manifest, sort_keys=True).encode()).hexdigest()
-    final = models_cache() / f"registry-{version.name}-v{version.number}-{digest[:16]}"
+    final = merged_version_dir(version.name, version.number, version.manifest)
     if _cache_entry_intact(final):
         return ResolvedModel(co.ref, "registry", final)
     clean_stale_temp_dirs(final.parent, final.name)

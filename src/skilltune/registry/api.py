@@ -22,8 +22,9 @@ from sqlalchemy import select, text
 from skilltune import __version__
 from skilltune.config.load import load_config
 from skilltune.errors import SkilltuneError
+from skilltune.model.sources import merged_version_dir
 from skilltune.model.target import find_artifact, read_adapter_meta
-from skilltune.paths import home
+from skilltune.paths import home, models_cache
 from skilltune.registry.db import Alias, AliasEvent, Version, make_session_factory
 from skilltune.registry.store import ArtifactStore
 
@@ -410,8 +411,9 @@ class Registry:
 
     def gc(self, dry_run: bool = False) -> "Cleanup":
         """Free the disk deleted versions used: store objects no version names any more, partial copies a
-        killed `registry add` left, and this machine's checkouts of deleted versions. Versions of every name
-        in this registry's database count; a store must not be shared with another database's versions."""
+        killed `registry add` left, and this machine's checkouts of deleted versions and merged copies of them (a
+        version trained on, as DPO after SFT, is merged into its base once, in the model cache). Versions of every
+        name in this registry's database count; a store must not be shared with another database's versions."""
         with self.store.alone() as alone:
             if not alone:
                 raise RegistryError(f"the artifact store {self.store.root} is in use: a `registry add` or a "
@@ -422,6 +424,9 @@ class Registry:
             live = {(name, f"v{number}") for name, number, _ in versions}
             stale = [d for d in sorted(_checkouts().glob("*/*")) if d.is_dir() and not d.is_symlink()
                      and (d.name.startswith(".tmp-") or (d.parent.name, d.name) not in live)]
+            merged = {merged_version_dir(*v) for v in versions}
+            stale += [d for d in sorted(models_cache().glob("registry-*")) if d.is_dir() and not d.is_symlink()
+                      and d not in merged]
             cleanup = Cleanup(unused, partial, stale)
             if not dry_run:
                 cleanup.remove()
@@ -451,9 +456,9 @@ def _checkouts() -> Path:
 class Cleanup:
     """What `registry gc` removes (or would, in a dry run); ``sizes`` are the bytes each part frees, taken
     before anything is removed."""
-    unused: list[Path]
-    partial: list[Path]
-    checkouts: list[Path]
+    unused: list[Path]  # store objects
+    partial: list[Path]  # store objects an interrupted add left half-copied
+    checkouts: list[Path]  # checkouts and merged copies of deleted versions
     sizes: dict[str, int] = field(init=False)
 
     def __post_init__(self):
