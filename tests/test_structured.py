@@ -122,3 +122,33 @@ def test_generate_command_takes_a_schema_file(tiny_model_dir, tmp_path):
     assert code == 2 and "Invalid type: bogus" in out
     code, out = cli("generate", str(tiny_model_dir), "x", "--json-schema", str(tmp_path / "none.json"))
     assert code == 2 and "not a readable JSON file" in out
+
+
+def test_eval_decodes_as_the_config_asks_and_reports_it(tmp_path, stopping_run_dir):
+    """eval.response_format json_schema: base and finetuned answers (test, validation, latency) are decoded under
+    eval.json_schema's grammar, as a server asked for that format answers; results.json says so."""
+    from helpers import cli, write_jsonl, write_yaml
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"word": {"enum": ["hi", "yes", "no"]}},
+                                  "required": ["word"], "additionalProperties": False}))
+    rows = [{"prompt": f"Say {w}.", "completion": json.dumps({"word": w})} for w in ("hi", "yes", "no")]
+    test, val = write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "v.jsonl", rows)
+    common = ["--test", str(test), "--no-forgetting", "--metrics", "json_schema", "--set",
+              f"eval.json_schema={schema}", "--set", f"data.val={val}"]
+    code, out = cli("eval", str(stopping_run_dir), *common, "--set", "eval.response_format=json_schema",
+                    "--out", str(tmp_path / "shaped"))
+    assert code == 0, out
+    shaped = json.loads((tmp_path / "shaped" / "results.json").read_text())
+    assert shaped["response_format"] == "json_schema"
+    assert shaped["metrics"]["json_schema"]["tuned"] == shaped["metrics"]["json_schema"]["base"] == 1.0
+    assert shaped["overfitting"]["val"] == 1.0, shaped["overfitting"]
+    code, out = cli("eval", str(stopping_run_dir), *common, "--out", str(tmp_path / "plain"))
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert code == 0 and plain["metrics"]["json_schema"]["tuned"] == 0.0  # the one-word model never writes JSON
+    code, out = cli("eval", str(stopping_run_dir), "--test", str(test), "--no-forgetting",
+                    "--set", "eval.response_format=json_schema")
+    assert code != 0 and "eval.json_schema" in out
+    code, out = cli("config", "validate", str(write_yaml(tmp_path / "c.yaml", {
+        "data": {"train": str(test)}, "eval": {"response_format": "xml"}})), "--no-data")
+    assert code == 2 and "eval.response_format: 'xml' is not one of text, json_object, json_schema" in out

@@ -168,6 +168,12 @@ def metric_problems(ecfg) -> list[str]:
     evaluated = set(ecfg.metrics) | {c for m in ecfg.metrics for c in COMPANIONS.get(m, [])}
     problems += [f"eval.targets: {name!r} is neither a metric of eval.metrics ({', '.join(ecfg.metrics)}) nor one "
                  f"of {', '.join(OPERATIONAL)}" for name in ecfg.targets if name not in evaluated | set(OPERATIONAL)]
+    from skilltune.model.structured import RESPONSE_FORMATS
+
+    if ecfg.response_format not in RESPONSE_FORMATS:
+        problems.append(f"eval.response_format: {ecfg.response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}")
+    if ecfg.response_format == "json_schema" and not ecfg.json_schema:
+        problems.append("eval.json_schema: eval.response_format json_schema decodes under it (set eval.json_schema)")
     for path_field, metric in (("db", "sql_exec"), ("json_schema", "json_schema")):
         value = getattr(ecfg, path_field)
         if value and not os.path.isfile(value):

@@ -23,6 +23,7 @@ from skilltune.data.tokenize import encode_example, prompt_text
 from skilltune.errors import SkilltuneError
 from skilltune.model.generate import generate
 from skilltune.model.kernels import generation_kernels
+from skilltune.model.structured import RESPONSE_FORMATS, Grammar, GrammarError
 from skilltune.evaluate import forgetting
 from skilltune.evaluate.metrics import Metric, resolve_metrics
 from skilltune.evaluate.targets import OPERATIONAL, gate, judge_targets
@@ -156,12 +157,14 @@ def _score(metrics: list[Metric], outputs: list[str], refs: list[str], ctx: dict
     return {m.name: [m.score(o, r, ctx) for o, r in zip(outputs, refs)] for m in metrics}
 
 
-def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, n: int = 3, progress=None) -> list[float]:
+def _single_latency(target: Target, prompts: list[str], ecfg: EvalConfig, grammar: Grammar | None, n: int = 3,
+                    progress=None) -> list[float]:
     """Latency of requests served one at a time (what a user of an unbatched server sees)."""
     out = []
     for p in prompts[:n]:
         t0 = time.perf_counter()
-        generate(target.model, target.tokenizer, [p], max_new_tokens=ecfg.max_new_tokens, batch_size=1)
+        generate(target.model, target.tokenizer, [p], max_new_tokens=ecfg.max_new_tokens, batch_size=1,
+                 grammars=[grammar])
         out.append(time.perf_counter() - t0)
         if progress is not None:
             progress(1)
@@ -195,18 +198,19 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
                         hint=f"targets can name {', '.join(m.name for m in metrics)} or {', '.join(OPERATIONAL)}")
     examples = load_examples(plan.test_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
     refs = [ex.completion for ex in examples]
+    grammar = _response_grammar(ecfg)
     precision, dtype = inference_dtype(ecfg.precision)
     target = load_target(plan.target, dtype=dtype, policy=plan.policy)
     prompts = _prompts(target.tokenizer, examples)
-    base, tuned = _generate_both(plan, target, prompts, stages, dtype)
+    base, tuned = _generate_both(plan, target, prompts, stages, dtype, grammar)
     forgot = forgetting.compare(base.general, tuned.general, ecfg.forgetting_threshold) if plan.forgetting else None
     stages.message(f"scoring with {', '.join(m.name for m in metrics)}")
     tuned_scores = _score(metrics, [g.text for g in tuned.gens], refs, ctx)
     base_scores = _score(metrics, [g.text for g in base.gens], refs, ctx)
     headline = _headline(metrics, base_scores, tuned_scores)
     with generation_kernels(target.model):  # the finetuned weights stay as they are from here on
-        overfit = _overfitting(plan, target, metrics, headline, examples, ctx, stages)
-        latency = _latency_cost(target, prompts, tuned, base, ecfg, stages)
+        overfit = _overfitting(plan, target, metrics, headline, examples, ctx, stages, grammar)
+        latency = _latency_cost(target, prompts, tuned, base, ecfg, stages, grammar)
     rows = [{"line": ex.line, "prompt": ex.turns[-2].content if len(ex.turns) > 1 else "",
              "reference": refs[i], "base_output": base.gens[i].text, "tuned_output": tuned.gens[i].text,
              "base": {m.name: base_scores[m.name][i] for m in metrics},
@@ -216,7 +220,7 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
     regressions = [r for r in rows if r["base"][primary] > r["tuned"][primary]]
     results = {
         "target": plan.version or plan.target, "run_dir": plan.recorded_run_dir, "baseline": base.label,
-        "precision": precision,
+        "precision": precision, "response_format": ecfg.response_format,
         "test_file": str(plan.test_file), "n_examples": len(examples), "metrics": headline,
         "primary_metric": primary, "overfitting": overfit, "latency_cost": latency,
         "forgetting": forgot, "regressions": len(regressions), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -229,8 +233,20 @@ def evaluate(plan: EvalPlan, out_dir: Path, stages: Stages = SILENT, allow_code_
     return results
 
 
+def _response_grammar(ecfg: EvalConfig) -> Grammar | None:
+    """The grammar answers are decoded under (eval.response_format; None: plain text), checked before any model
+    loads."""
+    if ecfg.response_format not in RESPONSE_FORMATS:
+        raise EvalError(f"eval.response_format {ecfg.response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}")
+    try:
+        return RESPONSE_FORMATS[ecfg.response_format](ecfg.json_schema)
+    except GrammarError as exc:
+        raise EvalError(f"eval.response_format {ecfg.response_format}: {exc}",
+                        hint="set eval.json_schema to a JSON Schema file") from None
+
+
 def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: Stages,
-                   dtype: torch.dtype) -> tuple[_Side, _Side]:
+                   dtype: torch.dtype, grammar: Grammar | None) -> tuple[_Side, _Side]:
     """The baseline's answers, then the finetuned model's (with the forgetting suite on each).
 
     The base runs first with the adapter switched off (no second copy of the weights); then
@@ -244,7 +260,7 @@ def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: S
             with stages.stage(f"generating {len(prompts)} answers with the {label} model", total=len(prompts)) as adv:
                 t0 = time.perf_counter()
                 gens = generate(t.model, t.tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size,
-                                ecfg.temperature, progress=adv)
+                                ecfg.temperature, progress=adv, grammars=[grammar] * len(prompts))
                 side = _Side(label, gens, time.perf_counter() - t0)
             if plan.forgetting:
                 side.general = forgetting.run_suite(t, stages=stages, label=f"{label} model")
@@ -277,7 +293,7 @@ def _headline(metrics: list[Metric], base_scores: dict, tuned_scores: dict) -> d
 
 
 def _overfitting(plan: EvalPlan, target: Target, metrics, headline: dict, examples, ctx: dict,
-                 stages: Stages) -> dict | None:
+                 stages: Stages, grammar: Grammar | None) -> dict | None:
     """The same metrics and the loss on validation and test (None without a validation file)."""
     ecfg = plan.cfg.eval
     if not (plan.val_file and Path(plan.val_file).is_file()):
@@ -285,7 +301,8 @@ def _overfitting(plan: EvalPlan, target: Target, metrics, headline: dict, exampl
     val_ex = load_examples(plan.val_file, plan.cfg.data.format, plan.cfg.data.columns, plan.cfg.data.system_prompt)
     with stages.stage(f"overfitting check: {len(val_ex)} validation answers", total=len(val_ex)) as adv:
         val_gens = generate(target.model, target.tokenizer, _prompts(target.tokenizer, val_ex),
-                            ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature, progress=adv)
+                            ecfg.max_new_tokens, ecfg.batch_size, ecfg.temperature, progress=adv,
+                            grammars=[grammar] * len(val_ex))
     val_scores = _score(metrics, [g.text for g in val_gens], [e.completion for e in val_ex], ctx)
     primary = metrics[0]
     return overfitting_check(primary.name, primary.aggregate(val_scores[primary.name]),
@@ -294,10 +311,10 @@ def _overfitting(plan: EvalPlan, target: Target, metrics, headline: dict, exampl
 
 
 def _latency_cost(target: Target, prompts: list[str], tuned: _Side, base: _Side, ecfg: EvalConfig,
-                  stages: Stages) -> dict:
+                  stages: Stages, grammar: Grammar | None) -> dict:
     per_request = [g.latency_s for g in tuned.gens]
     with stages.stage("latency: requests one at a time", total=min(3, len(prompts))) as adv:
-        single = _single_latency(target, prompts, ecfg, progress=adv)
+        single = _single_latency(target, prompts, ecfg, grammar, progress=adv)
     seconds_per_request = tuned.wall_s / max(len(prompts), 1)
     return {
         "batched_wall_s": tuned.wall_s, "batch_size": ecfg.batch_size, "requests": len(prompts),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -104,6 +106,22 @@ class RowMatcher:
         if token != self.eos:
             self.m.consume_token(token)
         return self.m.is_stopped() or self.m.is_error()
+
+
+def _schema_file(path: str | None) -> dict:
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, TypeError, UnicodeDecodeError, ValueError) as exc:
+        raise GrammarError(f"the JSON schema file {path!r} cannot be read as JSON: {exc}") from None
+    return schema
+
+
+# OpenAI's response_format types -> the grammar each decodes under (given a JSON Schema file for json_schema)
+RESPONSE_FORMATS: dict[str, Callable[[str | None], Grammar | None]] = {
+    "text": lambda schema_file: None,
+    "json_object": lambda schema_file: Grammar.json(None),
+    "json_schema": lambda schema_file: Grammar.json(_schema_file(schema_file)),
+}
 
 
 def token_table(tokenizer, eos: int, n_vocab: int):
