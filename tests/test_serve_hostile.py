@@ -47,6 +47,14 @@ def hostile(server):
     return base, state, still_fine
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+DEEP_SCHEMA = _nested(400)
 LONG = "word " * 40_000  # 200,000 characters, ~40k tokens: far past the tiny model's 512-token context
 HOSTILE = [
     ("malformed JSON", {"content": b'{"model": "svc", "messages": ['}, 400, "not valid JSON"),
@@ -83,6 +91,16 @@ HOSTILE = [
     ("many stop strings", {"json": {**NORMAL, "stop": [f"s{i}" for i in range(500)]}}, 400, "stop"),
     ("a stop string of a million characters", {"json": {**NORMAL, "stop": ["a" * 10**6]}}, 400,
      "at most 256 characters (one has 1,000,000)"),
+    ("a JSON schema nested 400 deep", {"json": {**NORMAL, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": DEEP_SCHEMA}}}}, 400, "recursion limit"),
+    ("a schema pattern that backtracks", {"json": {**NORMAL, "max_tokens": 20, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"s": {
+            "type": "string", "pattern": "^(a|aa)*(b{1,1000}){1,1000}$"}}, "required": ["s"]}}}}}, 200, None),
+    ("n 8 under a schema with logprobs", {"json": {**NORMAL, "n": 8, "logprobs": True, "top_logprobs": 20,
+                                                   "response_format": {"type": "json_object"}}}, 200, None),
+    ("logit_bias on a token past the vocabulary", {"json": {**NORMAL, "logit_bias": {str(2**40): 100}}}, 400,
+     "is not a token id of this model"),
+    ("top_logprobs 10^6", {"json": {**NORMAL, "logprobs": True, "top_logprobs": 10**6}}, 422, "top_logprobs"),
     ("a body over the size limit", {"content": b'{"model": "svc", "x": "' + b"y" * (5 * 2**20) + b'"}'}, 413,
      "over this server's limit of 4,194,304 bytes"),
 ]
