@@ -291,3 +291,22 @@ def test_gc_waits_for_no_add_and_cleans_up_after_a_killed_one(two_runs):
     assert len(cleanup.partial) == 1 and ".tmp" in cleanup.partial[0].name and cleanup.sizes["partial"] == 10
     assert not cleanup.partial[0].exists() and reg.list("k") == []
     assert reg.add(two_runs[0], "k").number == 1  # the store works as before
+
+
+@pytest.mark.usefixtures("own_model_cache")
+def test_gc_on_a_file_system_without_locks_says_so(two_runs, monkeypatch):
+    """Some network mounts refuse file locks (ENOLCK): an add or a checkout goes ahead (a reader), gc refuses with
+    what to do instead of a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(fh, op):
+        if op & fcntl.LOCK_UN:
+            return
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    reg = Registry()
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert reg.add(two_runs[0], "nl").number == 1 and reg.materialize("nl@v1").is_dir()
+    code, out = cli("registry", "gc")
+    assert code != 0 and "the file system offers no file locks" in out and "Traceback" not in out, out

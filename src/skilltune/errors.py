@@ -77,6 +77,8 @@ _FILESYSTEM = {
     errno.EPERM: ("operation not permitted", "fix that path's permissions, or (for an output) write somewhere you may"),
     errno.EROFS: ("the file system is read-only", "write to a writable folder (another --out / --workdir / "
                                                   "train.output_dir, or SKILLTUNE_HOME for the registry and caches)"),
+    errno.ENOLCK: ("the file system offers no file locks", "run it where the files are on a local disk, or mount "
+                                                           "the share with locking on (NFSv4, or lockd for NFSv3)"),
 }
 
 

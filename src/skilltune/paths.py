@@ -174,6 +174,11 @@ def file_lock(path: Path, shared: bool, wait: bool = True):
         except BlockingIOError:
             yield False
             return
+        except OSError as exc:  # a file system without locks (some network mounts): ENOLCK
+            if not shared:
+                raise OSError(exc.errno, f"cannot lock {path} on this file system ({exc.strerror})") from None
+            yield True  # a reader goes ahead unlocked; nobody can take the exclusive lock here either
+            return
         try:
             yield True
         finally:
