@@ -392,12 +392,14 @@ def test_a_seed_makes_a_sampled_answer_repeatable_whatever_shares_its_batch(serv
     assert len({ask({"seed": s}) for s in range(10, 16)}) > 1  # seeds do differ (tiny model, 8 tokens at 1.5)
 
 
-def test_n_answers_in_one_request(server):
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_n_answers_in_one_request(server, continuous):
     """n answers are n rows: with a seed, answer i is the one seed + i gives alone (so they differ and repeat);
     greedy answers are all the greedy one; usage counts the prompt once and every answer's tokens."""
     from openai import OpenAI
 
-    base, state, _ = server(precision="fp32")  # bf16 logits move with the batch's shape enough to flip a near draw
+    # fp32: bf16 logits move with the batch's shape enough to flip a near draw
+    base, state, _ = server(precision="fp32", continuous_batching=continuous)
     client = OpenAI(base_url=f"{base}/v1", api_key="unused")
     ask = {"model": "svc", "messages": [{"role": "user", "content": "q"}], "max_tokens": 8}
     many = client.chat.completions.create(**ask, n=4, temperature=1.5, seed=5)
