@@ -188,6 +188,25 @@ def test_other_methods_train(tmp_path, tiny_model_dir, method):
         assert json.loads((res.artifact_dir / "adapter_config.json").read_text())["use_dora"] is True
 
 
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tmp_path, tiny_model_dir):
+    """LoRA+: after one step from B = 0, Adam moves each B element by about its learning rate, so B at ratio 16 is
+    16 x B at ratio 1; A (its gradient is zero while B is) does not move in either. Refused for a full finetune."""
+    adapters = []
+    for ratio in (1, 16):
+        cfg = load_config(_config(tmp_path / str(ratio), tiny_model_dir, max_steps=1, lr=1e-3, warmup_ratio=0),
+                          [f"train.loraplus_lr_ratio={ratio}"])
+        adapters.append(_adapter(train(cfg, run_name=f"plus{ratio}").run_dir))
+    one, sixteen = adapters
+    b_names = [n for n in one if "lora_B" in n]
+    assert b_names and all(one[n].abs().max() > 0 for n in b_names)
+    for name in one:
+        expected = one[name] * (16 if "lora_B" in name else 1)
+        assert torch.allclose(sixteen[name], expected, rtol=1e-3, atol=1e-7), name
+    code, out = cli("train", str(_config(tmp_path / "full", tiny_model_dir)), "--set", "adapter.method=full",
+                    "--set", "train.loraplus_lr_ratio=16")
+    assert code == 2 and "train.loraplus_lr_ratio: LoRA+ sets the learning rate of an adapter's B matrices" in out
+
+
 def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, tiny_model_dir):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")

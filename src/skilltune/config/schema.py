@@ -121,6 +121,10 @@ class TrainConfig(Section):
         "input embeddings while training, of magnitude alpha / sqrt(row length x hidden size) (transformers' hook, so "
         "values carry over from those tools' configs; the paper used 5-15). Validation, evaluation and the saved "
         "model see no noise. Supervised finetuning only.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, le=1000, description="LoRA+ (named as in LLaMA-Factory and Axolotl): the adapter's B matrices "
+        "learn at train.lr x this ratio, the A matrices at train.lr (the paper recommends 16 with a lower "
+        "train.lr). LoRA and DoRA adapters only.")
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps (default: once per epoch).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validations without improvement of val loss."

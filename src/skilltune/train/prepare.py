@@ -102,6 +102,9 @@ def config_problems(cfg: SkilltuneConfig) -> list[str]:
         problems.append(f"train.objective: unknown objective {cfg.train.objective!r} (known: {', '.join(OBJECTIVES)})")
     if cfg.adapter.method not in METHODS:
         problems.append(f"adapter.method: unknown method {cfg.adapter.method!r} (known: {', '.join(METHODS)})")
+    elif cfg.train.loraplus_lr_ratio is not None and not METHODS[cfg.adapter.method].is_adapter:
+        problems.append(f"train.loraplus_lr_ratio: LoRA+ sets the learning rate of an adapter's B matrices; "
+                        f"adapter.method {cfg.adapter.method} trains the whole model (remove it, or use lora)")
     problems += [f"train.report_to: unknown tracker {t!r} (known: {', '.join(TRACKERS)})"
                  for t in cfg.train.report_to if t not in TRACKERS]
     if problem := model_problem(cfg.model.base, cfg.model.revision):
