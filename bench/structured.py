@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TITLE = "structured output: 100 SQL prompts asking for JSON, greedy, 96 new tokens, 16 rows, SmolLM2 base"
 MODEL = os.environ.get("BENCH_STRUCTURED_MODEL", "embedded:smollm2-135m-instruct")
+TITLE = f"structured output: 100 SQL prompts asking for JSON, greedy, 96 new tokens, 16 rows, {MODEL}"
 ROWS, NEW_TOKENS = 16, 96
 SCHEMA = {"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"],
           "additionalProperties": False}
