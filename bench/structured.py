@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from generation import _decode_step  # bench/ is on the path: run as a script from it, or through bench/run.py
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("BENCH_STRUCTURED_MODEL", "embedded:smollm2-135m-instruct")
@@ -81,27 +82,11 @@ def bench_structured() -> list[dict]:
                      "parse_as_json": f"{sum(p for p, _ in fits)}/{len(outs)}",
                      "match_schema": f"{sum(m for _, m in fits)}/{len(outs)}",
                      "ended_on_their_own": f"{sum(o.stopped for o in outs)}/{len(outs)}"})
-    step_ms, mask_ms = _step_ms(model, tok, prompts), _mask_ms(model, tok)
+    step_ms = 1000 * _decode_step(model, tok, prompts, tok.eos_token_id, kernels=True)  # 16 rows, no grammar
+    mask_ms = _mask_ms(model, tok)
     rows.append({"decoding": f"grammar cost per row per step: {mask_ms:.2f} ms; a 16-row decode step: {step_ms:.1f} ms"
                              f" -> {16 * mask_ms / step_ms:.0%} of the step when all 16 rows have a grammar"})
     return rows
-
-
-def _step_ms(model, tok, prompts) -> float:
-    """Median milliseconds of one decode step of 16 rows without grammars (prompts' caches in place)."""
-    from skilltune.model.decode import DecodeBatch
-    from skilltune.model.generate import _Prompt
-    from skilltune.model.kernels import generation_kernels
-
-    with generation_kernels(model):
-        batch = DecodeBatch(model, tok, tok.eos_token_id)
-        batch.admit([_Prompt(i, p, 10_000, 0.0) for i, p in enumerate(prompts[:ROWS])])
-        times = []
-        for _ in range(24):
-            t0 = time.perf_counter()
-            batch.step()
-            times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times[4:])[len(times[4:]) // 2]
 
 
 def _mask_ms(model, tok) -> float:
