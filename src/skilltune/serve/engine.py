@@ -147,16 +147,25 @@ def answer_sink(job: Job, tokenizer, eos: int | None) -> Callable[[int], None] |
     return AnswerText(job, tokenizer, eos).add if job.watched else None
 
 
-def _grammar_problem(job: Job, model, tokenizer, eos: int) -> GrammarError | None:
-    """Why ``job``'s grammar cannot run on this model (it was checked against the model current when it arrived;
-    a swap since may bring another tokenizer), else None with its matcher ready."""
-    if job.grammar is None:
-        return None
-    try:
-        job.grammar.check(tokenizer, eos, vocab_width(model, tokenizer))
-    except GrammarError as exc:
-        return exc
-    return None
+def _admissible(jobs: list[Job], model, tokenizer, eos: int | None) -> list[Job]:
+    """The jobs to decode now. One whose time-out passed while it was queued, or whose grammar this model cannot
+    take (it was checked against the model current when it arrived; a swap since may bring another tokenizer), is
+    answered with that error instead; the others' grammars have their matchers ready."""
+    now = time.monotonic()
+    live = []
+    for job in jobs:
+        if job.finished_by_caller(now):
+            _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
+            continue
+        if job.grammar is not None:
+            try:
+                job.grammar.check(tokenizer, tokenizer.eos_token_id if eos is None else eos,
+                                  vocab_width(model, tokenizer))
+            except GrammarError as exc:
+                _resolve(job.future, error=exc)
+                continue
+        live.append(job)
+    return live
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -316,15 +325,7 @@ class Engine:
         from skilltune.serve.continuous import take_jobs
 
         jobs = take_jobs(self, self.max_batch - len(batch.rows), wait=not batch.rows) if admit else []
-        now = time.monotonic()
-        live = []
-        for job in jobs:
-            if job.finished_by_caller(now):
-                _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
-            elif (problem := _grammar_problem(job, batch.model, batch.tokenizer, batch.eos)) is not None:
-                _resolve(job.future, error=problem)
-            else:
-                live.append(job)
+        live = _admissible(jobs, batch.model, batch.tokenizer, batch.eos)
         if not batch.rows and not live:
             self.last_progress = time.monotonic()
             return
@@ -362,16 +363,7 @@ class Engine:
         except queue.Empty:
             self.last_progress = time.monotonic()
             return
-        now = time.monotonic()
-        live = []
-        for job in batch:
-            if job.finished_by_caller(now):
-                _resolve(job.future, error=TimeoutError("the request's time-out passed while it was queued"))
-            elif job.grammar is not None and (problem := _grammar_problem(
-                    job, loaded.model, loaded.tokenizer, loaded.tokenizer.eos_token_id)) is not None:
-                _resolve(job.future, error=problem)
-            else:
-                live.append(job)
+        live = _admissible(batch, loaded.model, loaded.tokenizer, None)  # generate's end token: the tokenizer's
         if not live:
             return
         self.busy_since = time.monotonic()
