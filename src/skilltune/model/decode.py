@@ -393,6 +393,15 @@ def _rng(request: Request, device) -> torch.Generator | None:
     return torch.Generator(device=device).manual_seed(request.seed)
 
 
+def adjust(logits: torch.Tensor, shaping: Shaping | None, history: list[int], matcher: RowMatcher | None) -> None:
+    """A row's logits before its token is chosen (in place): its penalties and biases given the answer so far,
+    then its grammar's forbidden tokens at -inf."""
+    if shaping is not None:
+        shaping.apply(logits, history)
+    if matcher is not None:
+        matcher.constrain(logits)
+
+
 def _choose(logits: torch.Tensor, rows: list[Row], model) -> torch.Tensor:
     """Each row's next token: the argmax at temperature 0, else a sample (the model's top-k, and the request's
     top-p or else the model's, as generate), drawn from the row's seeded stream when it has one. A row's penalties
@@ -401,10 +410,7 @@ def _choose(logits: torch.Tensor, rows: list[Row], model) -> torch.Tensor:
     if any(r.shaping is not None for r in requests) or any(row.matcher is not None for row in rows):
         logits = logits.to(torch.float32, copy=True)  # the changes below never touch the model's output
         for row, values in zip(rows, logits):
-            if row.request.shaping is not None:
-                row.request.shaping.apply(values, row.tokens)
-            if row.matcher is not None:
-                row.matcher.constrain(values)
+            adjust(values, row.request.shaping, row.tokens, row.matcher)
     greedy = logits.float().argmax(-1)  # the same index; PyTorch's CPU argmax is 4x slower on bf16
     if not any(r.temperature > 0 for r in requests):
         return greedy

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor
 
-from skilltune.model.decode import DecodeBatch, Shaping, TokenLogprob, decode_refusal, shared_prefix, token_logprobs
+from skilltune.model.decode import (DecodeBatch, Shaping, TokenLogprob, adjust, decode_refusal, shared_prefix,
+                                    token_logprobs)
 from skilltune.model.kernels import generation_kernels
 from skilltune.model.structured import Grammar, vocab_width
 
@@ -93,15 +94,11 @@ class _RowLogits(LogitsProcessor):
                 if m is not None and not self.done[row]:
                     self.done[row] = token == self.eos or m.take(token)
         for row, (m, shaping) in enumerate(zip(self.matchers, self.shapings)):
-            if shaping is not None:
-                shaping.apply(scores[row], input_ids[row, self.prompt_width:].tolist())
-            if m is None:
-                continue
-            if self.done[row]:  # whole: only the end token (the rest of the batch may decode on)
+            if m is not None and self.done[row]:  # whole: only the end token (the rest of the batch may decode on)
                 scores[row] = float("-inf")
                 scores[row, self.eos] = 0.0
-            else:
-                m.constrain(scores[row])
+            elif m is not None or shaping is not None:
+                adjust(scores[row], shaping, input_ids[row, self.prompt_width:].tolist(), m)
         return scores
 
 
