@@ -119,17 +119,18 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, requests: list) -> list[TokenLogprob | None]:
-    """Per row, the chosen token's :class:`TokenLogprob` when its request asks for log-probabilities, else None."""
-    wanted = [i for i, r in enumerate(requests) if r.logprobs is not None]
-    out: list[TokenLogprob | None] = [None] * len(requests)
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, asked: list[int | None]) -> list[TokenLogprob | None]:
+    """Per row, the chosen token's :class:`TokenLogprob` when the row asks for log-probabilities (``asked``: None,
+    or how many alternatives to list), else None."""
+    wanted = [i for i, k in enumerate(asked) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(asked)
     if not wanted:
         return out
     lp = torch.log_softmax(logits[wanted].float(), -1)
-    k = max(requests[i].logprobs for i in wanted)
+    k = max(asked[i] for i in wanted)
     top = torch.topk(lp, k) if k else None
     for j, i in enumerate(wanted):
-        token, n = int(chosen[i]), requests[i].logprobs
+        token, n = int(chosen[i]), asked[i]
         out[i] = TokenLogprob(token, float(lp[j, token]), list(zip(top.indices[j, :n].tolist(),
                                                                    top.values[j, :n].tolist())) if n else [])
     return out
@@ -200,7 +201,8 @@ class DecodeBatch:
         rows = [Row(r, len(i), len(i), now, sink(r) if sink else None, rng=_rng(r, self.device),
                     matcher=self.matcher(r)) for r, i in zip(requests, ids)]
         first = _choose(out.logits[:, -1], rows, self.model)
-        self._merge(_cache_of(out), mask, rows, first, token_logprobs(out.logits[:, -1], first, requests))
+        scored = token_logprobs(out.logits[:, -1], first, [r.logprobs for r in requests])
+        self._merge(_cache_of(out), mask, rows, first, scored)
 
     def matcher(self, request: Request) -> RowMatcher | None:
         """The request's grammar at its start for this batch's model (None: no grammar). Raises GrammarError."""
@@ -249,7 +251,8 @@ class DecodeBatch:
         requests = [r.request for r in self.rows]
         chosen = _choose(out.logits[:, -1], self.rows, self.model)
         self.next_tokens = chosen
-        for row, token, logprob in zip(self.rows, chosen.tolist(), token_logprobs(out.logits[:, -1], chosen, requests)):
+        scored = token_logprobs(out.logits[:, -1], chosen, [r.logprobs for r in requests])
+        for row, token, logprob in zip(self.rows, chosen.tolist(), scored):
             row.position += 1
             self._take(row, token, logprob)
 

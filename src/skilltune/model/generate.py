@@ -150,14 +150,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ba
 def _static_logprobs(logits: tuple, new: torch.Tensor, wanted: list[int | None]) -> list[list | None]:
     """Per row of a static batch, its tokens' :class:`TokenLogprob` (None where not asked), from the raw logits
     ``generate`` returns for each step."""
-    per_step = [token_logprobs(step_logits, new[:, s], [_Asks(k) for k in wanted]) for s, step_logits in
-                enumerate(logits)]
+    per_step = [token_logprobs(step_logits, new[:, s], wanted) for s, step_logits in enumerate(logits)]
     return [[step[row] for step in per_step] if k is not None else None for row, k in enumerate(wanted)]
-
-
-@dataclass
-class _Asks:
-    logprobs: int | None
 
 
 @dataclass
