@@ -68,25 +68,15 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
 
 def _grammar(schema_file: Optional[Path], json_object: bool):
     """The grammar --json-schema / --json ask for (None: plain text); a bad file or schema is a usage error."""
-    import json
+    from skilltune.model.structured import RESPONSE_FORMATS, GrammarError
 
-    from skilltune.model.structured import Grammar, GrammarError
-
-    if schema_file is None and not json_object:
-        return None
     if schema_file is not None and json_object:
         raise typer.BadParameter("give --json-schema or --json, not both", param_hint="--json")
-    schema = None
-    if schema_file is not None:
-        try:
-            schema = json.loads(schema_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise typer.BadParameter(f"{schema_file}: not a readable JSON file ({exc})",
-                                     param_hint="--json-schema") from None
+    fmt = "json_schema" if schema_file is not None else "json_object" if json_object else "text"
     try:
-        return Grammar.json(schema)
+        return RESPONSE_FORMATS[fmt](schema_file)
     except GrammarError as exc:
-        raise typer.BadParameter(f"{schema_file}: {exc}", param_hint="--json-schema") from None
+        raise typer.BadParameter(str(exc), param_hint="--json-schema") from None
 
 
 def _dtype(precision: str):

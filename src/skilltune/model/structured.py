@@ -108,19 +108,28 @@ class RowMatcher:
         return self.m.is_stopped() or self.m.is_error()
 
 
-def _schema_file(path: str | None) -> dict:
+def _schema_grammar(schema: dict | str | Path | None) -> Grammar:
+    """The grammar of a JSON Schema given as a parsed object (a request's) or as a file (a config's, a flag's)."""
+    if schema is None:
+        raise GrammarError("the json_schema format needs a JSON Schema")
+    if isinstance(schema, dict):
+        return Grammar.json(schema)
     try:
-        schema = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, TypeError, UnicodeDecodeError, ValueError) as exc:
-        raise GrammarError(f"the JSON schema file {path!r} cannot be read as JSON: {exc}") from None
-    return schema
+        parsed = json.loads(Path(schema).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GrammarError(f"{schema}: not a readable JSON file ({exc})") from None
+    try:
+        return Grammar.json(parsed)
+    except GrammarError as exc:
+        raise GrammarError(f"{schema}: {exc}") from None
 
 
-# OpenAI's response_format types -> the grammar each decodes under (given a JSON Schema file for json_schema)
-RESPONSE_FORMATS: dict[str, Callable[[str | None], Grammar | None]] = {
-    "text": lambda schema_file: None,
-    "json_object": lambda schema_file: Grammar.json(None),
-    "json_schema": lambda schema_file: Grammar.json(_schema_file(schema_file)),
+# OpenAI's response_format types -> the grammar each decodes under; the argument is the JSON Schema (an object or
+# a file) that json_schema needs and the others ignore. The server, eval.response_format and `generate` use it.
+RESPONSE_FORMATS: dict[str, Callable[[dict | str | Path | None], Grammar | None]] = {
+    "text": lambda schema: None,
+    "json_object": lambda schema: Grammar.json(None),
+    "json_schema": _schema_grammar,
 }
 
 

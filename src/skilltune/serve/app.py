@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from skilltune.model.decode import Shaping
-from skilltune.model.structured import Grammar, GrammarError, token_table, vocab_width
+from skilltune.model.structured import RESPONSE_FORMATS, Grammar, GrammarError, token_table, vocab_width
 from skilltune.serve.clients import client_name
 from skilltune.serve.engine import Engine, QueueFull
 from skilltune.text import lone_surrogate
@@ -414,7 +414,7 @@ async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | No
         raise ApiError(400, "response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}",
                        param="response_format.json_schema")
     try:
-        grammar = Grammar.json(fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
+        grammar = RESPONSE_FORMATS[fmt.type](fmt.json_schema.schema_ if fmt.json_schema else None)
         await run_in_threadpool(grammar.check, loaded.tokenizer, loaded.tokenizer.eos_token_id,
                                 vocab_width(loaded.model, loaded.tokenizer))
     except GrammarError as exc:
