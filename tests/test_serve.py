@@ -414,9 +414,52 @@ def test_n_answers_in_one_request(server, continuous):
     done = client.completions.create(model="svc", prompt="SELECT", max_tokens=4, n=2, temperature=1.0, seed=1)
     assert [c.index for c in done.choices] == [0, 1]
     assert state.log.rows()[-1]["completion_tokens"] == done.usage.completion_tokens
-    for extra, status, param in (({"n": 9}, 422, "n"), ({"n": 2, "stream": True}, 400, "n")):
-        r = httpx.post(f"{base}/v1/chat/completions", json={**ask, **extra})
-        assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(f"{base}/v1/chat/completions", json={**ask, "n": 9})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n", r.text
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_n_answers_stream_interleaved_by_index(server, continuous):
+    """A streamed request with n answers: each index's chunks join to the answer the same request gives
+    unstreamed, each index ends with its own finish reason (a stop sequence cuts only the answers holding it),
+    usage counts them all, and the request log records answer 0."""
+    from openai import OpenAI
+
+    base, state, _ = server(precision="fp32", continuous_batching=continuous)
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "messages": [{"role": "user", "content": "q"}], "max_tokens": 10, "n": 3,
+           "temperature": 1.5, "seed": 11}
+    whole = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1, texts  # the answers differ: interleaving is seen
+    stop = next(t[2:4] for t in texts if len(t) > 4)  # in this answer (maybe others): it ends there
+    cut = [t[:t.index(stop)] if stop in t else t for t in texts]
+    finishes = ["stop" if stop in t else c.finish_reason for t, c in zip(texts, whole.choices)]
+    for stops, expected, reasons in (([], texts, [c.finish_reason for c in whole.choices]), ([stop], cut, finishes)):
+        chunks = list(client.chat.completions.create(**ask, stop=stops or None, stream=True,
+                                                     stream_options={"include_usage": True}))
+        by_index: dict[int, list] = {0: [], 1: [], 2: []}
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices
+            by_index[choice.index].append(choice)
+        assert ["".join(c.delta.content or "" for c in by_index[i]) for i in range(3)] == expected
+        assert [[c.finish_reason for c in by_index[i] if c.finish_reason] for i in range(3)] == [[r] for r in reasons]
+        assert all(by_index[i][-1].finish_reason for i in range(3))  # the finish reason is each index's last chunk
+        assert all(by_index[i][0].delta.role == "assistant" for i in range(3))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 3
+    assert chunks[-1].usage.completion_tokens <= whole.usage.completion_tokens
+    usage = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    assert list(usage)[-1].usage.completion_tokens == whole.usage.completion_tokens
+    deadline = time.monotonic() + 5
+    while state.log.rows()[-1]["completion_tokens"] != whole.usage.completion_tokens and time.monotonic() < deadline:
+        time.sleep(0.02)  # a stream is logged once its body is sent
+    assert state.log.rows()[-1]["output"] == texts[0]
+    assert state.log.rows()[-1]["completion_tokens"] == whole.usage.completion_tokens
+    streamed = list(client.completions.create(model="svc", prompt="SELECT", max_tokens=6, n=2, temperature=1.0,
+                                              seed=3, stream=True))
+    alone = client.completions.create(model="svc", prompt="SELECT", max_tokens=6, n=2, temperature=1.0, seed=3)
+    assert ["".join(c.choices[0].text for c in streamed if c.choices[0].index == i) for i in (0, 1)] == \
+        [c.text for c in alone.choices]
 
 
 @pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
@@ -547,6 +590,27 @@ def test_streamed_usage_when_asked(server):
     assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason is not None
     plain = list(client.chat.completions.create(**ask, stream=True))
     assert all(c.usage is None and c.choices for c in plain)
+
+
+def test_a_streamed_answer_holds_back_what_could_start_a_stop_sequence():
+    """Pieces are sent as they come except a tail that could begin a stop sequence; a stop split over pieces is
+    never sent, even in part; text held back that turns out not to start one goes out (at the next piece, or at
+    the end)."""
+    from types import SimpleNamespace
+
+    from skilltune.serve.app import _StreamedAnswer
+
+    answer = _StreamedAnswer(["cXY", "END"])
+    assert [answer.add(p) for p in ("ab", "cX", "Yd")] == ["ab", "", ""]
+    assert answer.finish == "stop" and answer.sent == "ab"
+    assert answer.end(SimpleNamespace(text="abcXYd", stopped=False)) == "" and answer.sent == "ab"
+    answer = _StreamedAnswer(["cXY", "END"])
+    assert [answer.add(p) for p in ("ab", "cX", "Z", "E")] == ["ab", "", "cXZ", ""]
+    assert answer.end(SimpleNamespace(text="abcXZE", stopped=True)) == "E"
+    assert answer.finish == "stop" and answer.sent == "abcXZE"
+    answer = _StreamedAnswer([])
+    assert answer.add("x") == "x" and answer.end(SimpleNamespace(text="xyz", stopped=False)) == "yz"
+    assert answer.finish == "length"
 
 
 def test_incremental_text_sends_whole_characters_only(tiny_model_dir):

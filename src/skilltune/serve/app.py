@@ -396,9 +396,6 @@ def _shaping(req: ChatRequest | CompletionRequest, vocab: int) -> Shaping | None
 def _decodings(req: ChatRequest | CompletionRequest, grammar: Grammar | None, vocab: int) -> list[dict]:
     """How the engine decodes each of ``req``'s ``n`` answers besides its prompt and budget. With a seed, answer i
     draws from seed + i: the same request gives the same answers, and they differ from each other."""
-    if req.n > 1 and req.stream:
-        raise ApiError(400, "'n' above 1 is not streamed by this server: ask without stream", param="n",
-                       code="unsupported_parameter")
     one = {**_sampling(req), "grammar": grammar, "logprobs": _logprobs_asked(req), "shaping": _shaping(req, vocab)}
     if one["seed"] is None:
         return [one] * req.n
@@ -468,21 +465,29 @@ async def _admit(state, loaded, prompt: str, max_tokens: int, n: int = 1) -> Non
                        "the prompt", param="max_tokens", code="request_too_large")
 
 
-async def _run(request: Request, prompt: str, max_tokens: int, decodings: list[dict], stops: list[str]) -> list:
-    """Queue the request's answers (one row each) and wait for all; a time-out or a client that leaves cancels
-    them in the engine. Returns (version, Generation) per answer."""
-    state = _st(request)
-    engine: Engine = state.engine
-    timeout = state.request_timeout_s
+def _submit(engine: Engine, prompt: str, max_tokens: int, decodings: list[dict], stops: list[str], timeout: float,
+            on_text: Callable[[int], Callable[[str], None]] | None = None) -> list:
+    """Queue one engine job per answer (``on_text(i)``: answer i's listener when streaming); all or none: a full
+    queue cancels the ones already queued and answers 429."""
     futures = []
     try:
-        for decoding in decodings:
-            futures.append(engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops, **decoding))
+        for i, decoding in enumerate(decodings):
+            futures.append(engine.submit(prompt, max_tokens, timeout_s=timeout, stops=stops,
+                                         on_text=on_text(i) if on_text else None, **decoding))
     except QueueFull:
         for fut in futures:
             fut.cancel()
         raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
                        headers={"Retry-After": "1"}) from None
+    return futures
+
+
+async def _run(request: Request, prompt: str, max_tokens: int, decodings: list[dict], stops: list[str]) -> list:
+    """Queue the request's answers (one row each) and wait for all; a time-out or a client that leaves cancels
+    them in the engine. Returns (version, Generation) per answer."""
+    state = _st(request)
+    timeout = state.request_timeout_s
+    futures = _submit(state.engine, prompt, max_tokens, decodings, stops, timeout)
     waiter = asyncio.ensure_future(asyncio.gather(*map(asyncio.wrap_future, futures)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -572,26 +577,26 @@ def _completion_logprobs(tokenizer, scored: list) -> dict:
 
 
 class _Chunks:
-    """The OpenAI server-sent events of one streamed answer (chat.completion.chunk or text_completion)."""
+    """The OpenAI server-sent events of one streamed request (chat.completion.chunk or text_completion)."""
 
     def __init__(self, kind: str, rid: str, version: str):
         self.kind, self.rid, self.version, self.created = kind, rid, version, int(time.time())
 
-    def usage(self, out) -> str:
+    def usage(self, outs: list) -> str:
         """The chunk ``stream_options.include_usage`` asks for: no choices, the whole request's usage."""
         kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = {"id": self.rid, "object": kind, "created": self.created, "model": self.version, "choices": [],
-                "usage": _usage(out)}
+                "usage": _usage(*outs)}
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(self, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+    def piece(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             body = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.version,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
         else:
             body = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.version,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
+                    "choices": [{"index": index, "text": text or "", "finish_reason": finish}]}
         return f"data: {json.dumps(body)}\n\n"
 
 
@@ -601,79 +606,119 @@ def _held_back(text: str, stops: list[str]) -> int:
                 for s in stops), default=0)
 
 
-async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, decoding: dict, stops: list[str],
-                  logged_prompt: str, rid: str, include_usage: bool = False):
-    """Token-by-token streaming: each chunk goes out as its tokens are decoded (the first after the prefill).
+class _StreamedAnswer:
+    """One answer of a streamed request: its text goes out as it decodes, except what could be the start of a stop
+    sequence (held back until it cannot be); at a stop sequence the answer ends there."""
 
-    Text that could be the start of a stop sequence is held back until it is not; at a stop sequence the
-    stream ends with finish_reason "stop". The request log records the full answer once, at the end. Errors
-    after the response has started (a time-out while decoding) arrive as an ``error`` event, as OpenAI's do.
+    def __init__(self, stops: list[str]):
+        self.stops, self.sent, self.held, self.finish = stops, "", "", None
+
+    def add(self, piece: str) -> str:
+        """The text to send now that ``piece`` was decoded ("" while held back, and after the answer ended)."""
+        if self.finish is not None:
+            return ""
+        text = self.sent + self.held + piece
+        cuts = [text.find(s, max(0, len(self.sent) - len(s))) for s in self.stops]
+        cut = min((c for c in cuts if c >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish = text[:cut], "stop"
+        keep = 0 if self.finish else _held_back(text, self.stops)
+        new = text[len(self.sent):len(text) - keep]
+        self.sent, self.held = text[:len(text) - keep], text[len(text) - keep:]
+        return new
+
+    def end(self, out) -> str:
+        """The text still to send once the answer is whole: what was held back and turned out not to start a stop
+        sequence, and pieces not seen yet."""
+        if self.finish is not None:
+            return ""
+        full, self.finish = _cut(out.text, out.stopped, self.stops)
+        if not full.startswith(self.sent):
+            return ""
+        rest, self.sent = full[len(self.sent):], full
+        return rest
+
+
+async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, decodings: list[dict],
+                  stops: list[str], logged_prompt: str, rid: str, include_usage: bool = False):
+    """Token-by-token streaming of the request's answers (``n``: one engine row each, chunks tagged with the
+    answer's index): each chunk goes out as its tokens are decoded (the first after the prefill).
+
+    Text that could be the start of a stop sequence is held back until it is not; at a stop sequence that answer
+    ends with finish_reason "stop". Each answer's last chunk carries its finish reason as soon as it is whole. The
+    request log records the first answer's full text once, at the end. Errors after the response has started (a
+    time-out while decoding) arrive as an ``error`` event, as OpenAI's do.
     """
     state = _st(request)
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
-    try:
-        fut = state.engine.submit(prompt, max_tokens, timeout_s=state.request_timeout_s, stops=stops,
-                                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **decoding)
-    except QueueFull:
-        raise ApiError(429, "the server is busy: too many queued requests; retry shortly", "rate_limit_error",
-                       headers={"Retry-After": "1"}) from None
+    pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    def listener(i: int) -> Callable[[str], None]:
+        return lambda text: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
+
+    futures = _submit(state.engine, prompt, max_tokens, decodings, stops, state.request_timeout_s, listener)
     request.state.streaming = True  # the gate records the request when its body has been sent
     version = state.engine.current.version
     chunks = _Chunks(kind, rid, version)
 
     async def events():
-        sent, held, finish = "", "", None
-        waiter = asyncio.wrap_future(fut)
+        answers = [_StreamedAnswer(stops) for _ in futures]
+        waiters = [asyncio.wrap_future(f) for f in futures]
+        results: list = [None] * len(futures)
+        nxt = None
         try:
             if kind == "chat":
-                yield chunks.piece(role=True)
-            while finish is None:
-                nxt = asyncio.ensure_future(pieces.get())
-                done, _ = await asyncio.wait({nxt, waiter}, timeout=state.request_timeout_s + 5,
+                for i in range(len(answers)):
+                    yield chunks.piece(i, role=True)
+            while any(r is None for r in results):
+                nxt = nxt or asyncio.ensure_future(pieces.get())
+                pending = {w for w, r in zip(waiters, results) if r is None}
+                done, _ = await asyncio.wait(pending | {nxt}, timeout=state.request_timeout_s + 5,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break  # finished (or, past the time-out, stuck): the result decides
-                text = sent + held + nxt.result()
-                cuts = [text.find(s, max(0, len(sent) - len(s))) for s in stops]
-                cut = min((c for c in cuts if c >= 0), default=-1)
-                if cut >= 0:  # a stop sequence: send up to it, then only wait for the result (usage, log)
-                    text, finish = text[:cut], "stop"
-                keep = 0 if finish else _held_back(text, stops)
-                if len(text) - keep > len(sent):
-                    yield chunks.piece(text[len(sent):len(text) - keep])
-                sent, held = text[:len(text) - keep], text[len(text) - keep:]
-            answer_version, out = await asyncio.wait_for(waiter, state.request_timeout_s + 5)
-            full, stop_finish = _cut(out.text, out.stopped, stops)
-            if finish is None:
-                finish = stop_finish
-                if full.startswith(sent) and len(full) > len(sent):
-                    yield chunks.piece(full[len(sent):])
-                sent = full if full.startswith(sent) else sent
-            _note(request, answer_version, logged_prompt, [out], sent)
-            yield chunks.piece(finish=finish)
+                if not done:  # past the time-out and nothing moved: stuck
+                    raise TimeoutError
+                if nxt in done:
+                    i, piece = nxt.result()
+                    nxt = None
+                    text = answers[i].add(piece) if results[i] is None else ""
+                    if text:
+                        yield chunks.piece(i, text)
+                for i, waiter in enumerate(waiters):
+                    if waiter in done and results[i] is None:  # whole: its rest, then its finish reason
+                        results[i] = waiter.result()
+                        rest = answers[i].end(results[i][1])
+                        if rest:
+                            yield chunks.piece(i, rest)
+                        yield chunks.piece(i, finish=answers[i].finish)
+            outs = [out for _, out in results]
+            _note(request, results[0][0], logged_prompt, outs, answers[0].sent)
             if include_usage:
-                yield chunks.usage(out)
+                yield chunks.usage(outs)
             yield "data: [DONE]\n\n"
         except (TimeoutError, asyncio.TimeoutError):
             request.state.status, request.state.error = 504, "generation did not finish within the time-out"
-            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": answers[0].sent}
             yield f"data: {json.dumps({'error': {'message': request.state.error, 'type': 'timeout'}})}\n\n"
         except GrammarError as exc:  # a model swapped in since the check cannot take the grammar
             request.state.status, request.state.error = 400, str(exc)
-            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": answers[0].sent}
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
         except Exception:  # a failure inside the engine, after the response started: say so, never a traceback
             request.state.status, request.state.error = 500, "internal server error"
-            request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+            request.state.log = {"version": version, "prompt": logged_prompt, "output": answers[0].sent}
             yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'server_error'}})}\n\n"
         finally:
-            if not fut.done():  # the client left (or we stopped early): the engine stops decoding it
-                fut.cancel()
+            if nxt is not None:
+                nxt.cancel()
+            for waiter in waiters:  # a second answer's error after the first ended the stream: retrieved, not logged
+                if waiter.done() and not waiter.cancelled():
+                    waiter.exception()
+            if any(not f.done() for f in futures):  # the client left (or we stopped early): the engine stops them
+                for f in futures:
+                    f.cancel()
                 if getattr(request.state, "status", None) is None:
                     request.state.status, request.state.error = 499, "the client closed the request"
-                    request.state.log = {"version": version, "prompt": logged_prompt, "output": sent}
+                    request.state.log = {"version": version, "prompt": logged_prompt, "output": answers[0].sent}
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Skilltune-Version": version})
 
@@ -708,7 +753,7 @@ async def chat(req: ChatRequest, request: Request):
     decodings = _decodings(req, await _grammar(req, loaded), vocab_width(loaded.model, loaded.tokenizer))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "chat", prompt, max_tokens, decodings[0], stops, msgs[-1]["content"], rid,
+        return await _stream(request, "chat", prompt, max_tokens, decodings, stops, msgs[-1]["content"], rid,
                              _include_usage(req))
     table = await _byte_table(loaded, decodings[0]["logprobs"] is not None)
     answers = await _run(request, prompt, max_tokens, decodings, stops)
@@ -747,7 +792,7 @@ async def completions(req: CompletionRequest, request: Request):
     decodings = _decodings(req, await _grammar(req, loaded), vocab_width(loaded.model, loaded.tokenizer))
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return await _stream(request, "completion", prompt, max_tokens, decodings[0], stops, prompt, rid,
+        return await _stream(request, "completion", prompt, max_tokens, decodings, stops, prompt, rid,
                              _include_usage(req))
     answers = await _run(request, prompt, max_tokens, decodings, stops)
     choices = [_completion_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
