@@ -569,12 +569,49 @@ def test_logprobs_are_the_models_own(server, continuous):
         assert c.top_logprobs[0].bytes == c.bytes
     body = {"model": "svc", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     for extra, status, param in (({"top_logprobs": 2}, 400, "top_logprobs"),
-                                 ({"logprobs": True, "stream": True}, 400, "logprobs"),
                                  ({"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs")):
         r = httpx.post(f"{base}/v1/chat/completions", json={**body, **extra})
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
     r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": "x", "logprobs": 6})
     assert r.status_code == 422 and r.json()["error"]["param"] == "logprobs", r.text
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_streamed_logprobs_are_the_unstreamed_ones(server, continuous):
+    """Streamed with logprobs, the chunks' entries joined are the unstreamed answer's (chat and completions, a stop
+    sequence cutting both the same way, n answers each their own); in the running batch each token's entry goes
+    out with the chunk that carries its text, in static batches the entries come with the answer's last chunk."""
+    from openai import OpenAI
+
+    base, _, _ = server(precision="fp32", continuous_batching=continuous)
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": "svc", "messages": [{"role": "user", "content": "List all users."}], "max_tokens": 8,
+           "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert len(whole.logprobs.content) >= 4, whole
+    stop = whole.message.content[3:5]
+    for extra in ({}, {"stop": [stop]}, {"n": 2, "temperature": 1.2, "seed": 4}):
+        alone = client.chat.completions.create(**ask, **extra).choices
+        chunks = list(client.chat.completions.create(**ask, **extra, stream=True))
+        for choice in alone:
+            mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+            entries = [e for c in mine if c.logprobs for e in c.logprobs.content]
+            assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+            assert [e.model_dump() for e in entries] == [e.model_dump() for e in choice.logprobs.content]
+            with_text = [c for c in mine if c.delta.content]
+            if continuous:  # each text chunk carries its own tokens' entries
+                assert all(c.logprobs and "".join(e.token for e in c.logprobs.content) == c.delta.content
+                           for c in with_text[:-1]), with_text
+            else:
+                assert not any(c.logprobs for c in with_text[:-1])
+    done = client.completions.create(model="svc", prompt="SELECT name FROM", max_tokens=6, logprobs=3).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(model="svc", prompt="SELECT name FROM", max_tokens=6,
+                                                             logprobs=3, stream=True)]
+    scored = [c.logprobs for c in chunks if c.logprobs]
+    assert [t for lp in scored for t in lp.tokens] == done.logprobs.tokens
+    assert [x for lp in scored for x in lp.token_logprobs] == done.logprobs.token_logprobs
+    assert [x for lp in scored for x in lp.text_offset] == done.logprobs.text_offset
+    assert [x for lp in scored for x in lp.top_logprobs] == done.logprobs.top_logprobs
 
 
 def test_streamed_usage_when_asked(server):
@@ -595,21 +632,23 @@ def test_streamed_usage_when_asked(server):
 def test_a_streamed_answer_holds_back_what_could_start_a_stop_sequence():
     """Pieces are sent as they come except a tail that could begin a stop sequence; a stop split over pieces is
     never sent, even in part; text held back that turns out not to start one goes out (at the next piece, or at
-    the end)."""
+    the end). A token's log-probability entry goes out with the last of its text."""
     from types import SimpleNamespace
 
     from skilltune.serve.app import _StreamedAnswer
 
     answer = _StreamedAnswer(["cXY", "END"])
-    assert [answer.add(p) for p in ("ab", "cX", "Yd")] == ["ab", "", ""]
+    assert [answer.add(p)[0] for p in ("ab", "cX", "Yd")] == ["ab", "", ""]
     assert answer.finish == "stop" and answer.sent == "ab"
-    assert answer.end(SimpleNamespace(text="abcXYd", stopped=False)) == "" and answer.sent == "ab"
+    assert answer.end(SimpleNamespace(text="abcXYd", stopped=False, logprobs=None)) == ("", [])
+    assert answer.sent == "ab"
     answer = _StreamedAnswer(["cXY", "END"])
-    assert [answer.add(p) for p in ("ab", "cX", "Z", "E")] == ["ab", "", "cXZ", ""]
-    assert answer.end(SimpleNamespace(text="abcXZE", stopped=True)) == "E"
+    sent = [answer.add(p, [p]) for p in ("ab", "cX", "Z", "E")]  # an entry per piece, here its text
+    assert sent == [("ab", ["ab"]), ("", []), ("cXZ", ["cX", "Z"]), ("", [])]
+    assert answer.end(SimpleNamespace(text="abcXZE", stopped=True, logprobs=None)) == ("E", [])
     assert answer.finish == "stop" and answer.sent == "abcXZE"
     answer = _StreamedAnswer([])
-    assert answer.add("x") == "x" and answer.end(SimpleNamespace(text="xyz", stopped=False)) == "yz"
+    assert answer.add("x") == ("x", []) and answer.end(SimpleNamespace(text="xyz", stopped=False, logprobs=None)) == ("yz", [])
     assert answer.finish == "length"
 
 

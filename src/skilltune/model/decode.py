@@ -142,7 +142,8 @@ class Row:
     prompt_tokens: int
     position: int  # the position id of the next token fed
     started: float
-    sink: Callable[[int], None] | None = None  # called with each answer token as it is chosen
+    # called with each answer token as it is chosen, and its log-probabilities when the request asks for them
+    sink: Callable[[int, TokenLogprob | None], None] | None = None
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # ended on the end-of-turn token
     rng: torch.Generator | None = None  # the request's seeded random stream (sampling with a seed)
@@ -176,10 +177,12 @@ class DecodeBatch:
 
     # ------------------------------------------------------------ joining
     @torch.inference_mode()
-    def admit(self, requests: list, sink: Callable[[Request], Callable[[int], None] | None] | None = None) -> None:
+    def admit(self, requests: list,
+              sink: Callable[[Request], Callable[[int, TokenLogprob | None], None] | None] | None = None) -> None:
         """Prefill ``requests`` together and merge them into the batch (their first token is chosen here).
 
-        ``sink(request)`` may return a callable that receives each of that row's answer tokens.
+        ``sink(request)`` may return a callable that receives each of that row's answer tokens (and its
+        :class:`TokenLogprob`, None unless the request asks for log-probabilities).
         """
         ids = [self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
         skip = len(self.prefix) if self.prefix and all(_starts_with(i, self.prefix) for i in ids) else 0
@@ -268,7 +271,7 @@ class DecodeBatch:
         if row.matcher is not None:
             row.complete = row.matcher.take(token)
         if row.sink is not None:
-            row.sink(token)
+            row.sink(token, logprob)
 
     # ------------------------------------------------------------ leaving
     def leave(self, cut: Callable[[Request], bool] | None = None) -> list[Row]:

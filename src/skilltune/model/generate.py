@@ -182,7 +182,7 @@ def _generate_running(model, tokenizer, prompts, ids, order, max_new_tokens, bat
                           shapings[i]) for i in order)
     results: list[Generation | None] = [None] * len(prompts)
     refill_at = max(1, batch_size // 4)
-    stream = (lambda r: (lambda token: on_step([r.index], [token]))) if on_step is not None else None
+    stream = (lambda r: (lambda token, _logprob: on_step([r.index], [token]))) if on_step is not None else None
     while queue or batch.rows:
         free = batch_size - len(batch.rows)
         if queue and (free >= refill_at or not batch.rows):

@@ -20,6 +20,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from typing import Annotated, Callable, Literal
 
 from fastapi import FastAPI, Request
@@ -372,9 +373,6 @@ def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
         k = (req.top_logprobs or 0) if req.logprobs else None
     else:
         k = req.logprobs
-    if k is not None and req.stream:
-        raise ApiError(400, "'logprobs' is not streamed by this server: ask without stream", param="logprobs",
-                       code="unsupported_parameter")
     return k
 
 
@@ -566,8 +564,9 @@ async def _byte_table(loaded, asked: bool):
         return None
 
 
-def _completion_logprobs(tokenizer, scored: list) -> dict:
-    offsets, at = [], 0
+def _completion_logprobs(tokenizer, scored: list, at: int = 0) -> dict:
+    """OpenAI's completions logprobs of ``scored`` tokens; ``at``: the first one's offset in the answer."""
+    offsets = []
     for piece, _ in scored:
         offsets.append(at)
         at += len(piece)
@@ -577,10 +576,14 @@ def _completion_logprobs(tokenizer, scored: list) -> dict:
 
 
 class _Chunks:
-    """The OpenAI server-sent events of one streamed request (chat.completion.chunk or text_completion)."""
+    """The OpenAI server-sent events of one streamed request (chat.completion.chunk or text_completion).
 
-    def __init__(self, kind: str, rid: str, version: str):
+    ``tokenizer`` and ``table`` (llguidance's token bytes, or None) spell out log-probabilities when asked for."""
+
+    def __init__(self, kind: str, rid: str, version: str, tokenizer=None, table=None):
         self.kind, self.rid, self.version, self.created = kind, rid, version, int(time.time())
+        self.tokenizer, self.table = tokenizer, table
+        self.offsets: dict[int, int] = {}  # completions: where each answer's next scored token starts
 
     def usage(self, outs: list) -> str:
         """The chunk ``stream_options.include_usage`` asks for: no choices, the whole request's usage."""
@@ -589,14 +592,28 @@ class _Chunks:
                 "usage": _usage(*outs)}
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+    def piece(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+              scored: list | None = None) -> str:
+        """One chunk of answer ``index``: its role (chat's first), a piece of text with the log-probabilities of
+        the tokens that made it (``scored``: TokenLogprob entries, when asked for), or its finish reason."""
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            if scored:
+                choice["logprobs"] = {"content": [_chat_logprob(self.tokenizer, self.table,
+                                                                self.tokenizer.decode([e.token]), e)
+                                                  for e in scored], "refusal": None}
             body = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.version,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+                    "choices": [choice]}
         else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish}
+            if scored:
+                pieces = [(self.tokenizer.decode([e.token]), e) for e in scored]
+                at = self.offsets.get(index, 0)
+                choice["logprobs"] = _completion_logprobs(self.tokenizer, pieces, at)
+                self.offsets[index] = at + sum(len(piece) for piece, _ in pieces)
             body = {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.version,
-                    "choices": [{"index": index, "text": text or "", "finish_reason": finish}]}
+                    "choices": [choice]}
         return f"data: {json.dumps(body)}\n\n"
 
 
@@ -608,16 +625,23 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 class _StreamedAnswer:
     """One answer of a streamed request: its text goes out as it decodes, except what could be the start of a stop
-    sequence (held back until it cannot be); at a stop sequence the answer ends there."""
+    sequence (held back until it cannot be); at a stop sequence the answer ends there. Log-probabilities (when the
+    request asks; ``tokenizer`` set) go out with the text of their tokens, and those not sent by the end (static
+    batches give them only then) with the answer's last text, up to where the answer ends, as unstreamed."""
 
-    def __init__(self, stops: list[str]):
-        self.stops, self.sent, self.held, self.finish = stops, "", "", None
+    def __init__(self, stops: list[str], tokenizer=None):
+        self.stops, self.tokenizer, self.sent, self.held, self.finish = stops, tokenizer, "", "", None
+        self.queued: deque[tuple[int, list]] = deque()  # (where a piece's text ends, its tokens' entries)
+        self.given = 0  # how many token entries have been sent
 
-    def add(self, piece: str) -> str:
-        """The text to send now that ``piece`` was decoded ("" while held back, and after the answer ended)."""
+    def add(self, piece: str, scored: list | tuple = ()) -> tuple[str, list]:
+        """The text to send now that ``piece`` was decoded ("" while held back, and after the answer ended), and
+        the log-probability entries whose text that completes."""
         if self.finish is not None:
-            return ""
+            return "", []
         text = self.sent + self.held + piece
+        if scored:
+            self.queued.append((len(text), list(scored)))
         cuts = [text.find(s, max(0, len(self.sent) - len(s))) for s in self.stops]
         cut = min((c for c in cuts if c >= 0), default=-1)
         if cut >= 0:
@@ -625,18 +649,25 @@ class _StreamedAnswer:
         keep = 0 if self.finish else _held_back(text, self.stops)
         new = text[len(self.sent):len(text) - keep]
         self.sent, self.held = text[:len(text) - keep], text[len(text) - keep:]
-        return new
+        scored = []
+        while self.queued and self.queued[0][0] <= len(self.sent):
+            scored += self.queued.popleft()[1]
+        self.given += len(scored)
+        return new, scored
 
-    def end(self, out) -> str:
-        """The text still to send once the answer is whole: what was held back and turned out not to start a stop
-        sequence, and pieces not seen yet."""
-        if self.finish is not None:
-            return ""
-        full, self.finish = _cut(out.text, out.stopped, self.stops)
-        if not full.startswith(self.sent):
-            return ""
-        rest, self.sent = full[len(self.sent):], full
-        return rest
+    def end(self, out) -> tuple[str, list]:
+        """What is still to send once the answer is whole: the text held back that turned out not to start a stop
+        sequence and pieces not seen yet, and the log-probability entries not sent, up to where the answer ends."""
+        rest = ""
+        if self.finish is None:
+            full, self.finish = _cut(out.text, out.stopped, self.stops)
+            if full.startswith(self.sent):
+                rest, self.sent = full[len(self.sent):], full
+        if out.logprobs is None or self.tokenizer is None:
+            return rest, []
+        kept = [e for _, e in _scored(self.tokenizer, out.logprobs, self.sent)]
+        scored, self.given = kept[self.given:], max(self.given, len(kept))
+        return rest, scored
 
 
 async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, decodings: list[dict],
@@ -653,16 +684,19 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, dec
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
-    def listener(i: int) -> Callable[[str], None]:
-        return lambda text: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
+    def listener(i: int) -> Callable[[str, list], None]:
+        return lambda text, scored: loop.call_soon_threadsafe(pieces.put_nowait, (i, text, scored))
 
+    loaded = state.engine.current
+    scoring = decodings[0]["logprobs"] is not None
+    table = await _byte_table(loaded, scoring and kind == "chat")
     futures = _submit(state.engine, prompt, max_tokens, decodings, stops, state.request_timeout_s, listener)
     request.state.streaming = True  # the gate records the request when its body has been sent
-    version = state.engine.current.version
-    chunks = _Chunks(kind, rid, version)
+    version = loaded.version
+    chunks = _Chunks(kind, rid, version, loaded.tokenizer, table)
 
     async def events():
-        answers = [_StreamedAnswer(stops) for _ in futures]
+        answers = [_StreamedAnswer(stops, loaded.tokenizer if scoring else None) for _ in futures]
         waiters = [asyncio.wrap_future(f) for f in futures]
         results: list = [None] * len(futures)
         nxt = None
@@ -678,17 +712,17 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, dec
                 if not done:  # past the time-out and nothing moved: stuck
                     raise TimeoutError
                 if nxt in done:
-                    i, piece = nxt.result()
+                    i, piece, scored = nxt.result()
                     nxt = None
-                    text = answers[i].add(piece) if results[i] is None else ""
-                    if text:
-                        yield chunks.piece(i, text)
+                    text, scored = answers[i].add(piece, scored) if results[i] is None else ("", [])
+                    if text or scored:
+                        yield chunks.piece(i, text, scored=scored)
                 for i, waiter in enumerate(waiters):
                     if waiter in done and results[i] is None:  # whole: its rest, then its finish reason
                         results[i] = waiter.result()
-                        rest = answers[i].end(results[i][1])
-                        if rest:
-                            yield chunks.piece(i, rest)
+                        rest, scored = answers[i].end(results[i][1])
+                        if rest or scored:
+                            yield chunks.piece(i, rest, scored=scored)
                         yield chunks.piece(i, finish=answers[i].finish)
             outs = [out for _, out in results]
             _note(request, results[0][0], logged_prompt, outs, answers[0].sent)

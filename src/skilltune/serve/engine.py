@@ -25,7 +25,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
-from skilltune.model.decode import DecodeBatch, Shaping
+from skilltune.model.decode import DecodeBatch, Shaping, TokenLogprob
 from skilltune.model.generate import Generation, generate
 from skilltune.model.structured import Grammar, GrammarError, vocab_width
 
@@ -68,7 +68,9 @@ class Job:
     top_p: float | None = None  # nucleus sampling's mass when sampling (None: the model's generation config)
     seed: int | None = None  # sampling: its own seeded random stream in the running batch (best effort in static)
     future: Future = field(default_factory=Future)
-    on_text: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
+    # streaming: called from the worker with each new piece of text and the log-probabilities of the tokens that
+    # made it (when asked for, in the running batch; static batches give them with the whole answer)
+    on_text: Callable[[str, list[TokenLogprob]], None] | None = None
     stops: tuple[str, ...] = ()  # stop sequences: the answer is whole once its text holds one
     stop_seen: bool = False  # set by the worker when the decoded text reached a stop sequence
     grammar: Grammar | None = None  # structured output: what the answer must match (checked before the queue)
@@ -123,21 +125,25 @@ class AnswerText:
         self.job, self.pieces = job, IncrementalText(tokenizer, eos, job.max_tokens)
         self.text = ""  # kept only when there are stop sequences to look for
         self.reach = max(map(len, job.stops), default=0)  # the longest stop: how far back a new piece can complete one
+        self.scored: list[TokenLogprob] = []  # the log-probabilities of the tokens of the piece being completed
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> None:
         job = self.job
         if job.future.cancelled() or job.stop_seen:
             return
+        if logprob is not None and not self.pieces.done:
+            self.scored.append(logprob)
         piece = self.pieces.add(token)
         if not piece:
             return
+        scored, self.scored = self.scored, []
         if job.stops:
             start = max(0, len(self.text) - self.reach + 1)  # a stop may straddle two pieces
             self.text += piece
             job.stop_seen = any(self.text.find(s, start) >= 0 for s in job.stops)
         if job.on_text is not None:
             try:
-                job.on_text(piece)
+                job.on_text(piece, scored)
             except Exception:  # noqa: BLE001 - a listener's failure never stops the batch
                 job.on_text = None
 
