@@ -614,6 +614,30 @@ def test_streamed_logprobs_are_the_unstreamed_ones(server, continuous):
     assert [x for lp in scored for x in lp.top_logprobs] == done.logprobs.top_logprobs
 
 
+def test_the_token_table_is_built_when_a_version_is_loaded(server):
+    """llguidance's token table (seconds for a 262k vocabulary) is built in the background when the server loads
+    a version and after a hot swap, not by the first request that asks for response_format or logprobs."""
+    from skilltune.model.structured import _TABLES
+
+    _, state, reg = server()
+
+    def built(loaded) -> bool:
+        deadline = time.monotonic() + 20
+        while loaded.tokenizer not in _TABLES and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return loaded.tokenizer in _TABLES
+
+    assert built(state.engine.current)
+    reg.promote("svc@v2", reason="swap")
+    try:
+        deadline = time.monotonic() + 30
+        while state.engine.current.version != "svc@v2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.engine.current.version == "svc@v2" and built(state.engine.current)
+    finally:
+        reg.rollback("svc", reason="leave the module's registry as it was")
+
+
 def test_streamed_usage_when_asked(server):
     from openai import OpenAI
 

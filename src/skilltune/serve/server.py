@@ -130,6 +130,7 @@ class ServerState:
         self.metrics.version.labels(name=self.name, version=current).set(0)
         self.metrics.version.labels(name=self.name, version=wanted).set(1)
         self.record_serving(wanted)
+        warm_token_table(loaded)  # after the swap: a rollback never waits for it
 
     def record_serving(self, version: str) -> None:
         """Monitoring evidence for the checklist, on every version this server actually serves (after a hot
@@ -145,6 +146,22 @@ class ServerState:
         self.engine.close()
         if self.log is not None:
             self.log.close()
+
+
+def warm_token_table(loaded: Loaded) -> None:
+    """Build llguidance's table of ``loaded``'s tokens now (Gemma 3's 262,144 tokens: ~5 s), so the first request
+    asking for ``response_format`` or ``logprobs`` does not wait for it. Nothing when llguidance is not installed;
+    a tokenizer it cannot read is reported by the request that needs the table, as before."""
+    import importlib.util
+
+    if importlib.util.find_spec("llguidance") is None:
+        return
+    from skilltune.model.structured import token_table, vocab_width
+
+    try:
+        token_table(loaded.tokenizer, loaded.tokenizer.eos_token_id, vocab_width(loaded.model, loaded.tokenizer))
+    except Exception as exc:  # noqa: BLE001 - only a warm-up
+        logger.debug("no token table for %s: %s", loaded.version, exc)
 
 
 def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | None, registry: Registry | None = None,
@@ -171,6 +188,7 @@ def build_state(ref: str, cfg: ServeConfig, api_keys: dict[str, str] | str | Non
     if record:
         state.record_serving(loaded.version)
     threading.Thread(target=state.follow_alias, name="skilltune-alias-watch", daemon=True).start()
+    threading.Thread(target=warm_token_table, args=(loaded,), name="skilltune-token-table", daemon=True).start()
     return state
 
 
