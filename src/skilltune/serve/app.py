@@ -464,7 +464,7 @@ async def _admit(state, loaded, prompt: str, max_tokens: int, n: int = 1) -> Non
 
 
 def _submit(engine: Engine, prompt: str, max_tokens: int, decodings: list[dict], stops: list[str], timeout: float,
-            on_text: Callable[[int], Callable[[str], None]] | None = None) -> list:
+            on_text: Callable[[int], Callable[[str, list], None]] | None = None) -> list:
     """Queue one engine job per answer (``on_text(i)``: answer i's listener when streaming); all or none: a full
     queue cancels the ones already queued and answers 429."""
     futures = []
