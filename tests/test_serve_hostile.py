@@ -197,6 +197,28 @@ def test_a_client_that_disconnects_mid_stream(hostile):
     still_fine()
 
 
+def test_a_client_that_leaves_a_stream_of_8_answers_frees_every_row(hostile):
+    """n 8 streamed with logprobs, slowly: the client reads one chunk and leaves; all eight rows leave the engine
+    at its next steps (not decoded to their 200-token budget) and the server answers normally after."""
+    base, state, still_fine = hostile
+    hook = _slow(state, 0.05)  # 200 tokens would take 10 s
+    try:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=ALICE, timeout=30,
+                          json={**NORMAL, "stream": True, "max_tokens": 200, "n": 8, "temperature": 1.0,
+                                "logprobs": True, "top_logprobs": 5}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        t0 = time.monotonic()
+        while state.engine.busy_since is None and time.monotonic() - t0 < 2:
+            time.sleep(0.01)  # (it may already have left)
+        while state.engine.busy_since is not None and time.monotonic() - t0 < 3:
+            time.sleep(0.02)
+        assert state.engine.busy_since is None and state.engine.pending() == 0
+    finally:
+        hook.remove()
+    still_fine()
+
+
 def test_64_concurrent_clients_on_one_key_cannot_starve_another(hostile):
     base, state, still_fine = hostile
     hook = _slow(state, 0.02)
