@@ -177,6 +177,32 @@ def test_the_plain_template_ends_answers_with_the_models_own_eos_and_adds_nothin
     assert tokenizer.decode(trained).strip() == "SELECT COUNT(*) FROM orders;" + eos
 
 
+def test_an_embedded_model_brings_its_own_default_template(tmp_path):
+    """An embedded model may name the template its runs use when the config names none (Gemma 3 270M, a base
+    model: plain); the config's choice still wins, and other sources keep the general rule."""
+    from skilltune.config.schema import ModelConfig
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.model.sources import EMBEDDED, EmbeddedModel, ResolvedModel, default_template
+
+    assert EMBEDDED["gemma3-270m"].chat_template == "plain" and EMBEDDED["smollm2-135m-instruct"].chat_template is None
+    gemma = build_family_model(tmp_path / "gemma", "gemma3")
+    EMBEDDED["base-under-test"] = EmbeddedModel("base-under-test", "none", "none.gguf", "a test", "none",
+                                                chat_template="plain")
+    try:
+        source = ResolvedModel("embedded:base-under-test", "embedded", gemma)
+        assert default_template(source) == "plain"
+        _, info, _ = load_tokenizer(ModelConfig(base="embedded:base-under-test"), source)
+        assert info.chat_template_source == "builtin:plain" and info.added_tokens == []
+        _, info, _ = load_tokenizer(ModelConfig(base="embedded:base-under-test", chat_template="family"), source)
+        assert info.chat_template_source == "builtin:family" and info.eos_token == "<end_of_turn>"
+    finally:
+        del EMBEDDED["base-under-test"]
+    local = ResolvedModel(str(gemma), "local", gemma)
+    assert default_template(local) is None
+    _, info, _ = load_tokenizer(ModelConfig(base=str(gemma)), local)
+    assert info.chat_template_source == "family:gemma3"
+
+
 def test_built_in_templates_say_what_they_need(tmp_path):
     from skilltune.config.schema import ModelConfig
     from skilltune.errors import ModelLoadError

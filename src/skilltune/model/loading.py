@@ -12,7 +12,7 @@ import torch
 
 from skilltune.config.schema import ModelConfig
 from skilltune.errors import ModelLoadError
-from skilltune.model.sources import ResolvedModel, resolve_model
+from skilltune.model.sources import ResolvedModel, default_template, resolve_model
 from skilltune.model.tokenizer import TokenizerInfo, prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def load_tokenizer(cfg: ModelConfig, source: ResolvedModel | None = None):
         raise ModelLoadError(f"cannot load the tokenizer from {source.path}: {exc}") from exc
     from skilltune.model.families import family_of
 
-    info = prepare_tokenizer(tokenizer, cfg.chat_template, family_of(source.path))
+    info = prepare_tokenizer(tokenizer, cfg.chat_template or default_template(source), family_of(source.path))
     if info.added_tokens:
         log.warning("the tokenizer of %s lacks %s: added to its vocabulary (the embeddings grow to match)",
                     source.spec, ", ".join(info.added_tokens))

@@ -52,6 +52,9 @@ class EmbeddedModel:
     license: str = ""
     hub_id: str = ""  # the original model on the Hugging Face Hub (a model card's base_model)
     license_id: str = ""  # the Hub's licence identifier
+    # the chat template its runs use when the config names none (a built-in's name; None: the general rule,
+    # skilltune.model.tokenizer), chosen by measurement for this model (README, bench/NOTES.md)
+    chat_template: str | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {}
@@ -85,8 +88,20 @@ register_embedded(
         license="Gemma terms of use (ai.google.dev/gemma/terms)",
         hub_id="google/gemma-3-270m",
         license_id="gemma",
+        # a base model: its instruct sibling's turn tokens are in the vocabulary but were never trained on; plain
+        # text measured better on the SQL demo's validation questions over four seeds (bench/NOTES.md, session 14)
+        chat_template="plain",
     )
 )
+
+
+def default_template(source: ResolvedModel) -> str | None:
+    """The chat template ``source``'s runs use when the config names none: an embedded model's own choice
+    (:attr:`EmbeddedModel.chat_template`), else None (the tokenizer's, its family's, or ChatML)."""
+    if source.kind != "embedded":
+        return None
+    model = EMBEDDED.get(source.spec.split(":", 1)[1])
+    return model.chat_template if model else None
 
 
 def embedded_gguf_path(model: EmbeddedModel) -> Path:
