@@ -90,10 +90,11 @@ def build_database(path: Path) -> None:
     con.close()
 
 
-# Each intent: value slots, phrasings (the last two are held out of training) and the reference SQL. Dates are
-# filtered one way, strftime('%Y', ...) for a year and strftime('%Y-%m', ...) for a month: the month filter was a
-# range (>= the 1st, < the next month's 1st), whose December needs next year's January, and the tuned models got
-# that arithmetic wrong on most December questions (bench/NOTES.md, session 14).
+def _next_month(y: str, m: str) -> str:
+    return f"{int(y) + 1}-01-01" if m == "12" else f"{y}-{int(m) + 1:02d}-01"
+
+
+# Each intent: value slots, phrasings (the last two are held out of training) and the reference SQL.
 INTENTS = [
     {"slots": {"r": list(REGIONS)},
      "ask": ["How many users are in {R}?",
@@ -124,7 +125,8 @@ INTENTS = [
              "Show new signups per region during {M} {y}.",
              "What were the {M} {y} registrations by region?",
              "Per-region signup counts, {M} {y}."],
-     "sql": "SELECT region, COUNT(*) FROM users WHERE strftime('%Y-%m', signup_date) = '{y}-{m}' GROUP BY region;"},
+     "sql": "SELECT region, COUNT(*) FROM users WHERE signup_date >= '{y}-{m}-01' AND signup_date < '{next}' "
+            "GROUP BY region;"},
     {"slots": {"y": YEARS},
      "ask": ["What was the total revenue in {y}?",
              "Sum of all order amounts in {y}.",
@@ -218,7 +220,8 @@ INTENTS = [
              "How many {M} {y} orders have the status {s}?",
              "In {M} {y}, how many orders ended up {s}?",
              "{s} order count for {M} {y}?"],
-     "sql": "SELECT COUNT(*) FROM orders WHERE status = '{s}' AND strftime('%Y-%m', order_date) = '{y}-{m}';"},
+     "sql": "SELECT COUNT(*) FROM orders WHERE status = '{s}' AND order_date >= '{y}-{m}-01' "
+            "AND order_date < '{next}';"},
     {"slots": {"n": ["3", "5", "10"], "c": CATEGORIES},
      "ask": ["What are the {n} most expensive {c} products?",
              "List the {n} priciest {c} items.",
@@ -257,6 +260,7 @@ def _fill(text: str, values: dict) -> str:
         extra["R"] = REGIONS[values["r"]]
     if "m" in values:
         extra["M"] = MONTHS[values["m"]]
+        extra["next"] = _next_month(values["y"], values["m"])
     return text.format(**values, **extra)
 
 
