@@ -146,3 +146,50 @@ def test_scorecard_verdict_reaches_the_checklist(run_dir):
     record(study_report("sc-study"))
     card = reg.get("sc@v1").metrics["scorecard"]
     assert card["passed"] is True and card["study"] == "sc-study"
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_a_complete_audit_of_either_kind_verifies_the_data(tmp_path, tiny_model_dir, kind):
+    """A real audit runs the checks that apply to its data (demonstrations or preference pairs), and the
+    checklist asks for exactly those: a clean audit with a spot-check passes; an audit recorded without its kind
+    (older skilltune) is read the same way; a check that applies and did not run still makes it MISSING."""
+    import random
+    from types import SimpleNamespace
+
+    from skilltune.config.schema import ModelConfig
+    from skilltune.data.audit import audit_file
+    from skilltune.data.records import record_audit, record_spotcheck
+    from skilltune.model.loading import load_tokenizer
+    from skilltune.paths import file_fingerprint
+    from skilltune.readiness.checklist import _data
+
+    rng = random.Random(0)
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike oscar papa".split()
+
+    def row(i: int) -> dict:
+        prompt = f"{' '.join(rng.sample(words, 6))} {i}?"
+        if kind == "sft":
+            return {"prompt": prompt, "completion": f"{rng.choice(words)} {i * 7}"}
+        pair = [f"{rng.choice(words)} {i}", f"{' '.join(rng.sample(words, 2))} {i}"]
+        rng.shuffle(pair)  # no length bias
+        return {"prompt": prompt, "chosen": pair[0], "rejected": pair[1]}
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(150)])
+    test_file = write_jsonl(tmp_path / "test.jsonl", [row(i) for i in range(1000, 1010)])
+    sha = file_fingerprint(train_file)["sha256"]
+    ev = SimpleNamespace(version=SimpleNamespace(lineage={"data": {"train": {"path": str(train_file), "sha256": sha}}}))
+    report = audit_file(str(train_file), str(test_file), load_tokenizer(ModelConfig(base=str(tiny_model_dir)))[0])
+    assert report.kind == kind and report.errors == 0, [(r.name, r.status, r.summary) for r in report.results]
+    record_audit(report)
+    record_spotcheck(str(train_file), "bob", [{"line": 1, "ok": True, "note": ""}])
+    assert _data(ev).status == "PASS", _data(ev).evidence
+    path = record_audit(report)
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == kind
+    doc.pop("kind")
+    path.write_text(json.dumps(doc))
+    assert _data(ev).status == "PASS", _data(ev).evidence
+    doc["checks"] = [c for c in doc["checks"] if c["name"] != "duplicates"]
+    path.write_text(json.dumps(doc))
+    row_ = _data(ev)
+    assert row_.status == "MISSING" and "duplicates not in the recorded audit" in row_.evidence

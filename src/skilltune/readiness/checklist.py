@@ -55,6 +55,14 @@ def _eval_results(v: Version) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _applicable(audit: dict) -> list[str]:
+    """The checks an audit of this data must have run: those for its kind (demonstrations or preference pairs).
+    An audit recorded without its kind (older skilltune) is of the kind every check it ran applies to."""
+    ran = [CHECKS[c["name"]] for c in audit["checks"] if c["name"] in CHECKS]
+    kind = audit.get("kind") or next((k for k in ("sft", "preference") if all(k in c.kinds for c in ran)), "sft")
+    return [name for name, check in CHECKS.items() if kind in check.kinds]
+
+
 @item("Data quality verified")
 def _data(ev: Evidence) -> Row:
     """Every audit check ran (none skipped) without errors on the exact training file, and a person reviewed it."""
@@ -68,7 +76,7 @@ def _data(ev: Evidence) -> Row:
     failed = [c for c in checks if c["status"] == "FAIL"]
     ran = {c["name"] for c in checks}
     skipped = [c for c in checks if c.get("skipped")] + [
-        {"name": name, "summary": "not in the recorded audit"} for name in CHECKS if name not in ran]
+        {"name": name, "summary": "not in the recorded audit"} for name in _applicable(audit) if name not in ran]
     where = f"audit of {train['path']} ({', '.join(sorted({c.get('audited', audit['created']) for c in checks}))})"
     if failed:
         return Row(name, FAIL, f"{where}: {', '.join(c['name'] + ' FAIL' for c in failed)}",

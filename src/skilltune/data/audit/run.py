@@ -20,6 +20,7 @@ class AuditReport:
     results: list[CheckResult]
     fingerprint: dict = field(default_factory=dict)
     seconds: float = 0.0
+    kind: str = "sft"  # what the file teaches (AuditContext.kind): which checks apply to it
 
     @property
     def errors(self) -> int:
@@ -33,7 +34,7 @@ class AuditReport:
         return 1 if self.errors or (strict and self.warnings) else 0
 
     def to_json(self) -> dict:
-        return {"path": self.path, "fingerprint": self.fingerprint, "errors": self.errors,
+        return {"path": self.path, "kind": self.kind, "fingerprint": self.fingerprint, "errors": self.errors,
                 "warnings": self.warnings, "seconds": round(self.seconds, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "checks": [r.to_json() for r in self.results]}
 
@@ -49,7 +50,7 @@ def audit_file(path: str, test: str | None = None, tokenizer=None, max_seq_len: 
                        tokenizer=tokenizer, end_token=turn_end_token(tokenizer) if tokenizer is not None else None,
                        max_seq_len=max_seq_len, near_dup_threshold=near_dup_threshold)
     results = [check.run(ctx) for check in CHECKS.values() if ctx.kind in check.kinds]
-    return AuditReport(str(path), results, file_fingerprint(path, report.rows), time.perf_counter() - t0)
+    return AuditReport(str(path), results, file_fingerprint(path, report.rows), time.perf_counter() - t0, ctx.kind)
 
 
 def render_markdown(rep: AuditReport) -> str:
