@@ -682,7 +682,7 @@ async def _stream(request: Request, kind: str, prompt: str, max_tokens: int, dec
     """
     state = _st(request)
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    pieces: asyncio.Queue[tuple[int, str, list]] = asyncio.Queue()  # (answer, its new text, their entries)
 
     def listener(i: int) -> Callable[[str, list], None]:
         return lambda text, scored: loop.call_soon_threadsafe(pieces.put_nowait, (i, text, scored))
