@@ -1,6 +1,7 @@
 """Training on the tiny model: run directory, correctness (packing, EOS, determinism), resume, DDP, bad input."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -165,6 +166,44 @@ def test_resume_refuses_changed_config_unless_forced(tmp_path, tiny_model_dir):
     with pytest.raises(TrainingError, match=r"train.lr: 0.005 -> 0.001"):
         train(changed, run_name="r", resume=True)
     res = train(changed, run_name="r", resume=True, force=True)
+    assert res.summary["steps"] == res.summary["total_steps"]
+
+
+def test_resume_refuses_a_changed_chat_template(tmp_path, tiny_model_dir):
+    """The rendered text is part of what a checkpoint resumes: a template that changed with no config field (the
+    model's own edited, a default changed by an upgrade) is refused, naming it; a checkpoint from before the
+    template was recorded is checked against its run record's template source."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = load_config(_config(tmp_path, model, epochs=4))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, run_name="r", stop_after=5)
+    tok_file = model / "tokenizer_config.json"
+    original = tok_file.read_text()
+    tok = json.loads(original)
+    jinja = model / "chat_template.jinja"
+    if jinja.is_file():
+        jinja.write_text(jinja.read_text().replace("<|im_start|>", "<|im_start|> "))
+    else:
+        tok["chat_template"] = tok["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+        tok_file.write_text(json.dumps(tok))
+    with pytest.raises(TrainingError, match=r"template.sha256: "):
+        train(cfg, run_name="r", resume=True)
+    tok_file.write_text(original)
+    if jinja.is_file():
+        jinja.write_text(jinja.read_text().replace("<|im_start|> ", "<|im_start|>"))
+    checkpoint = sorted((tmp_path / "runs").glob("r-*/checkpoints/step-*"))[-1]  # the one a resume starts from
+    identity = json.loads((checkpoint / "identity.json").read_text())
+    assert identity["template"]["source"] == "model"
+    del identity["template"]  # as written before the template was part of it
+    (checkpoint / "identity.json").write_text(json.dumps(identity))
+    run_json = checkpoint.parent.parent / "run.json"
+    record = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**record, "tokenizer": {**record["tokenizer"], "chat_template_source": "chatml"}}))
+    with pytest.raises(TrainingError, match=r"template.source: 'chatml' -> 'model'"):
+        train(cfg, run_name="r", resume=True)
+    run_json.write_text(json.dumps(record))
+    res = train(cfg, run_name="r", resume=True)  # the same source and end token: resumed (the text was not recorded)
     assert res.summary["steps"] == res.summary["total_steps"]
 
 

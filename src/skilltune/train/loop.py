@@ -54,13 +54,34 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def _identity(cfg: SkilltuneConfig, data_fp: dict, base_hash: str) -> dict:
+def _identity(cfg: SkilltuneConfig, data_fp: dict, base_hash: str, template: dict) -> dict:
     conf = cfg.model_dump(mode="json")
     for section, key in _RESUME_IGNORED:
         conf[section].pop(key, None)
     conf.pop("eval", None)
     conf.pop("serve", None)
-    return {"config": conf, "data": data_fp, "base_model": base_hash}
+    return {"config": conf, "data": data_fp, "base_model": base_hash, "template": template}
+
+
+def _template_identity(tokenizer, info) -> dict:
+    """The chat template the examples are rendered with, and the end token trained: a resume must render the same
+    text, also when no config field changed (the model's own template edited, a default that changed with an
+    upgrade)."""
+    import hashlib
+
+    text = tokenizer.chat_template or ""
+    return {"source": info.chat_template_source, "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "end_token": info.eos_token}
+
+
+def _saved_template(run_path: Path, current: dict) -> dict:
+    """A checkpoint written before the template was part of its identity: the run record's template source and end
+    token (its text's hash was not recorded, so that is taken as unchanged)."""
+    try:
+        recorded = json.loads((run_path / "run.json").read_text())["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return current
+    return {**current, "source": recorded.get("chat_template_source"), "end_token": recorded.get("eos_token")}
 
 
 def _check_disk(run_dir: Path, model, cfg: SkilltuneConfig) -> None:
@@ -207,7 +228,7 @@ def setup(cfg: SkilltuneConfig, run_name: str, resume: bool, run_dir: str | Path
     data_fp = {"train": file_fingerprint(cfg.data.train, len(data.train_examples) + (0 if cfg.data.val else len(data.val))),
                "val": file_fingerprint(cfg.data.val, len(data.val)) if cfg.data.val else None}
     base_hash = model_fingerprint(source.path)
-    identity = _identity(cfg, data_fp, base_hash)
+    identity = _identity(cfg, data_fp, base_hash, _template_identity(tokenizer, tok_info))
     run_path, resuming = _shared_run_dir(acc, cfg, run_name, resume, run_dir)
     latest = _resume_point(run_path / "checkpoints", resuming, identity, force)
     s = Session(cfg, acc, reporter, run_name, run_path, resuming, latest, identity, base_hash, source, tokenizer,
@@ -299,11 +320,14 @@ def _resume_point(ckpt_root: Path, resuming: bool, identity: dict, force: bool) 
     latest = complete[-1] if complete else None
     if latest is not None:
         saved = json.loads((latest / "identity.json").read_text())
+        if "template" not in saved:
+            saved["template"] = _saved_template(ckpt_root.parent, identity["template"])
         changed = ckpt.identity_diff(saved, identity)
         if changed and not force:
-            raise TrainingError("cannot resume: the config or data changed since the checkpoint:\n  "
+            raise TrainingError("cannot resume: the config, data or chat template changed since the checkpoint:\n  "
                                 + "\n  ".join(changed[:20]),
-                                hint="restore them, pass --force to resume anyway, or start a new run")
+                                hint="restore them (model.chat_template names a template), pass --force to "
+                                     "resume anyway, or start a new run")
     return latest
 
 
