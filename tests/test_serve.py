@@ -523,10 +523,10 @@ def test_logprob_bytes_are_each_tokens_own(tiny_model_dir):
     assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
 
 
-def test_completions_refuse_echo_and_best_of(server):
+def test_completions_refuse_best_of(server):
     base, _, _ = server()
     body = {"model": "svc", "prompt": "SELECT", "max_tokens": 2}
-    for option in ({"echo": True}, {"best_of": 3}):
+    for option in ({"best_of": 3},):
         r = httpx.post(f"{base}/v1/completions", json={**body, **option})
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(option)), r.text
     assert httpx.post(f"{base}/v1/completions", json={**body, "logprobs": None, "best_of": 1}).status_code == 200
@@ -636,6 +636,85 @@ def test_the_token_table_is_built_when_a_version_is_loaded(server):
         assert state.engine.current.version == "svc@v2" and built(state.engine.current)
     finally:
         reg.rollback("svc", reason="leave the module's registry as it was")
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["running batch", "static batches"])
+def test_echo_scores_the_prompt_as_the_model_does(server, continuous):
+    """echo with logprobs, as lm-evaluation-harness's loglikelihood tasks send it: the prompt's tokens with their
+    log-probabilities given the tokens before them (the first: null) and the top k, recomputed here by teacher
+    forcing; then the answer's, as unechoed, with offsets past the prompt. max_tokens 0 scores the prompt alone."""
+    from openai import OpenAI
+
+    base, state, _ = server(precision="fp32", continuous_batching=continuous)
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    loaded = state.engine.current
+    tok, model = loaded.tokenizer, loaded.model
+    prompt = "SELECT name FROM users WHERE region = 'EU' ORDER BY"
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    expected = [float(lp[i, ids[0, i + 1]]) for i in range(n - 1)]
+    top2 = [[tok.decode([t]) for t in torch.topk(lp[i], 2).indices.tolist()] for i in range(n - 1)]
+    ask = {"model": "svc", "prompt": [prompt], "max_tokens": 1, "logprobs": 2, "echo": True, "temperature": 0,
+           "seed": 1234}  # lm-evaluation-harness's payload
+    choice = httpx.post(f"{base}/v1/completions", json=ask, timeout=60).json()["choices"][0]
+    got = choice["logprobs"]
+    assert "".join(got["tokens"][:n]) == prompt and choice["text"].startswith(prompt)
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    assert got["token_logprobs"][1:n] == pytest.approx(expected, abs=1e-4)
+    assert [list(t) for t in got["top_logprobs"][1:n]] == top2
+    plain = client.completions.create(model="svc", prompt=prompt, max_tokens=1, logprobs=2).choices[0]
+    assert choice["text"] == prompt + plain.text
+    assert len(got["tokens"]) == n + 1  # max_tokens 1: one generated token, the end token too (lm-eval drops it)
+    eos = httpx.post(f"{base}/v1/completions", timeout=60, json={**ask, "logit_bias": {str(tok.eos_token_id): 100}}
+                     ).json()["choices"][0]  # it answers with its end token at once
+    assert eos["finish_reason"] == "stop" and eos["text"] == prompt and len(eos["logprobs"]["tokens"]) == n + 1
+    assert eos["logprobs"]["token_logprobs"][:n] == pytest.approx(got["token_logprobs"][:n], abs=1e-6)
+    longer = client.completions.create(model="svc", prompt=prompt, max_tokens=4, logprobs=2, echo=True).choices[0]
+    alone4 = client.completions.create(model="svc", prompt=prompt, max_tokens=4, logprobs=2).choices[0]
+    assert longer.text == prompt + alone4.text
+    assert longer.logprobs.token_logprobs[n:n + len(alone4.logprobs.tokens)] == pytest.approx(
+        alone4.logprobs.token_logprobs, abs=1e-4)  # teacher-forced here, decoded there: the same
+    assert longer.logprobs.text_offset[n:n + len(alone4.logprobs.tokens)] == [
+        len(prompt) + o for o in alone4.logprobs.text_offset]
+    context = tok(prompt.rsplit(" ", 2)[0], add_special_tokens=False)["input_ids"]  # lm-eval's reading
+    assert ids[0, :len(context)].tolist() == context
+    assert sum(got["token_logprobs"][len(context):-1]) == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-3)
+    alone = client.completions.create(model="svc", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert alone.choices[0].text == prompt and alone.choices[0].finish_reason == "length"
+    assert len(alone.choices[0].logprobs.tokens) == n and alone.choices[0].logprobs.top_logprobs[1] == {}
+    assert alone.usage.prompt_tokens == n and alone.usage.completion_tokens == 0
+    bare = client.completions.create(model="svc", prompt=prompt, max_tokens=3, echo=True, n=2).choices
+    assert [c.text for c in bare] == [prompt + plain_text for plain_text in
+                                      [client.completions.create(model="svc", prompt=prompt, max_tokens=3).choices[0]
+                                       .text] * 2] and bare[0].logprobs is None
+    for extra, param in (({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens")):
+        r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": prompt, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_prompt_logprobs_in_chunks_are_one_forward_pass(tmp_path, family):
+    """The prompt is scored a chunk of positions at a time through the model's cache (on a sliding-window model,
+    chunks shorter and longer than its 8-token window): the same log-probabilities as one forward pass."""
+    from tiny import build_family_model
+    from transformers import AutoModelForCausalLM
+
+    from skilltune.model.decode import prompt_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(build_family_model(tmp_path / family, family), dtype=torch.float32)
+    ids = torch.randint(5, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    whole = [float(lp[i, ids[0, i + 1]]) for i in range(28)]
+    for chunk in (5, 11, 1000):
+        scored = prompt_logprobs(model, ids[0].tolist(), 3, chunk=chunk)
+        assert scored[0] is None and len(scored) == 29
+        assert [e.logprob for e in scored[1:]] == pytest.approx(whole, abs=1e-4), chunk
+        assert [t for t, _ in scored[5].top] == torch.topk(lp[4], 3).indices.tolist()
+    with pytest.raises(TimeoutError):
+        prompt_logprobs(model, ids[0].tolist(), 0, deadline=0.0)
 
 
 def test_streamed_usage_when_asked(server):

@@ -136,6 +136,34 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, asked: list[int |
     return out
 
 
+PROMPT_CHUNK = 256  # prompt positions scored per forward pass (their logits are all that is held at once)
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], k: int, deadline: float = float("inf"),
+                    chunk: int = PROMPT_CHUNK) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it and the ``k`` most likely tokens there
+    (OpenAI's ``echo`` with ``logprobs``; the first token has none: None).
+
+    The prompt is prefilled in chunks of ``chunk`` positions through the model's own forward and cache (its head,
+    soft-capping and sliding windows included), so only one chunk's logits are held: a 32k-token prompt's over a
+    262k vocabulary would be 34 GB. Raises TimeoutError between chunks once ``deadline`` (monotonic) has passed.
+    """
+    chunk = max(1, chunk)
+    device = next(model.parameters()).device
+    out: list[TokenLogprob | None] = [None] if ids else []
+    cache = None
+    for start in range(0, len(ids) - 1, chunk):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the request's time-out passed while its prompt was scored")
+        res = model(input_ids=torch.tensor([ids[start:start + chunk]], device=device), past_key_values=cache,
+                    use_cache=True)
+        cache = res.past_key_values
+        following = torch.tensor(ids[start + 1:start + chunk + 1], device=device)
+        out += token_logprobs(res.logits[0, :len(following)], following, [k] * len(following))
+    return out
+
+
 @dataclass
 class Row:
     request: Request

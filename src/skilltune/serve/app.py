@@ -34,6 +34,7 @@ from starlette.routing import Match
 from skilltune.model.decode import Shaping
 from skilltune.model.structured import RESPONSE_FORMATS, Grammar, GrammarError, token_table, vocab_width
 from skilltune.serve.clients import client_name
+from skilltune.model.generate import Generation
 from skilltune.serve.engine import Engine, QueueFull
 from skilltune.text import lone_surrogate
 
@@ -134,7 +135,8 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: Text
     prompt: Text | list[Text]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: nothing generated (with echo: the prompt scored alone)
+    echo: bool = False  # the answer's text starts with the prompt (and its logprobs with the prompt's tokens')
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -343,7 +345,7 @@ UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "tools": lambda v, r: bool(v), "functions": lambda v, r: bool(v),
     "tool_choice": lambda v, r: v not in (None, "none"), "function_call": lambda v, r: v not in (None, "none"),
     "best_of": lambda v, r: v not in (None, 1),
-    "echo": lambda v, r: bool(v), "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
+    "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
     "modalities": lambda v, r: v not in (None, ["text"]), "prediction": lambda v, r: bool(v),
 }
 
@@ -818,7 +820,13 @@ async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt[0]
     else:
         prompt = req.prompt
-    max_tokens = _limit(state, req.max_tokens, 16)
+    if req.echo and req.stream:
+        raise ApiError(400, "'echo' is not streamed by this server: ask without stream", param="echo",
+                       code="unsupported_parameter")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens 0 generates nothing: it is for echo: true (the prompt scored alone)",
+                       param="max_tokens")
+    max_tokens = 0 if req.max_tokens == 0 else _limit(state, req.max_tokens, 16)
     stops = _stops(req.stop)
     request.state.log = {"prompt": prompt}
     loaded = state.engine.current
@@ -828,10 +836,18 @@ async def completions(req: CompletionRequest, request: Request):
     if req.stream:
         return await _stream(request, "completion", prompt, max_tokens, decodings, stops, prompt, rid,
                              _include_usage(req))
-    answers = await _run(request, prompt, max_tokens, decodings, stops)
+    if max_tokens:
+        answers = await _run(request, prompt, max_tokens, decodings, stops)
+    else:  # echo alone: the prompt (scored when asked) and nothing generated
+        n_prompt = await run_in_threadpool(loaded.count_tokens, prompt)
+        answers = [(loaded.version, Generation("", n_prompt, 0, 0.0, False, [] if req.logprobs is not None else None))
+                   ] * req.n
     choices = [_completion_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
     version = answers[0][0]
     _note(request, version, prompt, [out for _, out in answers], choices[0]["text"])
+    if req.echo:
+        choices = [await _echoed(request, loaded, prompt, choice, out, req.logprobs)
+                   for choice, (_, out) in zip(choices, answers)]
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
                          "choices": choices, "usage": _usage(*[out for _, out in answers])},
                         headers={"X-Skilltune-Version": version})
@@ -843,6 +859,36 @@ def _completion_choice(index: int, out, stops: list[str], tokenizer) -> dict:
     if out.logprobs is not None:
         choice["logprobs"] = _completion_logprobs(tokenizer, _scored(tokenizer, out.logprobs, text))
     return choice
+
+
+async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: int | None) -> dict:
+    """``choice`` with the prompt in front of its text (OpenAI's ``echo``). With ``logprobs`` (what
+    lm-evaluation-harness's loglikelihood tasks read), every token of prompt and answer, the end token it stopped
+    on included (``max_tokens`` tokens were generated), with its log-probability given the tokens before it (the
+    first token: null) and the top ``k``: one teacher-forced pass over them between two of the engine's steps."""
+    echoed = {**choice, "text": prompt + choice["text"]}
+    if k is None:
+        return echoed
+    state, tokenizer = _st(request), loaded.tokenizer
+    answer = [e.token for _, e in _scored(tokenizer, out.logprobs or [], choice["text"])]
+    if out.stopped and choice["finish_reason"] == "stop" and len(answer) == len(out.logprobs or []):
+        answer.append(tokenizer.eos_token_id)  # it stopped on its end token, not on a stop sequence
+    ids = await run_in_threadpool(loaded.token_ids, prompt) + answer
+    try:
+        scored = await run_in_threadpool(state.engine.score, loaded, ids, k, state.request_timeout_s)
+    except TimeoutError:
+        raise ApiError(504, f"scoring the prompt did not finish within {state.request_timeout_s:g} s",
+                       "timeout") from None
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    echoed["logprobs"] = {
+        "tokens": pieces, "token_logprobs": [e.logprob if e else None for e in scored],
+        "top_logprobs": [({tokenizer.decode([t]): lp for t, lp in e.top} if e else None) for e in scored],
+        "text_offset": offsets}
+    return echoed
 
 
 async def models(request: Request):

@@ -44,19 +44,23 @@ class Loaded:
     counter: object = None  # a copy of the tokenizer for counting request tokens (see count_tokens)
     _count_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count_tokens(self, text: str) -> int:
-        """Prompt tokens, counted on a copy of the tokenizer.
+    def token_ids(self, text: str) -> list[int]:
+        """A prompt's token ids, encoded on a copy of the tokenizer.
 
         A fast tokenizer is not thread-safe: encoding without padding resets the padding
         setting of the Rust tokenizer the engine is batch-encoding with (left padding) at
-        that moment, and the engine's batch comes out ragged. Counting uses its own copy.
+        that moment, and the engine's batch comes out ragged. Request threads use their own copy.
         """
         if self.counter is None:
             import copy
 
             self.counter = copy.deepcopy(self.tokenizer)
         with self._count_lock:
-            return len(self.counter(text, add_special_tokens=False)["input_ids"])
+            return self.counter(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        """Prompt tokens (:meth:`token_ids`)."""
+        return len(self.token_ids(text))
 
 
 @dataclass
@@ -197,6 +201,8 @@ class Engine:
         self._held: deque[Job] = deque()  # taken from the queue for a later batch (another sampling)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # held while the model computes (a decode step, a static batch, a prompt scored for echo): one user at a time
+        self.model_lock = threading.Lock()
         self.last_progress = time.monotonic()  # a decode step, a finished batch, or an idle poll
         self.busy_since: float | None = None  # when the batch in flight started
         self.worker = threading.Thread(target=self._run, name="skilltune-generate", daemon=True)
@@ -337,12 +343,13 @@ class Engine:
             return
         self.busy_since = self.busy_since or time.monotonic()
         try:
-            if live:
-                batch.admit(live, lambda job: answer_sink(job, batch.tokenizer, batch.eos))
-            self._resolve_rows(batch, loaded)
-            if batch.rows:
-                batch.step()
+            with self.model_lock:
+                if live:
+                    batch.admit(live, lambda job: answer_sink(job, batch.tokenizer, batch.eos))
                 self._resolve_rows(batch, loaded)
+                if batch.rows:
+                    batch.step()
+                    self._resolve_rows(batch, loaded)
         except Exception as exc:  # noqa: BLE001 - delivered to every waiting request of the batch
             for job in [r.request for r in batch.rows if r.request not in live] + live:
                 _resolve(job.future, error=exc)
@@ -374,7 +381,8 @@ class Engine:
             return
         self.busy_since = time.monotonic()
         try:
-            outs = self._generate(loaded, live)
+            with self.model_lock:
+                outs = self._generate(loaded, live)
             now = time.monotonic()
             for job, out in zip(live, outs):
                 if now > job.deadline and not job.stop_seen:  # cut off at its deadline: not an answer
@@ -391,6 +399,16 @@ class Engine:
         finally:
             self.busy_since = None
             self.last_progress = time.monotonic()
+
+    def score(self, loaded: Loaded, ids: list[int], k: int, timeout_s: float | None = None) -> list:
+        """Each of ``ids``' tokens scored by ``loaded``'s model given the ones before it
+        (:func:`~skilltune.model.decode.prompt_logprobs`), between two of the worker's steps (never beside them on
+        the same weights). Blocking: call it off the event loop."""
+        from skilltune.model.decode import prompt_logprobs
+
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        with self.model_lock:
+            return prompt_logprobs(loaded.model, ids, k, deadline)
 
     def close(self) -> None:
         self._stop.set()
