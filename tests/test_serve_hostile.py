@@ -219,6 +219,36 @@ def test_a_client_that_leaves_a_stream_of_8_answers_frees_every_row(hostile):
     still_fine()
 
 
+def test_echo_of_a_long_prompt_is_scored_in_chunks_and_times_out_cleanly(hostile):
+    """echo with max_tokens 0, n 8 and logprobs 5 on a long prompt: scored once, a chunk at a time, answered; past
+    the time-out it stops between chunks with a 504, and the server answers normally after."""
+    base, state, still_fine = hostile
+    ask = {"model": "svc", "prompt": "SELECT name FROM users; " * 60, "max_tokens": 0, "echo": True, "n": 8,
+           "logprobs": 5}
+    forwards = []
+    model = state.engine.current.model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hook = inner.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        r = httpx.post(f"{base}/v1/completions", headers=ALICE, json=ask, timeout=60)
+    finally:
+        hook.remove()
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    n_tokens = len(choices[0]["logprobs"]["tokens"])
+    assert len(choices) == 8 and all(c["logprobs"] == choices[0]["logprobs"] for c in choices)
+    assert n_tokens > 300 and len(forwards) == -(-(n_tokens - 1) // 256)  # scored once, 256 positions a pass
+    hook = _slow(state, 0.3)
+    try:
+        state.request_timeout_s = 0.2
+        r = httpx.post(f"{base}/v1/completions", headers=ALICE, json=ask, timeout=30)
+        assert r.status_code == 504 and "scoring the prompt" in r.json()["error"]["message"], r.text
+    finally:
+        hook.remove()
+        state.request_timeout_s = 20
+    still_fine()
+
+
 def test_64_concurrent_clients_on_one_key_cannot_starve_another(hostile):
     base, state, still_fine = hostile
     hook = _slow(state, 0.02)

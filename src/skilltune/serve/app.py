@@ -846,7 +846,8 @@ async def completions(req: CompletionRequest, request: Request):
     version = answers[0][0]
     _note(request, version, prompt, [out for _, out in answers], choices[0]["text"])
     if req.echo:
-        choices = [await _echoed(request, loaded, prompt, choice, out, req.logprobs)
+        scored: dict[tuple, list] = {}  # answers with the same tokens (greedy n, max_tokens 0) are scored once
+        choices = [await _echoed(request, loaded, prompt, choice, out, req.logprobs, scored)
                    for choice, (_, out) in zip(choices, answers)]
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
                          "choices": choices, "usage": _usage(*[out for _, out in answers])},
@@ -861,11 +862,13 @@ def _completion_choice(index: int, out, stops: list[str], tokenizer) -> dict:
     return choice
 
 
-async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: int | None) -> dict:
+async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: int | None,
+                  done: dict[tuple, list]) -> dict:
     """``choice`` with the prompt in front of its text (OpenAI's ``echo``). With ``logprobs`` (what
     lm-evaluation-harness's loglikelihood tasks read), every token of prompt and answer, the end token it stopped
     on included (``max_tokens`` tokens were generated), with its log-probability given the tokens before it (the
-    first token: null) and the top ``k``: one teacher-forced pass over them between two of the engine's steps."""
+    first token: null) and the top ``k``: one teacher-forced pass over them between two of the engine's steps.
+    ``done``: the token sequences this request has scored already (identical answers are scored once)."""
     echoed = {**choice, "text": prompt + choice["text"]}
     if k is None:
         return echoed
@@ -874,11 +877,13 @@ async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: i
     if out.stopped and choice["finish_reason"] == "stop" and len(answer) == len(out.logprobs or []):
         answer.append(tokenizer.eos_token_id)  # it stopped on its end token, not on a stop sequence
     ids = await run_in_threadpool(loaded.token_ids, prompt) + answer
-    try:
-        scored = await run_in_threadpool(state.engine.score, loaded, ids, k, state.request_timeout_s)
-    except TimeoutError:
-        raise ApiError(504, f"scoring the prompt did not finish within {state.request_timeout_s:g} s",
-                       "timeout") from None
+    if tuple(ids) not in done:
+        try:
+            done[tuple(ids)] = await run_in_threadpool(state.engine.score, loaded, ids, k, state.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(504, f"scoring the prompt did not finish within {state.request_timeout_s:g} s",
+                           "timeout") from None
+    scored = done[tuple(ids)]
     pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
     offsets, at = [], 0
     for piece in pieces:
