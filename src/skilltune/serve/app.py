@@ -874,9 +874,10 @@ async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: i
         return echoed
     state, tokenizer = _st(request), loaded.tokenizer
     answer = [e.token for _, e in _scored(tokenizer, out.logprobs or [], choice["text"])]
-    if out.stopped and choice["finish_reason"] == "stop" and len(answer) == len(out.logprobs or []):
-        answer.append(tokenizer.eos_token_id)  # it stopped on its end token, not on a stop sequence
-    ids = await run_in_threadpool(loaded.token_ids, prompt) + answer
+    # it stopped on its end token (not on a stop sequence): that token was generated too
+    ended = out.stopped and choice["finish_reason"] == "stop" and len(answer) == len(out.logprobs or [])
+    end = [tokenizer.eos_token_id] if ended else []
+    ids = await run_in_threadpool(loaded.token_ids, prompt) + answer + end
     if tuple(ids) not in done:
         try:
             done[tuple(ids)] = await run_in_threadpool(state.engine.score, loaded, ids, k, state.request_timeout_s)
@@ -884,7 +885,7 @@ async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: i
             raise ApiError(504, f"scoring the prompt did not finish within {state.request_timeout_s:g} s",
                            "timeout") from None
     scored = done[tuple(ids)]
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    pieces = [tokenizer.decode([t]) for t in ids[:len(ids) - len(end)]] + [""] * len(end)  # the end token: no text
     offsets, at = [], 0
     for piece in pieces:
         offsets.append(at)
