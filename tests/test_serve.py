@@ -692,6 +692,8 @@ def test_echo_scores_the_prompt_as_the_model_does(server, continuous):
     for extra, param in (({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens")):
         r = httpx.post(f"{base}/v1/completions", json={"model": "svc", "prompt": prompt, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(f"{base}/v1/completions", json={**ask, "prompt": [ids[0].tolist()]})  # token ids: not taken
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("prompt"), r.text
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
