@@ -567,13 +567,14 @@ async def _byte_table(loaded, asked: bool):
 
 
 def _completion_logprobs(tokenizer, scored: list, at: int = 0) -> dict:
-    """OpenAI's completions logprobs of ``scored`` tokens; ``at``: the first one's offset in the answer."""
+    """OpenAI's completions logprobs of ``scored`` (text, entry) tokens; ``at``: the first one's offset in the
+    answer. An entry None (an echoed prompt's first token: nothing before it) has null ones."""
     offsets = []
     for piece, _ in scored:
         offsets.append(at)
         at += len(piece)
-    return {"tokens": [piece for piece, _ in scored], "token_logprobs": [e.logprob for _, e in scored],
-            "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for _, e in scored],
+    return {"tokens": [piece for piece, _ in scored], "token_logprobs": [e.logprob if e else None for _, e in scored],
+            "top_logprobs": [({tokenizer.decode([t]): lp for t, lp in e.top} if e else None) for _, e in scored],
             "text_offset": offsets}
 
 
@@ -884,16 +885,8 @@ async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: i
         except TimeoutError:
             raise ApiError(504, f"scoring the prompt did not finish within {state.request_timeout_s:g} s",
                            "timeout") from None
-    scored = done[tuple(ids)]
     pieces = [tokenizer.decode([t]) for t in ids[:len(ids) - len(end)]] + [""] * len(end)  # the end token: no text
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
-    echoed["logprobs"] = {
-        "tokens": pieces, "token_logprobs": [e.logprob if e else None for e in scored],
-        "top_logprobs": [({tokenizer.decode([t]): lp for t, lp in e.top} if e else None) for e in scored],
-        "text_offset": offsets}
+    echoed["logprobs"] = _completion_logprobs(tokenizer, list(zip(pieces, done[tuple(ids)])))
     return echoed
 
 
