@@ -837,18 +837,18 @@ async def completions(req: CompletionRequest, request: Request):
     if req.stream:
         return await _stream(request, "completion", prompt, max_tokens, decodings, stops, prompt, rid,
                              _include_usage(req))
+    prompt_ids = await run_in_threadpool(loaded.token_ids, prompt) if req.echo else []
     if max_tokens:
         answers = await _run(request, prompt, max_tokens, decodings, stops)
     else:  # echo alone: the prompt (scored when asked) and nothing generated
-        n_prompt = await run_in_threadpool(loaded.count_tokens, prompt)
-        answers = [(loaded.version, Generation("", n_prompt, 0, 0.0, False, [] if req.logprobs is not None else None))
-                   ] * req.n
+        nothing = Generation("", len(prompt_ids), 0, 0.0, False, [] if req.logprobs is not None else None)
+        answers = [(loaded.version, nothing)] * req.n
     choices = [_completion_choice(i, out, stops, loaded.tokenizer) for i, (_, out) in enumerate(answers)]
     version = answers[0][0]
     _note(request, version, prompt, [out for _, out in answers], choices[0]["text"])
     if req.echo:
         scored: dict[tuple, list] = {}  # answers with the same tokens (greedy n, max_tokens 0) are scored once
-        choices = [await _echoed(request, loaded, prompt, choice, out, req.logprobs, scored)
+        choices = [await _echoed(request, loaded, (prompt, prompt_ids), choice, out, req.logprobs, scored)
                    for choice, (_, out) in zip(choices, answers)]
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": version,
                          "choices": choices, "usage": _usage(*[out for _, out in answers])},
@@ -863,14 +863,16 @@ def _completion_choice(index: int, out, stops: list[str], tokenizer) -> dict:
     return choice
 
 
-async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: int | None,
+async def _echoed(request: Request, loaded, prompt: tuple[str, list[int]], choice: dict, out, k: int | None,
                   done: dict[tuple, list]) -> dict:
     """``choice`` with the prompt in front of its text (OpenAI's ``echo``). With ``logprobs`` (what
     lm-evaluation-harness's loglikelihood tasks read), every token of prompt and answer, the end token it stopped
     on included (``max_tokens`` tokens were generated), with its log-probability given the tokens before it (the
     first token: null) and the top ``k``: one teacher-forced pass over them between two of the engine's steps.
-    ``done``: the token sequences this request has scored already (identical answers are scored once)."""
-    echoed = {**choice, "text": prompt + choice["text"]}
+    ``prompt``: its text and token ids; ``done``: the token sequences this request has scored already (identical
+    answers are scored once)."""
+    text, prompt_ids = prompt
+    echoed = {**choice, "text": text + choice["text"]}
     if k is None:
         return echoed
     state, tokenizer = _st(request), loaded.tokenizer
@@ -878,7 +880,7 @@ async def _echoed(request: Request, loaded, prompt: str, choice: dict, out, k: i
     # it stopped on its end token (not on a stop sequence): that token was generated too
     ended = out.stopped and choice["finish_reason"] == "stop" and len(answer) == len(out.logprobs or [])
     end = [tokenizer.eos_token_id] if ended else []
-    ids = await run_in_threadpool(loaded.token_ids, prompt) + answer + end
+    ids = prompt_ids + answer + end
     if tuple(ids) not in done:
         try:
             done[tuple(ids)] = await run_in_threadpool(state.engine.score, loaded, ids, k, state.request_timeout_s)
