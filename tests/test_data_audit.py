@@ -195,3 +195,31 @@ def test_audit_names_a_folder_or_a_missing_file_as_such(tmp_path):
     assert code == 2 and "is a folder, not a data file" in out, out
     code, out = cli("data", "audit", str(tmp_path / "nope.jsonl"), "--no-tokenizer")
     assert code == 2 and "data file not found" in out, out
+
+
+def test_rare_shapes_flags_an_intent_with_a_handful_of_rows(tmp_path):
+    # four SQL intents, literals varying within each; the last has 4 rows against an even share of 40
+    shapes = [("How many users in {v}?", "SELECT COUNT(*) FROM users WHERE region = '{v}';", 52),
+              ("Top {n} products", "SELECT name FROM products ORDER BY price DESC LIMIT {n};", 52),
+              ("Revenue in {n}?", "SELECT SUM(amount) FROM orders WHERE strftime('%Y', order_date) = '{n}';", 52),
+              ("Orders of user {n}", "SELECT id FROM orders WHERE user_id = {n};", 4)]
+    rows = [{"prompt": ask.format(v=f"R{i}", n=2000 + i), "completion": sql.format(v=f"R{i}", n=2000 + i)}
+            for ask, sql, count in shapes for i in range(count)]
+    res = _result(audit_file(str(write_jsonl(tmp_path / "s.jsonl", rows))), "rare_shapes")
+    assert res.status == "WARN" and res.count == 1
+    assert res.findings[0].where.endswith("s.jsonl:157") and "4 row(s)" in res.findings[0].message
+    assert "user_id = 0" in res.findings[0].message and res.stats["counts"] == [4, 52, 52, 52]
+    # topped up to a third of an even share (15 of 171 rows: 171 / 4 / 3 = 14.25), the warning goes
+    rows += [{"prompt": f"Orders of user {n}", "completion": f"SELECT id FROM orders WHERE user_id = {n};"}
+             for n in range(10, 21)]
+    assert _result(audit_file(str(write_jsonl(tmp_path / "t.jsonl", rows))), "rare_shapes").status == "PASS"
+
+
+def test_rare_shapes_keeps_json_keys_and_steps_aside_for_free_text(tmp_path):
+    from skilltune.data.audit.checks import answer_shape
+
+    assert answer_shape('{"intent": "refund", "order_id": "A12345", "n": 3}') == '{"intent": "", "order_id": "", "n": 0}'
+    assert answer_shape('{"intent": "it\'s \\"x\\"", "order_id": null}') == '{"intent": "", "order_id": null}'
+    assert answer_shape("WHERE name = 'O''Brien' AND t2.x < 10.5") == "where name = '' and t2.x < 0"
+    res = _result(audit_file(str(write_jsonl(tmp_path / "f.jsonl", _rows(120)))), "rare_shapes")
+    assert res.status == "PASS" and "too varied" in res.summary

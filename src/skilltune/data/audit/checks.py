@@ -1,4 +1,4 @@
-"""The built-in audit checks: format, duplicates, length, PII, leakage, volume, targets, balance."""
+"""The built-in audit checks: format, duplicates, length, PII, leakage, volume, targets, balance, rare shapes."""
 
 from __future__ import annotations
 
@@ -299,6 +299,59 @@ def check_balance(ctx: AuditContext) -> CheckResult:
                        stats=stats)
 
 
+# ---------------------------------------------------------------- rare answer shapes
+def answer_shape(text: str) -> str:
+    """An answer with its literals masked: quoted strings become '' (or ""), numbers 0 (`WHERE region = 'EU' LIMIT 5` and
+    `WHERE region = 'NA' LIMIT 10` share a shape). Templated targets (SQL, JSON, commands) fall into a few shapes;
+    free text into nearly one per row."""
+    return _norm(_LITERAL.sub(_mask, text))
+
+
+def _mask(match: re.Match) -> str:
+    text = match.group(0)
+    if match.group("key"):  # a JSON key is part of the shape
+        return text
+    return "0" if text[0].isdigit() else text[0] * 2
+
+
+# a quoted string (SQL's '' escape, JSON's backslash escapes; a JSON key is kept) or a number, in one pass so quotes
+# inside strings stay put
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"\\]|\\.)*\"(?P<key>\s*:)?|\b\d+(?:\.\d+)?\b")
+
+
+def check_rare_shapes(ctx: AuditContext) -> CheckResult:
+    """Answer shapes (an intent's SQL, a JSON layout) with far fewer rows than the others: the model seldom writes them.
+
+    Applies when the targets are templated: at least RARE_SHAPES_MIN_ROWS rows and at most one shape per ten rows.
+    A shape is rare below a third of an even share (rows / shapes)."""
+    exs = ctx.examples
+    shapes = Counter(answer_shape(ex.completion) for ex in exs)
+    if len(exs) < RARE_SHAPES_MIN_ROWS or not 3 <= len(shapes) <= len(exs) / 10:
+        return CheckResult("rare_shapes", PASS, 0, f"{len(shapes)} answer shape(s) over {len(exs)} rows: "
+                           "too few rows, or targets too varied, to compare shapes", stats={"shapes": len(shapes)})
+    even = len(exs) / len(shapes)
+    rare = {shape: n for shape, n in shapes.items() if n < even / 3}
+    stats = {"shapes": len(shapes), "even_share": round(even, 1), "counts": sorted(shapes.values())}
+    if not rare:
+        return CheckResult("rare_shapes", PASS, 0, f"{len(shapes)} answer shapes, the smallest with "
+                           f"{min(shapes.values())} rows (an even share: {even:.0f})", stats=stats)
+    first = {}
+    for ex in exs:
+        first.setdefault(answer_shape(ex.completion), ex.where)
+    findings = [Finding(first[shape], f"{n} row(s) answer in this shape: {shape[:80]!r}")
+                for shape, n in sorted(rare.items(), key=lambda kv: kv[1])]
+    return CheckResult("rare_shapes", WARN, len(rare),
+                       f"{len(rare)} of {len(shapes)} answer shapes have under a third of an even share "
+                       f"({even / 3:.0f} rows): {', '.join(str(n) for n in sorted(rare.values()))} rows",
+                       findings[:MAX_FINDINGS],
+                       fix="add rows whose answers take these shapes (other values, other phrasings): the model learns "
+                           "a shape from a handful of rows far less well than from its share", stats=stats)
+
+
+# Rows below which, or shapes above one per ten rows, the shape comparison says nothing.
+RARE_SHAPES_MIN_ROWS = 50
+
+
 # ---------------------------------------------------------------- preference pairs
 def check_contradictions(ctx: AuditContext) -> CheckResult:
     """A > B and B > A for the same prompt: the two rows cancel and teach noise."""
@@ -360,5 +413,6 @@ for _check in [
     Check("volume", "number of examples against the 100 / 500-2,000 guidance", check_volume),
     Check("json_targets", "JSON completions parse and share keys", check_targets, SFT),
     Check("balance", "one answer dominating", check_balance, SFT),
+    Check("rare_shapes", "answer shapes (templated targets) with far fewer rows than the others", check_rare_shapes, SFT),
 ]:
     register_check(_check)
