@@ -1,4 +1,4 @@
-"""`skilltune data audit|clean|split|mix|replay`: look at training data before training on it."""
+"""`skilltune data audit|clean|split|mix|replay|sql-grammar`: look at training data before training on it."""
 
 from __future__ import annotations
 
@@ -151,6 +151,30 @@ def mix_(skill: Path = typer.Argument(..., help="Skill data."),
 
     counts = mix(skill, general, ratio, dst, seed, data_shape(column, config)[1])
     console.print(f"{counts['skill']} skill + {counts['general']} general = {counts['total']} rows -> {dst}")
+
+
+@app.command("sql-grammar")
+def sql_grammar_(db: Path = typer.Argument(..., help="SQLite database (opened read-only)."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Write the grammar here (default: print it).")
+                 ) -> None:
+    """Write the Lark grammar of one SELECT over DB's tables and columns, to decode SQL answers under it.
+
+    Use it as eval.grammar with eval.response_format: grammar, as `generate --grammar`, or send its text as a
+    server request's structured_outputs.grammar: the model can then only name tables and columns DB has.
+
+    Example: skilltune data sql-grammar examples/sql/data/analytics.db --out sql.lark
+    """
+    from skilltune.evaluate.sql_grammar import sqlite_grammar
+    from skilltune.paths import atomic_write_text
+
+    text = sqlite_grammar(db)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.resolve() == db.resolve():
+        raise typer.BadParameter("--out is the database itself; give another file", param_hint="--out")
+    atomic_write_text(out, text)
+    console.print(f"wrote the grammar of {db}'s tables to {out}", highlight=False)
 
 
 @app.command("replay")

@@ -28,6 +28,8 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
              json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="A JSON Schema file: each answer "
                                                         "is decoded under its grammar (structured output)."),
              json_object: bool = typer.Option(False, "--json", help="Each answer is one JSON object."),
+             grammar_file: Optional[Path] = typer.Option(None, "--grammar", help="A Lark grammar file: each answer "
+                                                         "is decoded under it (e.g. `skilltune data sql-grammar DB`)."),
              base: Optional[str] = typer.Option(None, "--base", help="Load the adapter onto this base model "
                                                                      "(its hash must match the adapter's record)."),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -45,7 +47,7 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
     from skilltune.model.tokenizer import render_prompt
     from skilltune.registry.api import resolve_spec
 
-    grammar = _grammar(json_schema, json_object)
+    grammar, flag = _grammar(json_schema, json_object, grammar_file)
     spec, policy = resolve_spec(model, trust_remote_code)
     if base:
         policy = replace(policy, base=base)
@@ -57,7 +59,7 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
         try:
             grammar.check(target.tokenizer, target.tokenizer.eos_token_id, vocab_width(target.model, target.tokenizer))
         except GrammarError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--json-schema") from None
+            raise typer.BadParameter(str(exc), param_hint=flag) from None
     outs = run_generate(target.model, target.tokenizer, rendered, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p or None, seed=seed,
                         grammars=[grammar] * len(rendered))  # each row builds its own matcher from it
@@ -66,17 +68,22 @@ def generate(model: str = typer.Argument(..., help="A base model spec, a run or 
         console.print(f"[bold green]{escape(target.label)}[/bold green]: {escape(out.text)}", highlight=False)
 
 
-def _grammar(schema_file: Optional[Path], json_object: bool):
-    """The grammar --json-schema / --json ask for (None: plain text); a bad file or schema is a usage error."""
+def _grammar(schema_file: Optional[Path], json_object: bool, grammar_file: Optional[Path]):
+    """The grammar --json-schema / --json / --grammar ask for (None: plain text) and the flag that asked; a bad file
+    or schema is a usage error."""
     from skilltune.model.structured import RESPONSE_FORMATS, GrammarError
 
-    if schema_file is not None and json_object:
-        raise typer.BadParameter("give --json-schema or --json, not both", param_hint="--json")
-    fmt = "json_schema" if schema_file is not None else "json_object" if json_object else "text"
+    asked = {flag: (fmt, source) for flag, fmt, source, given in (
+        ("--json-schema", "json_schema", schema_file, schema_file is not None),
+        ("--json", "json_object", None, json_object),
+        ("--grammar", "grammar", grammar_file, grammar_file is not None)) if given}
+    if len(asked) > 1:
+        raise typer.BadParameter(f"give one of {', '.join(asked)}", param_hint=list(asked)[-1])
+    flag, (fmt, source) = next(iter(asked.items()), ("", ("text", None)))
     try:
-        return RESPONSE_FORMATS[fmt](schema_file)
+        return RESPONSE_FORMATS[fmt](source), flag
     except GrammarError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--json-schema") from None
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
 
 
 def _dtype(precision: str):

@@ -17,7 +17,8 @@ from skilltune.config.schema import SkilltuneConfig
 from skilltune.errors import ConfigError
 
 # Fields holding file paths: relative values are resolved against the config file's folder.
-_PATH_FIELDS = {("data", "train"), ("data", "val"), ("data", "test"), ("eval", "db"), ("eval", "json_schema")}
+_PATH_FIELDS = {("data", "train"), ("data", "val"), ("data", "test"), ("eval", "db"), ("eval", "json_schema"),
+                ("eval", "grammar")}
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

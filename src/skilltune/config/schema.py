@@ -155,10 +155,13 @@ class EvalConfig(Section):
         "nearly tie; the metrics stay within noise (bench/NOTES.md).")
     db: str | None = Field(None, description="SQLite database for the sql_exec metric.")
     json_schema: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
+    grammar: str | None = Field(
+        None, description="Lark grammar file the grammar response format decodes under (e.g. one SQL query over "
+        "eval.db's schema: `skilltune data sql-grammar DB --out sql.lark`).")
     response_format: str = Field(
         "text", description="How answers are decoded, as OpenAI's response_format: text, json_object (any JSON "
-        "object) or json_schema (under eval.json_schema's grammar): evaluate the model as a server asked for that "
-        "format answers.")
+        "object), json_schema (under eval.json_schema's grammar) or grammar (under eval.grammar, a server's "
+        "structured_outputs.grammar): evaluate the model as a server asked for that format answers.")
     price_per_hour: float = Field(1.0, ge=0, description="Cost of the serving machine per hour, for cost estimates.")
     overfit_gap: float = Field(0.1, ge=0, description="Val-vs-test metric gap above which overfitting is flagged.")
     forgetting_threshold: float = Field(

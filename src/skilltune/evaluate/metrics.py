@@ -157,6 +157,10 @@ def load_plugin_metrics() -> None:
             register_metric(obj if isinstance(obj, Metric) else Metric(ep.name, obj, description=f"plug-in {ep.value}"))
 
 
+# eval.response_format -> the eval field naming the file it decodes under, and what that file is
+FORMAT_SOURCES = {"json_schema": ("json_schema", "a JSON Schema file"), "grammar": ("grammar", "a Lark grammar file")}
+
+
 def metric_problems(ecfg) -> list[str]:
     """What is wrong with an ``eval`` config section, found without a model: metric names and their inputs."""
     if any(m not in METRICS and ":" not in m for m in ecfg.metrics):
@@ -172,8 +176,12 @@ def metric_problems(ecfg) -> list[str]:
 
     if ecfg.response_format not in RESPONSE_FORMATS:
         problems.append(f"eval.response_format: {ecfg.response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}")
-    if ecfg.response_format == "json_schema" and not ecfg.json_schema:
-        problems.append("eval.json_schema: eval.response_format json_schema decodes under it (set eval.json_schema)")
+    source, _ = FORMAT_SOURCES.get(ecfg.response_format, (None, None))
+    if source and not getattr(ecfg, source):
+        problems.append(f"eval.{source}: eval.response_format {ecfg.response_format} decodes under it "
+                        f"(set eval.{source})")
+    if ecfg.grammar and not os.path.isfile(ecfg.grammar):
+        problems.append(f"eval.grammar: file not found: {ecfg.grammar}")
     for path_field, metric in (("db", "sql_exec"), ("json_schema", "json_schema")):
         value = getattr(ecfg, path_field)
         if value and not os.path.isfile(value):

@@ -25,7 +25,7 @@ from skilltune.model.generate import generate
 from skilltune.model.kernels import generation_kernels
 from skilltune.model.structured import RESPONSE_FORMATS, Grammar, GrammarError
 from skilltune.evaluate import forgetting
-from skilltune.evaluate.metrics import Metric, resolve_metrics
+from skilltune.evaluate.metrics import FORMAT_SOURCES, Metric, resolve_metrics
 from skilltune.evaluate.targets import OPERATIONAL, gate, judge_targets
 from skilltune.evaluate.stats import bootstrap_delta, percentile
 from skilltune.model.target import LoadPolicy, Target, artifact_run_dir, find_artifact, load_target
@@ -238,11 +238,13 @@ def _response_grammar(ecfg: EvalConfig) -> Grammar | None:
     loads."""
     if ecfg.response_format not in RESPONSE_FORMATS:
         raise EvalError(f"eval.response_format {ecfg.response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}")
+    source, kind = FORMAT_SOURCES.get(ecfg.response_format, (None, None))
+    given = getattr(ecfg, source) if source else None
     try:
-        return RESPONSE_FORMATS[ecfg.response_format](ecfg.json_schema)
+        return RESPONSE_FORMATS[ecfg.response_format](Path(given) if given else None)
     except GrammarError as exc:
         raise EvalError(f"eval.response_format {ecfg.response_format}: {exc}",
-                        hint="set eval.json_schema to a JSON Schema file") from None
+                        hint=f"set eval.{source} to {kind}" if source else None) from None
 
 
 def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: Stages,

@@ -1,4 +1,5 @@
-"""Structured output: decoding that can only produce what a grammar allows (a JSON schema, any JSON object).
+"""Structured output: decoding that can only produce what a grammar allows (a JSON schema, any JSON object, a Lark
+grammar such as one SQL query over a database's schema: evaluate/sql_grammar.py).
 
 The grammar engine is llguidance (the one behind vLLM's and llama.cpp's guided decoding): before each token is
 chosen, a row's matcher says which tokens of the vocabulary may come next, the others' logits become -inf, and
@@ -24,7 +25,7 @@ import torch
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(eos, n_vocab): LLTokenizer}
 _TABLES_LOCK = threading.Lock()
-MAX_SCHEMA_CHARS = 32_768  # a schema longer than this is refused before it is compiled
+MAX_SCHEMA_CHARS = 32_768  # a schema (or a Lark grammar) longer than this is refused before it is compiled
 # JSON laid out one way (`{"a": 1, "b": [2, 3]}`): with free whitespace between tokens a model can emit newlines
 # until its budget runs out (the known failure of JSON modes); a schema's "x-guidance" may still ask otherwise
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -34,22 +35,27 @@ class GrammarError(ValueError):
     """The schema cannot be used: it is not a schema llguidance accepts, or it is over a limit."""
 
 
+def _llmatcher():
+    """llguidance's matcher class, or a GrammarError saying how to install it."""
+    try:
+        from llguidance import LLMatcher
+    except ImportError:
+        raise GrammarError("structured output needs llguidance: pip install 'skilltune[serve]'") from None
+    return LLMatcher
+
+
 class Grammar:
     """What a request's answer must match: llguidance's grammar text, and what it came from."""
 
     def __init__(self, text: str, source: str):
         self.text = text
-        self.source = source  # "json_object" or "json_schema" (for messages)
+        self.source = source  # "json_object", "json_schema" or "grammar" (for messages)
         self._ready: RowMatcher | None = None  # built when the request was checked, used by its row
 
     @classmethod
     def json(cls, schema: dict | None) -> Grammar:
         """Any JSON object (``schema`` None: OpenAI's ``json_object``), or what ``schema`` describes."""
-        try:
-            from llguidance import LLMatcher
-        except ImportError:
-            raise GrammarError("structured output needs llguidance: pip install 'skilltune[serve]'") from None
-
+        LLMatcher = _llmatcher()
         if schema is None:
             return cls(LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=COMPACT), "json_object")
         if not isinstance(schema, dict):
@@ -62,6 +68,25 @@ class Grammar:
             return cls(LLMatcher.grammar_from_json_schema(text, defaults=COMPACT), "json_schema")
         except ValueError as exc:
             raise GrammarError(f"not a usable JSON schema: {exc}") from None
+
+    @classmethod
+    def lark(cls, text: str) -> Grammar:
+        """What a Lark grammar allows (llguidance's dialect, the one vLLM's ``structured_outputs.grammar`` takes);
+        checked now, without a tokenizer, so a wrong rule is reported before any model loads."""
+        LLMatcher = _llmatcher()
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError("the grammar is empty: give Lark rules, starting with `start: ...`")
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise GrammarError(f"the grammar is {len(text):,} characters; this server takes at most "
+                               f"{MAX_SCHEMA_CHARS:,}")
+        try:
+            grammar = LLMatcher.grammar_from_lark(text)
+            problem = LLMatcher.validate_grammar(grammar)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            raise GrammarError(f"not a usable Lark grammar: {problem.strip()}")
+        return cls(grammar, "grammar")
 
     def check(self, tokenizer, eos: int, n_vocab: int) -> None:
         """Compile the grammar for this tokenizer now (raises GrammarError); its row then starts from it."""
@@ -124,12 +149,31 @@ def _schema_grammar(schema: dict | str | Path | None) -> Grammar:
         raise GrammarError(f"{schema}: {exc}") from None
 
 
-# OpenAI's response_format types -> the grammar each decodes under; the argument is the JSON Schema (an object or
-# a file) that json_schema needs and the others ignore. The server, eval.response_format and `generate` use it.
+def _lark_grammar(grammar: str | Path | None) -> Grammar:
+    """A Lark grammar given as its text (a request's) or as a file (a config's, a flag's)."""
+    if grammar is None:
+        raise GrammarError("the grammar format needs a Lark grammar")
+    if isinstance(grammar, str):
+        return Grammar.lark(grammar)
+    try:
+        text = Path(grammar).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GrammarError(f"{grammar}: not a readable text file ({exc})") from None
+    try:
+        return Grammar.lark(text)
+    except GrammarError as exc:
+        raise GrammarError(f"{grammar}: {exc}") from None
+
+
+# How answers may be decoded -> the grammar each decodes under: OpenAI's response_format types, and `grammar` (a
+# Lark grammar, vLLM's structured_outputs.grammar). The argument is what json_schema and grammar need (the schema
+# as an object, the grammar as text, or either as a file Path); the others ignore it. The server,
+# eval.response_format and `generate` use it.
 RESPONSE_FORMATS: dict[str, Callable[[dict | str | Path | None], Grammar | None]] = {
-    "text": lambda schema: None,
-    "json_object": lambda schema: Grammar.json(None),
+    "text": lambda source: None,
+    "json_object": lambda source: Grammar.json(None),
     "json_schema": _schema_grammar,
+    "grammar": _lark_grammar,
 }
 
 

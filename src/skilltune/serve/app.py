@@ -110,6 +110,14 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (its ``extra_body`` field): of its kinds this server takes ``grammar``, a Lark
+    grammar the answer is decoded under; JSON goes through ``response_format``."""
+
+    model_config = ConfigDict(extra="allow")
+    grammar: Text | None = None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send options we do not use
     model: Text
@@ -124,6 +132,7 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)  # answers to the same messages (sampled ones differ; greedy ones do not)
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     logprobs: bool | None = None  # each answer token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and the k most likely tokens at its place
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
@@ -145,6 +154,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     logprobs: int | None = Field(None, ge=0, le=5)  # k: each token's log-probability and the k most likely there
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
@@ -347,6 +357,8 @@ UNSUPPORTED: dict[str, Callable[[object, BaseModel], bool]] = {
     "best_of": lambda v, r: v not in (None, 1),
     "suffix": lambda v, r: bool(v), "audio": lambda v, r: bool(v),
     "modalities": lambda v, r: v not in (None, ["text"]), "prediction": lambda v, r: bool(v),
+    # vLLM's older guided decoding fields: ignored, they would leave a client believing its answer was constrained
+    **{f"guided_{kind}": lambda v, r: v is not None for kind in ("json", "regex", "choice", "grammar")},
 }
 
 
@@ -363,8 +375,9 @@ def _refuse_unsupported(req: BaseModel) -> None:
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED and UNSUPPORTED[name](value, req):
             raise ApiError(400, f"'{name}' is not supported by this server: it answers with text (or JSON: "
-                           "response_format), greedy or sampled at the request's temperature and top_p; leave the "
-                           "option out", param=name, code="unsupported_parameter")
+                           "response_format; or under a Lark grammar: structured_outputs.grammar), greedy or sampled "
+                           "at the request's temperature and top_p; leave the option out", param=name,
+                           code="unsupported_parameter")
 
 
 def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
@@ -402,20 +415,40 @@ def _decodings(req: ChatRequest | CompletionRequest, grammar: Grammar | None, vo
     return [{**one, "seed": (one["seed"] + i) % 2**64} for i in range(req.n)]
 
 
-async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | None:
-    """The grammar ``response_format`` asks for, compiled for the model serving now (None: plain text)."""
-    fmt = req.response_format
+def _format(req: ChatRequest | CompletionRequest) -> tuple[str, object, str]:
+    """What the request's answer is decoded under: (a RESPONSE_FORMATS name, its schema or grammar, the field that
+    asked), from ``response_format`` or vLLM's ``structured_outputs.grammar``; a request asking both ways, or for a
+    structured_outputs kind not served here, is a 400."""
+    fmt, wanted = req.response_format, req.structured_outputs
+    if wanted is not None:
+        others = sorted(set(wanted.model_extra or {}))
+        if others or wanted.grammar is None:
+            raise ApiError(400, "structured_outputs: this server takes `grammar` (a Lark grammar) only"
+                           + (f", not {', '.join(others)}" if others else "") + "; for JSON send response_format",
+                           param="structured_outputs")
+        if fmt is not None and fmt.type != "text":
+            raise ApiError(400, "send response_format or structured_outputs.grammar, not both",
+                           param="structured_outputs")
+        return "grammar", wanted.grammar, "structured_outputs.grammar"
     if fmt is None or fmt.type == "text":
-        return None
+        return "text", None, "response_format"
     if fmt.type == "json_schema" and fmt.json_schema is None:
         raise ApiError(400, "response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}",
                        param="response_format.json_schema")
+    return fmt.type, fmt.json_schema.schema_ if fmt.json_schema else None, "response_format"
+
+
+async def _grammar(req: ChatRequest | CompletionRequest, loaded) -> Grammar | None:
+    """The grammar the request asks for (``_format``), compiled for the model serving now (None: plain text)."""
+    kind, source, param = _format(req)
     try:
-        grammar = RESPONSE_FORMATS[fmt.type](fmt.json_schema.schema_ if fmt.json_schema else None)
+        grammar = RESPONSE_FORMATS[kind](source)
+        if grammar is None:
+            return None
         await run_in_threadpool(grammar.check, loaded.tokenizer, loaded.tokenizer.eos_token_id,
                                 vocab_width(loaded.model, loaded.tokenizer))
     except GrammarError as exc:
-        raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+        raise ApiError(400, str(exc), param=param, code="invalid_response_format") from None
     return grammar
 
 
