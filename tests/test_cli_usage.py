@@ -217,6 +217,30 @@ def test_the_wheel_ships_the_examples():
     assert "share/skilltune/examples/sql/data" in files
 
 
+def test_every_file_an_example_names_is_in_the_wheel():
+    """The files an example's config (and its README usage) reads travel with it: a pip-installed demo whose
+    config names a file the wheel lacks fails at its first stage."""
+    import fnmatch
+    import tomllib
+
+    from skilltune.config import load_config
+    from skilltune.config.load import _PATH_FIELDS
+
+    root = Path(__file__).parents[1]
+    files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = [pattern for patterns in files.values() for pattern in patterns]
+    named = []
+    for config in sorted((root / "examples").glob("*/config.yaml")):
+        cfg = load_config(config)
+        named += [Path(getattr(getattr(cfg, section), field)) for section, field in _PATH_FIELDS
+                  if getattr(getattr(cfg, section), field)]
+    named.append(root / "examples" / "json_extraction" / "ticket.schema.json")  # README: --set eval.json_schema=
+    assert any(p.name == "sql.lark" for p in named)
+    missing = [str(p.relative_to(root)) for p in named
+               if not any(fnmatch.fnmatch(str(p.relative_to(root)), pattern) for pattern in shipped)]
+    assert missing == []
+
+
 def test_every_data_file_of_the_package_is_in_the_wheel():
     """A file the code reads at run time (chat templates, cards, HTML templates) must match a package-data
     pattern, or a pip-installed skilltune lacks it (the chat templates once did)."""

@@ -28,3 +28,30 @@ def test_demo_quick_end_to_end(tmp_path, tiny_model_dir):
     assert [v.number for v in reg.list("sql-demo")] == [1, 2]
     assert reg.get("sql-demo@production").number == 2
     assert [e.action for e in reg.history("sql-demo")] == ["promote", "promote", "rollback-dry-run"]
+
+
+def test_sql_example_data_is_what_its_generator_writes(tmp_path):
+    """The demo's data: `examples/sql/generate.py` rewrites the committed files byte for byte; validation and test
+    phrasings never reach training; no intent is starved (the audit's rare_shapes check passes)."""
+    import importlib.util
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from skilltune.data.audit import audit_file
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sql"
+    subprocess.run([sys.executable, str(example / "generate.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "analytics.db"):
+        assert (tmp_path / name).read_bytes() == (example / "data" / name).read_bytes(), name
+    spec = importlib.util.spec_from_file_location("sql_example_generate", example / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    held_out = [re.compile(re.sub(r"\\\{[A-Za-z]+\\\}", ".+?", re.escape(phrasing)))
+                for intent in generate.INTENTS for phrasing in intent["ask"][-generate.HELD_OUT_PHRASINGS:]]
+    train = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert not [q for q in train if any(p.fullmatch(q) for p in held_out)]
+    rare = next(r for r in audit_file(str(tmp_path / "train.jsonl")).results if r.name == "rare_shapes")
+    assert rare.status == "PASS" and rare.stats["shapes"] == len(generate.INTENTS), rare.summary

@@ -7,7 +7,12 @@ return at least one row. The split measures the *skill*, not memory:
 - each intent has several phrasings; two per intent are held out of training and
   used only for validation and test;
 - each (intent, values) combination lands in exactly one split, so no test question
-  asks for a value combination that training saw.
+  asks for a value combination that training saw — except for intents with so few
+  combinations (one of five years, one of three top-n's left to training) that training
+  would see a handful of rows of them: those are topped up to an even share of training
+  from all their values, in training phrasings only, so their held-out questions differ
+  from training by phrasing alone (`skilltune data audit` flags the handful as
+  `rare_shapes`).
 
 Usage: python examples/sql/generate.py [--out examples/sql/data]
 """
@@ -268,6 +273,27 @@ def _bucket(key: str) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
 
 
+def top_up(train: list[dict], share: int, seen: set[str]) -> list[dict]:
+    """Training with the intents that hold-out values starved topped up to `share` rows each (any value, training
+    phrasings only), shuffled again.
+
+    Its own random stream, so validation and test are drawn exactly as before it existed."""
+    rng = random.Random(13)
+    rows = list(train)
+    for i, intent in enumerate(INTENTS):
+        missing = share - sum(1 for row in train if row["intent"] == i)
+        if missing <= 0:
+            continue
+        fresh = [{"prompt": question, "completion": _fill(intent["sql"], values), "intent": i}
+                 for values in _combos(intent["slots"]) for phrasing in intent["ask"][:-HELD_OUT_PHRASINGS]
+                 if (question := _fill(phrasing, values)) not in seen]
+        rng.shuffle(fresh)
+        rows += fresh[:missing]
+        seen.update(row["prompt"] for row in fresh[:missing])
+    rng.shuffle(rows)
+    return rows
+
+
 def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int = 100) -> dict[str, list[dict]]:
     rng = random.Random(11)
     con = sqlite3.connect(db)
@@ -310,6 +336,7 @@ def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int =
 
     seen: set[str] = set()
     train = make(pools["train"], slice(0, -HELD_OUT_PHRASINGS), n_train, seen)
+    train = top_up(train, -(-n_train // len(INTENTS)), seen)
     rng.shuffle(pools["heldout"])
     half = len(pools["heldout"]) // 2
     val = make(pools["heldout"][:half], slice(-HELD_OUT_PHRASINGS, None), n_val, seen)
