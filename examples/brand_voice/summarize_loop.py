@@ -16,11 +16,10 @@ def main(work: Path, study: str) -> None:
     sft = json.loads((work / "eval-sft" / "results.json").read_text())
     dpo = json.loads((work / "eval-dpo" / "results.json").read_text())
     run = Path(dpo["run_dir"])
-    summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ab = study_report(study)["ab"] or {}
     voice = "voice:voice"
-    print(f"\n| | SFT (round 1) | DPO (round 2) |\n|---|---|---|")
+    print("\n| | SFT (round 1) | DPO (round 2) |\n|---|---|---|")
     print(f"| voice rules followed, test set ({sft['n_examples']} held-out questions) | "
           f"{sft['metrics'][voice]['tuned']:.3f} | {dpo['metrics'][voice]['tuned']:.3f} |")
     for m in ("rougeL", "chrf"):
