@@ -180,9 +180,7 @@ def metric_problems(ecfg) -> list[str]:
     if source and not getattr(ecfg, source):
         problems.append(f"eval.{source}: eval.response_format {ecfg.response_format} decodes under it "
                         f"(set eval.{source})")
-    if ecfg.grammar and not os.path.isfile(ecfg.grammar):
-        problems.append(f"eval.grammar: file not found: {ecfg.grammar}")
-    for path_field, metric in (("db", "sql_exec"), ("json_schema", "json_schema")):
+    for path_field, metric in (("db", "sql_exec"), ("json_schema", "json_schema"), ("grammar", None)):
         value = getattr(ecfg, path_field)
         if value and not os.path.isfile(value):
             problems.append(f"eval.{path_field}: file not found: {value}")
