@@ -82,6 +82,35 @@ def test_a_candidate_is_gated_against_production_and_promote_respects_it(prod_ru
     assert "hotfix for a customer" in last.reason and "forced past a failed gate against cand@v1" in last.reason
 
 
+def test_a_separate_baseline_is_freed_before_the_finetuned_model_answers(prod_run, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """--baseline/--against load a second model; it must be gone before the candidate runs (one model's memory)."""
+    import weakref
+
+    from skilltune.evaluate import runner
+
+    run, _ = prod_run
+    loaded, seen = [], []
+    real_load, real_generate = runner.load_target, runner.generate
+
+    def load_target(spec, *args, **kwargs):
+        target = real_load(spec, *args, **kwargs)
+        if spec == str(tiny_model_dir):
+            loaded.append(weakref.ref(target.model))
+        return target
+
+    def generate(model, *args, **kwargs):
+        seen.append((model is loaded[0](), loaded[0]() is not None))
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_target", load_target)
+    monkeypatch.setattr(runner, "generate", generate)
+    code, out = cli("eval", str(run), "--baseline", str(tiny_model_dir), "--no-forgetting", "--out", str(tmp_path / "e"))
+    assert code == 0, out
+    assert len(loaded) == 1 and seen[0] == (True, True)  # the baseline answered first, with its own model
+    assert len(seen) > 1 and all(not alive for _, alive in seen[1:])  # then it was gone
+
+
 # ---------------------------------------------------------------- 3. the load test
 def test_a_load_test_is_recorded_and_read_by_the_checklist(prod_run, tmp_path):
     from skilltune.readiness.checklist import checklist

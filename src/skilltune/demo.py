@@ -64,7 +64,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
     from skilltune.data.audit import audit_file
     from skilltune.data.records import record_audit
     from skilltune.evaluate.runner import evaluate, plan_eval
-    from skilltune.model.loading import load_tokenizer
+    from skilltune.model.loading import load_tokenizer, release_memory
     from skilltune.readiness.advise import advise
     from skilltune.readiness.checklist import checklist
     from skilltune.registry.api import Registry
@@ -111,6 +111,7 @@ def run_demo(workdir: Path, quick: bool = False, overrides: list[str] | None = N
 
     result = timed("train", lambda: train(cfg, run_name=name, reporter=reporter))
     res.run_dir = result.run_dir
+    release_memory()  # training's model, optimizer and activations are gone: eval's peak is then eval's own
     s = result.summary
     say(f"train: {s['steps']} steps in {s['train_time_s']:.0f} s ({s['tokens_per_s']:.0f} tokens/s), "
         f"val loss {s.get('best_val_loss') or float('nan'):.4f}")

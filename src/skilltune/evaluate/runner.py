@@ -23,6 +23,7 @@ from skilltune.data.tokenize import encode_example, prompt_text
 from skilltune.errors import SkilltuneError
 from skilltune.model.generate import generate
 from skilltune.model.kernels import generation_kernels
+from skilltune.model.loading import release_memory
 from skilltune.model.structured import RESPONSE_FORMATS, Grammar, GrammarError
 from skilltune.evaluate import forgetting
 from skilltune.evaluate.metrics import FORMAT_SOURCES, Metric, resolve_metrics
@@ -278,6 +279,9 @@ def _generate_both(plan: EvalPlan, target: Target, prompts: list[str], stages: S
         other = load_target(spec, dtype=dtype, policy=policy) if spec != plan.target else target
         base = run("production" if plan.against else "base", other)
         base.label = plan.against or spec
+        if other is not target:  # its weights go before the finetuned model runs: one model in memory, not two
+            del other
+            release_memory()
     if target.adapter_dir is not None and hasattr(target.model, "merge_adapter"):
         target.model.merge_adapter()
     return base, run("finetuned", target)

@@ -81,3 +81,24 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, source: Res
         model.generation_config.pad_token_id = info.pad_token_id
         model.generation_config.eos_token_id = info.eos_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)
+
+
+def release_memory() -> None:
+    """Give the memory of models that are gone back to the system, between stages of one process.
+
+    A model dropped by a finished stage (training, a baseline's answers) is freed by Python, but glibc keeps
+    the freed blocks in its arenas: measured on Gemma 3 270M, the process kept 1.9 GB after training returned
+    and 0.75 GB once trimmed, and the demo's eval then peaked at 5.0 GB instead of ~3.6. Collects cycles
+    (peft models hold some), empties the accelerator's cache (accelerate's ``clear_device_cache``) and, on glibc,
+    calls ``malloc_trim(0)``; elsewhere that step is skipped."""
+    import ctypes
+    import sys
+
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has neither the library name nor the function)
+            pass
