@@ -222,4 +222,4 @@ def test_rare_shapes_keeps_json_keys_and_steps_aside_for_free_text(tmp_path):
     assert answer_shape('{"intent": "it\'s \\"x\\"", "order_id": null}') == '{"intent": "", "order_id": null}'
     assert answer_shape("WHERE name = 'O''Brien' AND t2.x < 10.5") == "where name = '' and t2.x < 0"
     res = _result(audit_file(str(write_jsonl(tmp_path / "f.jsonl", _rows(120)))), "rare_shapes")
-    assert res.status == "PASS" and "too varied" in res.summary
+    assert res.status == "PASS" and "nothing to compare" in res.summary and res.stats["shapes"] > 12

@@ -327,8 +327,9 @@ def check_rare_shapes(ctx: AuditContext) -> CheckResult:
     exs = ctx.examples
     shapes = Counter(answer_shape(ex.completion) for ex in exs)
     if len(exs) < RARE_SHAPES_MIN_ROWS or not 3 <= len(shapes) <= len(exs) / 10:
-        return CheckResult("rare_shapes", PASS, 0, f"{len(shapes)} answer shape(s) over {len(exs)} rows: "
-                           "too few rows, or targets too varied, to compare shapes", stats={"shapes": len(shapes)})
+        return CheckResult("rare_shapes", PASS, 0, f"{len(shapes)} answer shape(s) over {len(exs)} rows: nothing "
+                           f"to compare (it takes {RARE_SHAPES_MIN_ROWS}+ rows, 3+ shapes and at most one shape per "
+                           "ten rows: templated targets)", stats={"shapes": len(shapes)})
     even = len(exs) / len(shapes)
     rare = {shape: n for shape, n in shapes.items() if n < even / 3}
     stats = {"shapes": len(shapes), "even_share": round(even, 1), "counts": sorted(shapes.values())}
