@@ -139,14 +139,7 @@ def _schema_grammar(schema: dict | str | Path | None) -> Grammar:
         raise GrammarError("the json_schema format needs a JSON Schema")
     if isinstance(schema, dict):
         return Grammar.json(schema)
-    try:
-        parsed = json.loads(Path(schema).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise GrammarError(f"{schema}: not a readable JSON file ({exc})") from None
-    try:
-        return Grammar.json(parsed)
-    except GrammarError as exc:
-        raise GrammarError(f"{schema}: {exc}") from None
+    return _from_file(schema, "JSON", json.loads, Grammar.json)
 
 
 def _lark_grammar(grammar: str | Path | None) -> Grammar:
@@ -155,14 +148,20 @@ def _lark_grammar(grammar: str | Path | None) -> Grammar:
         raise GrammarError("the grammar format needs a Lark grammar")
     if isinstance(grammar, str):
         return Grammar.lark(grammar)
+    return _from_file(grammar, "text", lambda text: text, Grammar.lark)
+
+
+def _from_file(path: str | Path, kind: str, parse: Callable[[str], object],
+               build: Callable[[object], Grammar]) -> Grammar:
+    """The grammar ``build`` makes of a file's parsed text; an unreadable file or a bad grammar names the file."""
     try:
-        text = Path(grammar).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GrammarError(f"{grammar}: not a readable text file ({exc})") from None
+        source = parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: undecodable bytes, or JSON that does not parse
+        raise GrammarError(f"{path}: not a readable {kind} file ({exc})") from None
     try:
-        return Grammar.lark(text)
+        return build(source)
     except GrammarError as exc:
-        raise GrammarError(f"{grammar}: {exc}") from None
+        raise GrammarError(f"{path}: {exc}") from None
 
 
 # How answers may be decoded -> the grammar each decodes under: OpenAI's response_format types, and `grammar` (a
