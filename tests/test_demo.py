@@ -50,8 +50,12 @@ def test_sql_example_data_is_what_its_generator_writes(tmp_path):
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     held_out = [re.compile(re.sub(r"\\\{[A-Za-z]+\\\}", ".+?", re.escape(phrasing)))
-                for intent in generate.INTENTS for phrasing in intent["ask"][-generate.HELD_OUT_PHRASINGS:]]
+                for i in range(len(generate.INTENTS)) for phrasing in generate.held_out_phrasings(i)]
+    assert len(held_out) == generate.HELD_OUT_PHRASINGS * len(generate.INTENTS)
     train = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert not [q for q in train if any(p.fullmatch(q) for p in held_out)]
+    for split in ("val.jsonl", "test.jsonl"):
+        asked = [json.loads(line)["prompt"] for line in (tmp_path / split).read_text().splitlines()]
+        assert [q for q in asked if not any(p.fullmatch(q) for p in held_out)] == [], split
     rare = next(r for r in audit_file(str(tmp_path / "train.jsonl")).results if r.name == "rare_shapes")
     assert rare.status == "PASS" and rare.stats["shapes"] == len(generate.INTENTS), rare.summary

@@ -4,8 +4,8 @@ Deterministic (fixed seeds): running it again rewrites byte-identical files.
 Every reference query is executed against the database while generating and must
 return at least one row. The split measures the *skill*, not memory:
 
-- each intent has several phrasings; two per intent are held out of training and
-  used only for validation and test;
+- each intent has fourteen phrasings; two per intent, drawn by a seeded random choice
+  (`held_out_phrasings`), are held out of training and used only for validation and test;
 - each (intent, values) combination lands in exactly one split, so no test question
   asks for a value combination that training saw — except for intents with so few
   combinations (one of five years, one of three top-n's left to training) that training
@@ -13,6 +13,10 @@ return at least one row. The split measures the *skill*, not memory:
   from all their values, in training phrasings only, so their held-out questions differ
   from training by phrasing alone (`skilltune data audit` flags the handful as
   `rare_shapes`).
+
+A month filter is a range whose upper bound SQLite computes, `d < date('Y-MM-01', '+1 month')`, rather than a
+literal next month: with the literal, the tuned models got December wrong (the year does not carry), every
+December question in every Gemma 3 270M run of bench/NOTES.md session 17. The rows each query returns are the same.
 
 Usage: python examples/sql/generate.py [--out examples/sql/data]
 """
@@ -95,11 +99,10 @@ def build_database(path: Path) -> None:
     con.close()
 
 
-def _next_month(y: str, m: str) -> str:
-    return f"{int(y) + 1}-01-01" if m == "12" else f"{y}-{int(m) + 1:02d}-01"
-
-
-# Each intent: value slots, phrasings (the last two are held out of training) and the reference SQL.
+# Each intent: value slots, phrasings (two of them, drawn by `held_out_phrasings`, are kept out of training) and the
+# reference SQL. Fourteen phrasings each: the first eight were written in session 1; the last six per intent were
+# added later to one recipe for every intent ("Could you ...?", "Get ...", "{slot}: ...?", a How/Which question,
+# "I need ...", the slot first).
 INTENTS = [
     {"slots": {"r": list(REGIONS)},
      "ask": ["How many users are in {R}?",
@@ -109,7 +112,13 @@ INTENTS = [
              "How many accounts are registered in {R}?",
              "Tell me how many users {R} has.",
              "How many customers do we have in {R}?",
-             "Number of {R} users?"],
+             "Number of {R} users?",
+             "Could you tell me the number of users in {R}?",
+             "Get the total user count in {R}.",
+             "{R}: how many users?",
+             "How large is our user base in {R}?",
+             "I need the count of users located in {R}.",
+             "In {R}, how many users are there?"],
      "sql": "SELECT COUNT(*) FROM users WHERE region = '{r}';"},
     {"slots": {"r": list(REGIONS), "y": YEARS},
      "ask": ["List the names of users in {R} who signed up in {y}.",
@@ -119,7 +128,13 @@ INTENTS = [
              "Names of {R} users whose signup year is {y}.",
              "Which users in {R} registered during {y}?",
              "Who signed up from {R} during {y}?",
-             "Find the {y} signups located in {R}."],
+             "Find the {y} signups located in {R}.",
+             "Could you list the {R} users who signed up in {y}?",
+             "Get the names of everyone in {R} who joined in {y}.",
+             "{y} signups from {R}: names, please.",
+             "Who are the users from {R} that registered in {y}?",
+             "I need the names of {R} users who joined during {y}.",
+             "In {y}, which users from {R} signed up?"],
      "sql": "SELECT name FROM users WHERE region = '{r}' AND strftime('%Y', signup_date) = '{y}';"},
     {"slots": {"y": YEARS, "m": list(MONTHS)},
      "ask": ["How many signups did each region get in {M} {y}?",
@@ -129,9 +144,15 @@ INTENTS = [
              "For {M} {y}, how many users joined in each region?",
              "Show new signups per region during {M} {y}.",
              "What were the {M} {y} registrations by region?",
-             "Per-region signup counts, {M} {y}."],
-     "sql": "SELECT region, COUNT(*) FROM users WHERE signup_date >= '{y}-{m}-01' AND signup_date < '{next}' "
-            "GROUP BY region;"},
+             "Per-region signup counts, {M} {y}.",
+             "Could you count the signups in each region for {M} {y}?",
+             "Get the number of new users by region for {M} {y}.",
+             "{M} {y}: signups per region?",
+             "How did {M} {y} signups split across regions?",
+             "I need new-user counts for each region in {M} {y}.",
+             "In {M} {y}, how many people registered per region?"],
+     "sql": "SELECT region, COUNT(*) FROM users WHERE signup_date >= '{y}-{m}-01' "
+            "AND signup_date < date('{y}-{m}-01', '+1 month') GROUP BY region;"},
     {"slots": {"y": YEARS},
      "ask": ["What was the total revenue in {y}?",
              "Sum of all order amounts in {y}.",
@@ -140,7 +161,13 @@ INTENTS = [
              "Total order amount for the year {y}.",
              "What did all {y} orders add up to?",
              "Give me {y} revenue.",
-             "Overall order value in {y}?"],
+             "Overall order value in {y}?",
+             "Could you give me the total revenue for {y}?",
+             "Calculate the {y} revenue total.",
+             "{y}: total revenue?",
+             "How much money did orders bring in during {y}?",
+             "I need the sum of order amounts for {y}.",
+             "In {y}, what was our total revenue?"],
      "sql": "SELECT SUM(amount) FROM orders WHERE strftime('%Y', order_date) = '{y}';"},
     {"slots": {"n": ["3", "5", "10"]},
      "ask": ["What are the top {n} products by revenue?",
@@ -150,7 +177,13 @@ INTENTS = [
              "Rank products by revenue and show the top {n}.",
              "Which are the {n} top-earning products?",
              "Which {n} products brought in the most money?",
-             "Highest-revenue products, top {n}."],
+             "Highest-revenue products, top {n}.",
+             "Could you show the top {n} products by revenue?",
+             "Get the {n} products with the highest total sales.",
+             "Top {n} by revenue: which products?",
+             "Which {n} products generated the most revenue?",
+             "I need the {n} highest-grossing products.",
+             "By total revenue, what are the top {n} products?"],
      "sql": "SELECT p.name, SUM(o.amount) AS revenue FROM orders o JOIN products p ON p.id = o.product_id "
             "GROUP BY p.name ORDER BY revenue DESC LIMIT {n};"},
     {"slots": {"y": YEARS},
@@ -161,7 +194,13 @@ INTENTS = [
              "For {y}, show how many orders have each status.",
              "Tally the {y} orders by their status.",
              "What is the status distribution of orders placed in {y}?",
-             "{y} orders grouped by status?"],
+             "{y} orders grouped by status?",
+             "Could you count the orders in each status for {y}?",
+             "Get the number of {y} orders per status.",
+             "{y}: orders by status?",
+             "How were the {y} orders spread across statuses?",
+             "I need order counts by status for {y}.",
+             "In {y}, how many orders were in each status?"],
      "sql": "SELECT status, COUNT(*) FROM orders WHERE strftime('%Y', order_date) = '{y}' GROUP BY status;"},
     {"slots": {"c": CATEGORIES, "p": ["50", "100", "200", "300"]},
      "ask": ["Which {c} products cost less than {p} dollars?",
@@ -171,7 +210,13 @@ INTENTS = [
              "Show me {c} products that are cheaper than {p}.",
              "{c} items costing under {p}?",
              "What {c} products can I buy for less than {p}?",
-             "{c} products with a price below {p}, please."],
+             "{c} products with a price below {p}, please.",
+             "Could you list {c} products under {p} dollars?",
+             "Get the {c} products with a price under {p}.",
+             "{c} under {p}: which products?",
+             "Which {c} products are priced lower than {p}?",
+             "I need {c} items that cost less than {p}.",
+             "Under {p} dollars, what {c} products are there?"],
      "sql": "SELECT name, price FROM products WHERE category = '{c}' AND price < {p} ORDER BY price;"},
     {"slots": {"y": YEARS},
      "ask": ["What is the average order amount per region in {y}?",
@@ -181,7 +226,13 @@ INTENTS = [
              "For each region, what was the mean order amount in {y}?",
              "Average {y} order amount grouped by region.",
              "How big is the average {y} order in each region?",
-             "Region-wise average order amount, {y}."],
+             "Region-wise average order amount, {y}.",
+             "Could you show the average order amount by region for {y}?",
+             "Get the mean {y} order value for each region.",
+             "{y}: average order amount per region?",
+             "On average, how much did a {y} order come to in each region?",
+             "I need the average order size per region in {y}.",
+             "In {y}, what was the average order amount in each region?"],
      "sql": "SELECT u.region, AVG(o.amount) FROM orders o JOIN users u ON u.id = o.user_id "
             "WHERE strftime('%Y', o.order_date) = '{y}' GROUP BY u.region;"},
     {"slots": {"y": YEARS},
@@ -192,7 +243,13 @@ INTENTS = [
              "Show {y} sales per category.",
              "What revenue did each product category bring in {y}?",
              "How much did each category sell in {y}?",
-             "Category revenue totals, {y}."],
+             "Category revenue totals, {y}.",
+             "Could you break down {y} sales by category?",
+             "Get the revenue of each product category in {y}.",
+             "{y}: revenue per category?",
+             "How did {y} revenue split across product categories?",
+             "I need category-level revenue for {y}.",
+             "In {y}, how much revenue did each category make?"],
      "sql": "SELECT p.category, SUM(o.amount) FROM orders o JOIN products p ON p.id = o.product_id "
             "WHERE strftime('%Y', o.order_date) = '{y}' GROUP BY p.category;"},
     {"slots": {"pl": PLANS, "r": list(REGIONS)},
@@ -203,7 +260,13 @@ INTENTS = [
              "Count {R} users whose plan is {pl}.",
              "How many users in {R} are on {pl}?",
              "What is the {pl}-plan user count for {R}?",
-             "{pl} subscribers located in {R}: how many?"],
+             "{pl} subscribers located in {R}: how many?",
+             "Could you count the {pl} users in {R}?",
+             "Get the number of {R} users on the {pl} plan.",
+             "{R}, {pl} plan: how many users?",
+             "How many {R} accounts are on the {pl} plan?",
+             "I need the count of {pl}-plan users in {R}.",
+             "In {R}, how many users are subscribed to {pl}?"],
      "sql": "SELECT COUNT(*) FROM users WHERE plan = '{pl}' AND region = '{r}';"},
     {"slots": {"n": ["3", "5", "10"], "r": list(REGIONS)},
      "ask": ["Who are the top {n} customers by spend in {R}?",
@@ -213,7 +276,13 @@ INTENTS = [
              "Rank {R} customers by total spend and show the top {n}.",
              "Who spent the most in {R}? Top {n}.",
              "Show the {n} highest-spending customers in {R}.",
-             "Best {n} customers in {R} by revenue."],
+             "Best {n} customers in {R} by revenue.",
+             "Could you list the top {n} spenders in {R}?",
+             "Get the {n} {R} customers with the highest total spend.",
+             "{R}: top {n} customers by spend?",
+             "Which {n} customers from {R} have spent the most money?",
+             "I need the {n} biggest customers in {R} by order amount.",
+             "In {R}, who are the {n} customers with the largest total spend?"],
      "sql": "SELECT u.name, SUM(o.amount) AS total FROM orders o JOIN users u ON u.id = o.user_id "
             "WHERE u.region = '{r}' GROUP BY u.name ORDER BY total DESC LIMIT {n};"},
     {"slots": {"s": STATUSES, "y": YEARS, "m": list(MONTHS)},
@@ -224,9 +293,15 @@ INTENTS = [
              "Count orders placed in {M} {y} with status {s}.",
              "How many {M} {y} orders have the status {s}?",
              "In {M} {y}, how many orders ended up {s}?",
-             "{s} order count for {M} {y}?"],
+             "{s} order count for {M} {y}?",
+             "Could you count the {s} orders placed in {M} {y}?",
+             "Get the number of {s} orders for {M} {y}.",
+             "{M} {y}: how many orders are {s}?",
+             "How many orders from {M} {y} have status {s}?",
+             "I need the count of {M} {y} orders with status {s}.",
+             "In {M} {y}, what number of orders were {s}?"],
      "sql": "SELECT COUNT(*) FROM orders WHERE status = '{s}' AND order_date >= '{y}-{m}-01' "
-            "AND order_date < '{next}';"},
+            "AND order_date < date('{y}-{m}-01', '+1 month');"},
     {"slots": {"n": ["3", "5", "10"], "c": CATEGORIES},
      "ask": ["What are the {n} most expensive {c} products?",
              "List the {n} priciest {c} items.",
@@ -235,7 +310,13 @@ INTENTS = [
              "Top {n} {c} products ordered by price, highest first.",
              "Show the {n} most costly {c} items.",
              "Give me the {n} highest-priced products in {c}.",
-             "Most expensive {c} products, top {n}."],
+             "Most expensive {c} products, top {n}.",
+             "Could you show the {n} most expensive {c} products?",
+             "Get the {n} {c} items with the highest price.",
+             "{c}: top {n} by price?",
+             "Which {n} {c} items have the highest prices?",
+             "I need the {n} priciest products in {c}.",
+             "By price, what are the top {n} {c} products?"],
      "sql": "SELECT name, price FROM products WHERE category = '{c}' ORDER BY price DESC LIMIT {n};"},
     {"slots": {"y": YEARS},
      "ask": ["Show the monthly revenue for {y}.",
@@ -245,11 +326,28 @@ INTENTS = [
              "For each month of {y}, what was the revenue?",
              "Monthly {y} revenue, please.",
              "Give me {y} revenue broken down by month.",
-             "{y} sales totals per month?"],
+             "{y} sales totals per month?",
+             "Could you show revenue for each month of {y}?",
+             "Get the {y} revenue per month.",
+             "{y}: revenue by month?",
+             "How did revenue change month to month in {y}?",
+             "I need monthly revenue totals for {y}.",
+             "In {y}, what was the revenue month by month?"],
      "sql": "SELECT strftime('%m', order_date) AS month, SUM(amount) FROM orders "
             "WHERE strftime('%Y', order_date) = '{y}' GROUP BY month ORDER BY month;"},
 ]
 HELD_OUT_PHRASINGS = 2
+
+
+def held_out_phrasings(i: int) -> list[str]:
+    """The phrasings of intent `i` kept for validation and test: a seeded random draw, so nobody picks which
+    phrasings the benchmark holds out (its own random stream per intent)."""
+    return random.Random(f"held-out:{i}").sample(INTENTS[i]["ask"], HELD_OUT_PHRASINGS)
+
+
+def training_phrasings(i: int) -> list[str]:
+    held_out = held_out_phrasings(i)
+    return [phrasing for phrasing in INTENTS[i]["ask"] if phrasing not in held_out]
 
 
 def _combos(slots: dict) -> list[dict]:
@@ -265,7 +363,6 @@ def _fill(text: str, values: dict) -> str:
         extra["R"] = REGIONS[values["r"]]
     if "m" in values:
         extra["M"] = MONTHS[values["m"]]
-        extra["next"] = _next_month(values["y"], values["m"])
     return text.format(**values, **extra)
 
 
@@ -285,7 +382,7 @@ def top_up(train: list[dict], share: int, seen: set[str]) -> list[dict]:
         if missing <= 0:
             continue
         fresh = [{"prompt": question, "completion": _fill(intent["sql"], values), "intent": i}
-                 for values in _combos(intent["slots"]) for phrasing in intent["ask"][:-HELD_OUT_PHRASINGS]
+                 for values in _combos(intent["slots"]) for phrasing in training_phrasings(i)
                  if (question := _fill(phrasing, values)) not in seen]
         rng.shuffle(fresh)
         rows += fresh[:missing]
@@ -313,7 +410,7 @@ def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int =
             pools["heldout"] += moved
     con.close()
 
-    def make(pool, phrasing_range, n, seen):
+    def make(pool, phrasings, n, seen):
         """n examples, intents taken in turn (balanced), a random value combination of each."""
         by_intent: dict[int, list[dict]] = {}
         for i, values in pool:
@@ -325,7 +422,7 @@ def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int =
             i = intents[attempts % len(intents)]
             attempts += 1
             values = rng.choice(by_intent[i])
-            phrasing = rng.choice(INTENTS[i]["ask"][phrasing_range])
+            phrasing = rng.choice(phrasings(i))
             question = _fill(phrasing, values)
             if question in seen:
                 continue
@@ -335,12 +432,12 @@ def build_examples(db: Path, n_train: int = 600, n_val: int = 100, n_test: int =
         return rows
 
     seen: set[str] = set()
-    train = make(pools["train"], slice(0, -HELD_OUT_PHRASINGS), n_train, seen)
+    train = make(pools["train"], training_phrasings, n_train, seen)
     train = top_up(train, -(-n_train // len(INTENTS)), seen)
     rng.shuffle(pools["heldout"])
     half = len(pools["heldout"]) // 2
-    val = make(pools["heldout"][:half], slice(-HELD_OUT_PHRASINGS, None), n_val, seen)
-    test = make(pools["heldout"][half:], slice(-HELD_OUT_PHRASINGS, None), n_test, seen)
+    val = make(pools["heldout"][:half], held_out_phrasings, n_val, seen)
+    test = make(pools["heldout"][half:], held_out_phrasings, n_test, seen)
     return {"train": train, "val": val, "test": test}
 
 
