@@ -15,8 +15,8 @@ return at least one row. The split measures the *skill*, not memory:
   `rare_shapes`).
 
 A month filter is a range whose upper bound SQLite computes, `d < date('Y-MM-01', '+1 month')`, rather than a
-literal next month: with the literal, the tuned models got December wrong (the year does not carry), every
-December question in every Gemma 3 270M run of bench/NOTES.md session 17. The rows each query returns are the same.
+literal next month: with the literal, the tuned Gemma 3 270M got every December question of validation wrong in all
+four runs of bench/NOTES.md session 17 (the year does not carry). Each query returns the same rows either way.
 
 Usage: python examples/sql/generate.py [--out examples/sql/data]
 """
@@ -100,8 +100,8 @@ def build_database(path: Path) -> None:
 
 
 # Each intent: value slots, phrasings (two of them, drawn by `held_out_phrasings`, are kept out of training) and the
-# reference SQL. Fourteen phrasings each: the first eight were written in session 1; the last six per intent were
-# added later to one recipe for every intent ("Could you ...?", "Get ...", "{slot}: ...?", a How/Which question,
+# reference SQL. Fourteen phrasings each: the first eight are the original set; the last six per intent were added
+# later, to one recipe for every intent ("Could you ...?", "Get ...", "{slot}: ...?", a How/Which question,
 # "I need ...", the slot first).
 INTENTS = [
     {"slots": {"r": list(REGIONS)},
