@@ -79,12 +79,12 @@ def test_packed_and_padded_losses_agree(tiny_model_dir):
         packed = collate(items, tok.pad_token_id, True, 512)
         padded = collate(items, tok.pad_token_id, False, 512)
         assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # it really packed
-        lp, lu = float(loss_fn(**packed)), float(loss_fn(**padded))
+        lp, lu = loss_fn(**packed).item(), loss_fn(**padded).item()
         # and the same as the model's own loss, one example at a time
         ref = 0.0
         for e in items:
             out = lm.model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
-            ref += float(out.loss) * sum(1 for x in e.labels[1:] if x != -100)
+            ref += out.loss.item() * sum(1 for x in e.labels[1:] if x != -100)
     assert lp == pytest.approx(lu, rel=1e-5)
     assert lp == pytest.approx(ref, rel=1e-4)
 
@@ -453,7 +453,7 @@ def test_shared_prefix_layout_gives_the_same_loss_and_gradients(tiny_model_dir, 
         model.zero_grad(set_to_none=True)
         loss = loss_fn(**batch)
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     shared = collate(items, tok.pad_token_id, True, 512, share_prefix=layout)
     rest = max(len(e.input_ids) for e in items) - prefix
