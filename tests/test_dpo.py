@@ -41,7 +41,7 @@ def _trl_batch_and_loss(model_dir, beta: float):
     trainer = trl.DPOTrainer(copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
-    return policy, ref, batch, float(trainer.compute_loss(trainer.model, batch).detach())
+    return policy, ref, batch, trainer.compute_loss(trainer.model, batch).item()
 
 
 def _pairs_from_trl(batch):

@@ -24,6 +24,7 @@ Usage: python examples/sql/generate.py [--out examples/sql/data]
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -339,12 +340,14 @@ INTENTS = [
 HELD_OUT_PHRASINGS = 2
 
 
+@functools.cache
 def held_out_phrasings(i: int) -> list[str]:
     """The phrasings of intent `i` kept for validation and test: a seeded random draw, so nobody picks which
     phrasings the benchmark holds out (its own random stream per intent)."""
     return random.Random(f"held-out:{i}").sample(INTENTS[i]["ask"], HELD_OUT_PHRASINGS)
 
 
+@functools.cache
 def training_phrasings(i: int) -> list[str]:
     held_out = held_out_phrasings(i)
     return [phrasing for phrasing in INTENTS[i]["ask"] if phrasing not in held_out]
